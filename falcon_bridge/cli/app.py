@@ -1,0 +1,196 @@
+"""The falcon-bridge command line: parse flags, call a converter, render progress and errors. Nothing else."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from falcon_bridge.errors import BadInput
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Move Falcon-H1 checkpoints between Hugging Face and Megatron Core, and prove nothing changed.")
+out = Console(width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True)
+STATE = {"debug": False}
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+def torch_dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise BadInput(f"--dtype {name}: expected one of {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name])
+
+
+@contextmanager
+def progress_bar(description: str, quiet: bool):
+    """A rich progress bar; yields the (done, total, item) callback the converters take."""
+    if quiet:
+        yield None
+        return
+    with Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[item]}"), console=err, transient=True) as bar:
+        task = bar.add_task(description, total=None, item="")
+        yield lambda done, total, item: bar.update(task, completed=done, total=total, item=item)
+
+
+def report(summary: dict, as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        out.print(" ".join(f"[bold]{k}[/]={v}" for k, v in summary.items()))
+
+
+@app.callback()
+def main_options(debug: Annotated[bool, typer.Option(help="Show tracebacks for expected errors.")] = False):
+    STATE["debug"] = debug
+
+
+@app.command()
+def cards():
+    """List the model cards (released Falcon-H1 sizes and tiny test shapes)."""
+    from falcon_bridge.formats.cards import all_cards
+
+    table = Table("card", "params", "layers", "hidden", "mamba groups", "gated norm", "verified")
+    for c in all_cards():
+        a = c.arch
+        verified = "test shape" if c.is_test else ("yes" if c.verified else "no (see card)")
+        table.add_row(c.name, f"{a.num_parameters():,}", str(a.num_layers), str(a.hidden_size),
+                      str(a.mamba_n_groups), "yes" if a.mamba_rms_norm else "no", verified)
+    out.print(table)
+
+
+@app.command("create-random")
+def create_random(
+    card: Annotated[str, typer.Argument(help="Card name (see `falcon-bridge cards`) or a card YAML path.")],
+    output: Annotated[Path, typer.Argument(help="Output HF directory.")],
+    seed: int = 0,
+    dtype: Annotated[str, typer.Option(help="bf16 | fp32")] = "bf16",
+    max_shard_size: Annotated[int, typer.Option(help="Bytes per safetensors shard.")] = 2 * 1024**3,
+    overwrite: bool = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+):
+    """Write an HF checkpoint of a card's exact shape with random, realistic weights (streamed)."""
+    from falcon_bridge.converters.create_random import create_random as run
+    from falcon_bridge.formats.cards import load_card
+
+    with progress_bar("create-random", as_json) as cb:
+        summary = run(load_card(card), output, seed, torch_dtype(dtype), max_shard_size, overwrite, cb)
+    report(summary, as_json)
+
+
+@app.command("import-hf")
+def import_hf(
+    source: Annotated[str, typer.Argument(help="HF checkpoint directory or Hub repo id.")],
+    output: Annotated[Path, typer.Argument(help="Output Megatron checkpoint directory.")],
+    tp: Annotated[int, typer.Option(help="Tensor-parallel size the checkpoint is prepared for.")] = 1,
+    pp: Annotated[int, typer.Option(help="Pipeline-parallel size.")] = 1,
+    pp_layers: Annotated[Optional[str], typer.Option(help="Layers per pipeline stage, e.g. 10,12,14.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="bf16 | fp32 (default: the source's dtype)")] = None,
+    overwrite: bool = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+):
+    """Convert a Hugging Face Falcon-H1 checkpoint into a Megatron torch_dist checkpoint (streaming)."""
+    from falcon_bridge.converters.import_hf import import_hf as run
+    from falcon_bridge.core.parallel import MegatronLayout
+
+    layout = MegatronLayout(tp=tp, pp=pp, pp_layers=parse_layers(pp_layers))
+    with progress_bar("import-hf", as_json) as cb:
+        summary = run(source, output, layout, torch_dtype(dtype), overwrite, cb)
+    report(summary, as_json)
+
+
+def parse_layers(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise BadInput(f"--pp-layers {value!r}: expected comma-separated integers") from None
+
+
+@app.command()
+def verify(
+    hf_dir: Annotated[Path, typer.Argument(help="HF checkpoint directory.")],
+    megatron_dir: Annotated[Path, typer.Argument(help="Megatron checkpoint directory written by import-hf.")],
+    tp: int = 1,
+    pp: int = 1,
+    dtype: Annotated[str, typer.Option(help="fp32 | bf16: the dtype both models compute in")] = "fp32",
+    tolerance: Annotated[Optional[float], typer.Option(help="Max |Δlogit| / max |logit| accepted.")] = None,
+    seq_len: int = 32,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON result.")] = False,
+):
+    """Run the HF model and our Megatron model (TP×PP processes) on the same tokens and compare logits.
+
+    Exit code 0: logits agree within tolerance; 1: they do not; 2: bad input."""
+    from falcon_bridge.converters.verify import verify as run
+
+    result = run(hf_dir, megatron_dir, tp, pp, torch_dtype(dtype), tolerance, seq_len)
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+    else:
+        print_comparison(f"HF vs Megatron (TP={tp}, PP={pp}, {dtype})", result)
+    raise typer.Exit(0 if result.passed else 1)
+
+
+def print_comparison(title: str, r) -> None:
+    table = Table("max |Δ|", "mean |Δ|", "max |logit|", "max |Δ| / max |logit|", "tolerance", "argmax agree",
+                  "result", title=title)
+    table.add_row(f"{r.max_abs_diff:.3e}", f"{r.mean_abs_diff:.3e}", f"{r.max_abs_logit:.3e}", f"{r.relative:.3e}",
+                  f"{r.tolerance:.0e}", f"{100 * r.argmax_agreement:.1f}%",
+                  "[green]PASS" if r.passed else "[red]FAIL")
+    out.print(table)
+
+
+@app.command()
+def demo(
+    card: str = "tiny-one-group",
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes its checkpoints.")] = Path("out/demo"),
+    tp: int = 2,
+):
+    """The main job on an embedded default: tiny card → create-random → import-hf (TP=2) → logits compared."""
+    import torch
+
+    from falcon_bridge.converters.create_random import create_random as make
+    from falcon_bridge.converters.import_hf import import_hf as run_import
+    from falcon_bridge.converters.verify import verify as run_verify
+    from falcon_bridge.core.parallel import MegatronLayout
+    from falcon_bridge.formats.cards import load_card
+
+    hf_dir, mg_dir = workdir / f"{card}-hf", workdir / f"{card}-megatron-tp{tp}"
+    out.print(f"[bold]1/3[/] create-random {card} → {hf_dir}")
+    with progress_bar("create-random", False) as cb:
+        report(make(load_card(card), hf_dir, 0, torch.float32, overwrite=True, progress=cb), False)
+    out.print(f"[bold]2/3[/] import-hf {hf_dir} → {mg_dir} (TP={tp})")
+    with progress_bar("import-hf", False) as cb:
+        report(run_import(str(hf_dir), mg_dir, MegatronLayout(tp=tp), overwrite=True, progress=cb), False)
+    out.print(f"[bold]3/3[/] verify: HF FalconH1ForCausalLM vs our Megatron model at TP={tp} ({tp} processes)")
+    result = run_verify(hf_dir, mg_dir, tp=tp)
+    print_comparison(f"{card}: HF vs Megatron (TP={tp}, fp32)", result)
+    raise typer.Exit(0 if result.passed else 1)
+
+
+def main() -> None:
+    try:
+        app()
+    except BadInput as e:
+        if STATE["debug"]:
+            traceback.print_exc()
+        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

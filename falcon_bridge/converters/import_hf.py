@@ -1,0 +1,102 @@
+"""import-hf: HF safetensors → (map + transform, one rule at a time) → Megatron torch_dist, streaming."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from falcon_bridge import __version__
+from falcon_bridge.core.mapping import Ctx, entries, hf_tensor_shapes, megatron_extra_state_keys
+from falcon_bridge.core.parallel import MegatronLayout
+from falcon_bridge.errors import BadInput
+from falcon_bridge.formats import megatron as mg
+from falcon_bridge.formats.hf import HFCheckpoint, copy_tokenizer, resolve_source, sha256_file
+from falcon_bridge.formats.output import atomic_output_dir
+
+Progress = Callable[[int, int, str], None]  # (done, total, current tensor)
+
+
+def check_tensors(ckpt: HFCheckpoint) -> None:
+    """Every expected tensor present with its exact shape, nothing unexpected."""
+    expected = hf_tensor_shapes(ckpt.arch)
+    for name, shape in expected.items():
+        info = ckpt.tensors.get(name)
+        if info is None:
+            raise BadInput(f"{ckpt.path}: tensor {name} is missing (expected shape {list(shape)})")
+        if info.shape != shape:
+            raise BadInput(f"{info.file}: tensor {name} has shape {list(info.shape)}, config.json implies "
+                           f"{list(shape)}")
+    extra = sorted(set(ckpt.tensors) - set(expected))
+    if extra:
+        raise BadInput(f"{ckpt.tensors[extra[0]].file}: unexpected tensor {extra[0]}"
+                       + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                       + " for this config.json")
+
+
+def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | None = None,
+              overwrite: bool = False, progress: Progress | None = None) -> dict:
+    t0 = time.perf_counter()
+    path = resolve_source(src)
+    with HFCheckpoint(path) as ckpt:
+        arch = ckpt.arch.validate_for_megatron()
+        layout.validate(arch)
+        check_tensors(ckpt)
+        hf_dtype = ckpt.tensors["model.embed_tokens.weight"].dtype
+        store_dtype = dtype or hf_dtype
+        ctx = Ctx(arch, layout)
+        plan = entries(arch)
+
+        shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        owner = {}
+        for e in plan:
+            for key, shape in e.megatron_keys(ctx).items():
+                shapes[key], owner[key] = (shape, store_dtype), e
+        # The HF dtype of every tensor whose dtype differs from the embedding's, so export restores it exactly.
+        odd_dtypes = {n: str(i.dtype).removeprefix("torch.") for n, i in ckpt.tensors.items() if i.dtype != hf_dtype}
+
+        current: dict = {"entry": None, "pieces": {}}
+        done = 0
+
+        def produce(key: str) -> torch.Tensor:
+            nonlocal done
+            e = owner[key]
+            if current["entry"] is not e:  # DCP asks for an entry's pieces one after another
+                current["entry"] = e
+                current["pieces"] = e.transform.to_megatron(ctx, *(ckpt.get(n) for n in e.hf))
+                done += 1
+                if progress:
+                    progress(done, len(plan), e.megatron)
+            return current["pieces"][key[len(e.megatron):]].to(store_dtype).contiguous()
+
+        with atomic_output_dir(out, overwrite) as tmp:
+            it_dir = tmp / mg.iteration_dir_name(0)
+            mg.write_torch_dist(it_dir, shapes, produce, objects=dict.fromkeys(megatron_extra_state_keys(arch)))
+            current["pieces"] = {}
+            sources = {str(f.relative_to(path)): sha256_file(f) for f in ckpt.files()}
+            tokenizer = copy_tokenizer(ckpt.tokenizer_files(), it_dir)
+            run_config = {
+                "falcon_bridge_version": __version__,
+                "architecture": arch.to_dict(),
+                "mup": {"mode": "preserve", "applied_multipliers": arch.multipliers.to_hf()},
+                "layout": {"tp": layout.tp, "pp": layout.pp, "pp_layers": list(layout.stage_layers(arch.num_layers)),
+                           "vocab_divisible_by": layout.vocab_divisible_by,
+                           "padded_vocab_size": layout.padded_vocab(arch),
+                           "mamba_groups": layout.mamba_groups(arch)},
+                "dtype": str(store_dtype).removeprefix("torch."),
+                "hf_dtype": str(hf_dtype).removeprefix("torch."),
+                "hf_odd_dtypes": odd_dtypes,
+                "tokenizer_files": tokenizer,
+                "source": {"path": str(src), "sha256": sources},
+            }
+            mg.write_run_config(it_dir, run_config)
+            mg.write_tracker(tmp, 0)
+    return {
+        "command": "import-hf", "source": str(src), "output": str(out), "tp": layout.tp, "pp": layout.pp,
+        "dtype": run_config["dtype"], "tensors": len(shapes),
+        "parameters": sum(math.prod(s) for s, _ in shapes.values()),
+        "mamba_groups": layout.mamba_groups(arch), "seconds": round(time.perf_counter() - t0, 2),
+    }

@@ -1,0 +1,312 @@
+"""Falcon-H1 architecture: one frozen dataclass, read from an HF config or a model card, with derived sizes.
+
+Pure: no file I/O here (cards and config.json are read in `falcon_bridge.formats`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from falcon_bridge.errors import BadInput
+
+SSM_SEGMENTS = ("z", "x", "B", "C", "dt")  # order of Mamba in_proj output rows (and of ssm_multipliers)
+CONV_SEGMENTS = ("x", "B", "C")  # order of conv1d channels
+
+
+@dataclass(frozen=True)
+class Multipliers:
+    """The 14 µP forward multipliers of Falcon-H1 (HF config keys in comments)."""
+
+    embedding: float = 1.0  # embedding_multiplier: embedding lookup output
+    lm_head: float = 1.0  # lm_head_multiplier: logits
+    attention_in: float = 1.0  # attention_in_multiplier: normed input of attention
+    attention_out: float = 1.0  # attention_out_multiplier: attention output
+    key: float = 1.0  # key_multiplier: K before RoPE
+    ssm_in: float = 1.0  # ssm_in_multiplier: normed input of the Mamba mixer
+    ssm_out: float = 1.0  # ssm_out_multiplier: mixer output
+    ssm: tuple[float, float, float, float, float] = (1.0,) * 5  # ssm_multipliers: in_proj z, x, B, C, dt
+    mlp: tuple[float, float] = (1.0, 1.0)  # mlp_multipliers: gate (before SiLU), down (MLP output)
+
+    SCALAR_KEYS = {
+        "embedding": "embedding_multiplier",
+        "lm_head": "lm_head_multiplier",
+        "attention_in": "attention_in_multiplier",
+        "attention_out": "attention_out_multiplier",
+        "key": "key_multiplier",
+        "ssm_in": "ssm_in_multiplier",
+        "ssm_out": "ssm_out_multiplier",
+    }
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> Multipliers:
+        kw: dict[str, Any] = {}
+        for name, key in cls.SCALAR_KEYS.items():
+            if hf.get(key) is not None:
+                kw[name] = float(hf[key])
+        if hf.get("ssm_multipliers") is not None:
+            kw["ssm"] = tuple(float(v) for v in hf["ssm_multipliers"])
+        if hf.get("mlp_multipliers") is not None:
+            kw["mlp"] = tuple(float(v) for v in hf["mlp_multipliers"])
+        m = cls(**kw)
+        if len(m.ssm) != 5:
+            raise BadInput(f"config field ssm_multipliers: expected 5 values (z, x, B, C, dt), got {len(m.ssm)}")
+        if len(m.mlp) != 2:
+            raise BadInput(f"config field mlp_multipliers: expected 2 values (gate, down), got {len(m.mlp)}")
+        return m
+
+    def to_hf(self) -> dict[str, Any]:
+        out: dict[str, Any] = {key: getattr(self, name) for name, key in self.SCALAR_KEYS.items()}
+        out["ssm_multipliers"] = list(self.ssm)
+        out["mlp_multipliers"] = list(self.mlp)
+        return out
+
+    def is_identity(self) -> bool:
+        return all(v == 1.0 for v in self.flat())
+
+    def flat(self) -> list[float]:
+        return [getattr(self, n) for n in self.SCALAR_KEYS] + list(self.ssm) + list(self.mlp)
+
+
+# HF config keys that must be present in a config.json: without them transformers silently falls back to
+# defaults of a different model size (e.g. mamba_d_ssm=1024), and the conversion would be wrong.
+REQUIRED_HF_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "mamba_n_heads", "mamba_d_state", "mamba_n_groups",
+)
+
+
+@dataclass(frozen=True)
+class FalconH1Arch:
+    """Everything that fixes tensor shapes and forward arithmetic of a Falcon-H1 model."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mamba_d_ssm: int
+    mamba_n_heads: int
+    mamba_d_head: int
+    mamba_n_groups: int
+    mamba_d_state: int
+    mamba_d_conv: int = 4
+    mamba_chunk_size: int = 128
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    projectors_bias: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    mamba_rms_norm: bool = False
+    mamba_norm_before_gate: bool = False
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1e11
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = 0
+    multipliers: Multipliers = field(default_factory=Multipliers)
+
+    # ---- derived sizes -------------------------------------------------------------------------------------
+    @property
+    def group_state(self) -> int:
+        """Rows of B (and of C) in in_proj: n_groups · d_state."""
+        return self.mamba_n_groups * self.mamba_d_state
+
+    @property
+    def conv_dim(self) -> int:
+        return self.mamba_d_ssm + 2 * self.group_state
+
+    @property
+    def in_proj_rows(self) -> int:
+        return 2 * self.mamba_d_ssm + 2 * self.group_state + self.mamba_n_heads
+
+    def in_proj_segments(self) -> dict[str, int]:
+        """Row counts of in_proj's z | x | B | C | dt segments."""
+        d, gn = self.mamba_d_ssm, self.group_state
+        return dict(zip(SSM_SEGMENTS, (d, d, gn, gn, self.mamba_n_heads)))
+
+    def conv_segments(self) -> dict[str, int]:
+        d, gn = self.mamba_d_ssm, self.group_state
+        return dict(zip(CONV_SEGMENTS, (d, gn, gn)))
+
+    @property
+    def q_width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def num_parameters(self) -> int:
+        from falcon_bridge.core.mapping import hf_tensor_shapes  # the shapes are defined once, by the map
+
+        return sum(math.prod(s) for s in hf_tensor_shapes(self).values())
+
+    def with_groups(self, n_groups: int) -> FalconH1Arch:
+        return replace(self, mamba_n_groups=n_groups)
+
+    # ---- validation ----------------------------------------------------------------------------------------
+    def validate(self) -> FalconH1Arch:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise BadInput(msg)
+
+        need(self.mamba_d_head * self.mamba_n_heads == self.mamba_d_ssm,
+             f"config: mamba_d_head ({self.mamba_d_head}) × mamba_n_heads ({self.mamba_n_heads}) "
+             f"must equal mamba_d_ssm ({self.mamba_d_ssm})")
+        need(self.mamba_n_heads % self.mamba_n_groups == 0,
+             f"config: mamba_n_heads ({self.mamba_n_heads}) must be divisible by mamba_n_groups "
+             f"({self.mamba_n_groups})")
+        need(self.num_heads % self.num_kv_heads == 0,
+             f"config: num_attention_heads ({self.num_heads}) must be divisible by num_key_value_heads "
+             f"({self.num_kv_heads})")
+        need(self.hidden_act == "silu", f"config field hidden_act: only 'silu' is supported, got {self.hidden_act!r}")
+        return self
+
+    def validate_for_megatron(self) -> FalconH1Arch:
+        """Configs megatron-core's MambaMixer cannot express exactly."""
+        self.validate()
+        if self.mamba_rms_norm and self.mamba_norm_before_gate:
+            raise BadInput("config field mamba_norm_before_gate: true with mamba_rms_norm is not supported "
+                           "(megatron-core's gated Mamba norm only normalizes after the gate)")
+        if self.mamba_rms_norm and self.rms_norm_eps != 1e-5:
+            raise BadInput(f"config field rms_norm_eps: {self.rms_norm_eps} with mamba_rms_norm; megatron-core's "
+                           "gated Mamba norm hard-codes eps=1e-5")
+        if self.mamba_proj_bias or self.projectors_bias:
+            raise BadInput("config fields mamba_proj_bias/projectors_bias: Mamba in_proj/out_proj biases are not "
+                           "supported by megatron-core's MambaMixer")
+        if not self.mamba_conv_bias:
+            raise BadInput("config field mamba_conv_bias: false is not supported by megatron-core's MambaMixer")
+        if self.attention_bias != self.mlp_bias:
+            raise BadInput("config fields attention_bias/mlp_bias: megatron-core has one switch for the biases of "
+                           "linear_proj and the MLP, so both must be equal")
+        return self
+
+    # ---- HF config ↔ arch ----------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> FalconH1Arch:
+        """From a config.json dict (transformers 4 or 5 spelling)."""
+        if hf.get("model_type", "falcon_h1") != "falcon_h1":
+            raise BadInput(f"{source}: model_type is {hf.get('model_type')!r}, expected 'falcon_h1'")
+        for key in REQUIRED_HF_KEYS:
+            if hf.get(key) is None:
+                raise BadInput(f"{source}: required field {key!r} is missing")
+        hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+        n_heads = int(hf["mamba_n_heads"])
+        d_ssm = hf.get("mamba_d_ssm")
+        d_ssm = int(d_ssm) if d_ssm is not None else int(hf.get("mamba_expand", 2) * hidden)
+        d_head = hf.get("mamba_d_head", "auto")
+        d_head = d_ssm // n_heads if d_head in (None, "auto") else int(d_head)
+        rope = hf.get("rope_parameters") or {}
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 1e5))
+        return cls(
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or hidden // heads),
+            mamba_d_ssm=d_ssm,
+            mamba_n_heads=n_heads,
+            mamba_d_head=d_head,
+            mamba_n_groups=int(hf["mamba_n_groups"]),
+            mamba_d_state=int(hf["mamba_d_state"]),
+            mamba_d_conv=int(hf.get("mamba_d_conv", 4)),
+            mamba_chunk_size=int(hf.get("mamba_chunk_size", 256)),
+            mamba_conv_bias=bool(hf.get("mamba_conv_bias", True)),
+            mamba_proj_bias=bool(hf.get("mamba_proj_bias", False)),
+            projectors_bias=bool(hf.get("projectors_bias", False)),
+            attention_bias=bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            mamba_rms_norm=bool(hf.get("mamba_rms_norm", False)),
+            mamba_norm_before_gate=bool(hf.get("mamba_norm_before_gate", True)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            hidden_act=str(hf.get("hidden_act", "silu")),
+            bos_token_id=hf.get("bos_token_id", 1),
+            eos_token_id=hf.get("eos_token_id", 2),
+            pad_token_id=hf.get("pad_token_id", 0),
+            multipliers=Multipliers.from_hf(hf),
+        ).validate()
+
+    def to_hf(self) -> dict[str, Any]:
+        """config.json fields (every shape-defining key written explicitly, see falcon_h1_hf.md §10)."""
+        out = {
+            "architectures": ["FalconH1ForCausalLM"],
+            "model_type": "falcon_h1",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "mamba_d_ssm": self.mamba_d_ssm,
+            "mamba_n_heads": self.mamba_n_heads,
+            "mamba_d_head": self.mamba_d_head,
+            "mamba_n_groups": self.mamba_n_groups,
+            "mamba_d_state": self.mamba_d_state,
+            "mamba_d_conv": self.mamba_d_conv,
+            "mamba_chunk_size": self.mamba_chunk_size,
+            "mamba_conv_bias": self.mamba_conv_bias,
+            "mamba_proj_bias": self.mamba_proj_bias,
+            "projectors_bias": self.projectors_bias,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "mamba_rms_norm": self.mamba_rms_norm,
+            "mamba_norm_before_gate": self.mamba_norm_before_gate,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": self.hidden_act,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+        out.update(self.multipliers.to_hf())
+        return out
+
+    def to_hf_config(self):
+        """A transformers FalconH1Config (lazy import: transformers is heavy)."""
+        from transformers import FalconH1Config
+
+        kw = self.to_hf()
+        kw.pop("architectures"), kw.pop("model_type")
+        theta = kw.pop("rope_theta")
+        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+        cfg = FalconH1Config(**kw)
+        cfg.architectures = ["FalconH1ForCausalLM"]
+        return cfg
+
+    @classmethod
+    def from_hf_config(cls, cfg) -> FalconH1Arch:
+        return cls.from_hf(cfg.to_dict(), source="FalconH1Config")
+
+    # ---- plain-dict form (run config, cards) ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["multipliers"] = self.multipliers.to_hf()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "architecture") -> FalconH1Arch:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise BadInput(f"{source}: unknown field(s) {sorted(unknown)}")
+        kw = dict(d)
+        kw["multipliers"] = Multipliers.from_hf(d.get("multipliers") or {})
+        try:
+            return cls(**kw).validate()
+        except TypeError as e:
+            raise BadInput(f"{source}: {e}") from None

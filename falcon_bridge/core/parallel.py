@@ -1,0 +1,85 @@
+"""How a Megatron checkpoint is laid out for a given TP/PP: vocab padding, Mamba group replication, PP stages.
+
+Checkpoint tensors are global (TP-independent): megatron's dist_checkpointing reshards at load time. What TP does
+change is the padded vocabulary and, when TP exceeds the number of Mamba B/C groups, the replicated group count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from falcon_bridge.core.config import FalconH1Arch
+from falcon_bridge.core.transforms import padded_vocab_size
+from falcon_bridge.errors import BadInput
+
+VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's default --make-vocab-size-divisible-by
+
+
+@dataclass(frozen=True)
+class MegatronLayout:
+    tp: int = 1
+    pp: int = 1
+    pp_layers: tuple[int, ...] | None = None  # layers per pipeline stage; None = even split
+    vocab_divisible_by: int = VOCAB_DIVISIBLE_BY
+    allow_group_replication: bool = True
+    # What an existing checkpoint stores (its run config); None = derived from TP for a new checkpoint.
+    stored_padded_vocab: int | None = None
+    stored_mamba_groups: int | None = None
+
+    def padded_vocab(self, arch: FalconH1Arch) -> int:
+        if self.stored_padded_vocab is not None:
+            return self.stored_padded_vocab
+        return padded_vocab_size(arch.vocab_size, self.tp, self.vocab_divisible_by)
+
+    def mamba_groups(self, arch: FalconH1Arch) -> int:
+        """B/C groups as stored in Megatron: the HF count, replicated up to a multiple of TP if needed."""
+        if self.stored_mamba_groups is not None:
+            return self.stored_mamba_groups
+        return math.lcm(arch.mamba_n_groups, self.tp)
+
+    def group_factor(self, arch: FalconH1Arch) -> int:
+        return self.mamba_groups(arch) // arch.mamba_n_groups
+
+    def stage_layers(self, num_layers: int) -> tuple[int, ...]:
+        if self.pp_layers is not None:
+            return self.pp_layers
+        return (num_layers // self.pp,) * self.pp
+
+    def stage_offset(self, num_layers: int, stage: int) -> int:
+        return sum(self.stage_layers(num_layers)[:stage])
+
+    def validate(self, arch: FalconH1Arch) -> MegatronLayout:
+        tp, pp = self.tp, self.pp
+        if tp < 1 or pp < 1:
+            raise BadInput(f"--tp/--pp must be ≥ 1, got tp={tp} pp={pp}")
+        for what, n in (("num_attention_heads", arch.num_heads), ("num_key_value_heads", arch.num_kv_heads),
+                        ("mamba_n_heads", arch.mamba_n_heads)):
+            if n % tp:
+                raise BadInput(f"--tp {tp} does not divide {what} ({n})")
+        if self.pp_layers is not None:
+            if len(self.pp_layers) != pp or sum(self.pp_layers) != arch.num_layers or min(self.pp_layers) < 1:
+                raise BadInput(f"--pp-layers {','.join(map(str, self.pp_layers))}: need {pp} positive counts "
+                               f"summing to num_hidden_layers ({arch.num_layers})")
+        elif arch.num_layers % pp:
+            raise BadInput(f"--pp {pp} does not divide num_hidden_layers ({arch.num_layers}); "
+                           "pass --pp-layers for an uneven split")
+        if self.padded_vocab(arch) % tp:
+            raise BadInput(f"--tp {tp} does not divide the checkpoint's padded vocabulary "
+                           f"({self.padded_vocab(arch)}); reshard it to this TP first")
+        groups = self.mamba_groups(arch)
+        if groups % tp:
+            raise BadInput(f"--tp {tp} does not divide the checkpoint's Mamba groups ({groups}); "
+                           "reshard it to this TP first")
+        if groups != arch.mamba_n_groups:
+            if not self.allow_group_replication:
+                raise BadInput(f"--tp {tp} exceeds mamba_n_groups ({arch.mamba_n_groups}); megatron-core needs "
+                               "n_groups % tp == 0")
+            if arch.mamba_n_heads % groups:
+                raise BadInput(f"--tp {tp}: replicating mamba_n_groups {arch.mamba_n_groups}→{groups} needs "
+                               f"mamba_n_heads ({arch.mamba_n_heads}) divisible by {groups}")
+            if arch.mamba_rms_norm:
+                raise BadInput(f"--tp {tp} exceeds mamba_n_groups ({arch.mamba_n_groups}) and the model uses the "
+                               "gated Mamba norm (mamba_rms_norm): replicating groups would change the norm's "
+                               "group size, so it is not exact; use a TP that divides mamba_n_groups")
+        return self

@@ -1,0 +1,225 @@
+"""Hugging Face checkpoints: lazy safetensors reading, streaming safetensors writing, config files.
+
+Reading goes through safetensors' own `safe_open` (memory-mapped, one tensor at a time). Writing streams: the
+safetensors Python API only writes whole dicts, which would hold a whole shard (up to several GB) in memory, so
+`ShardedSafetensorsWriter` lays out each shard's header from the known shapes first and then appends each tensor's
+bytes as it arrives. The files are plain safetensors: transformers and `safe_open` read them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import struct
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from falcon_bridge.core.config import FalconH1Arch
+from falcon_bridge.errors import BadInput
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "U8": torch.uint8,
+          "I8": torch.int8, "I32": torch.int32, "I64": torch.int64}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def read_json(path: Path) -> dict:
+    """json.load that also understands transformers 5's {"__float__": "Infinity"} encoding."""
+    def hook(d):
+        return float(d["__float__"]) if set(d) == {"__float__"} else d
+
+    try:
+        return json.loads(path.read_text(), object_hook=hook)
+    except FileNotFoundError:
+        raise BadInput(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{path}: not valid JSON ({e})") from None
+
+
+def resolve_source(src: str) -> Path:
+    """A local HF directory, or a Hub repo id downloaded (weights, configs, tokenizer) into the HF cache."""
+    path = Path(src)
+    if path.exists():
+        if not path.is_dir():
+            raise BadInput(f"{src}: expected a directory holding config.json and *.safetensors")
+        return path
+    if src.count("/") != 1:
+        raise BadInput(f"{src}: no such directory (and not a Hub repo id like 'tiiuae/Falcon-H1-0.5B-Base')")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                           "*.jinja"]))
+    except Exception as e:  # noqa: BLE001 - every Hub failure (offline, 404, auth) is one line for the user
+        raise BadInput(f"{src}: not a local directory, and the Hugging Face Hub could not provide it "
+                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'})") from None
+
+
+@dataclass
+class TensorInfo:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class HFCheckpoint:
+    """A Hugging Face checkpoint directory, read lazily one tensor at a time."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.config = read_json(self.path / "config.json")
+        self.arch = FalconH1Arch.from_hf(self.config, source=str(self.path / "config.json"))
+        index = self.path / INDEX_FILE
+        if index.exists():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise BadInput(f"{index}: no 'weight_map'")
+            files = sorted({self.path / f for f in weight_map.values()})
+        elif (self.path / SINGLE_FILE).exists():
+            files = [self.path / SINGLE_FILE]
+        else:
+            raise BadInput(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are read)")
+        self._stack = ExitStack()
+        self._handles = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        for f in files:
+            if not f.exists():
+                raise BadInput(f"{f}: listed in {INDEX_FILE} but missing")
+            try:
+                h = self._stack.enter_context(safe_open(str(f), framework="pt"))
+                for name in h.keys():
+                    sl = h.get_slice(name)
+                    dtype = DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise BadInput(f"{f}: tensor {name} has unsupported dtype {sl.get_dtype()}")
+                    self.tensors[name] = TensorInfo(f, tuple(sl.get_shape()), dtype)
+            except BadInput:
+                raise
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
+                raise BadInput(f"{f}: not a readable safetensors file ({e})") from None
+            self._handles[f] = h
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.tensors.get(name)
+        if info is None:
+            raise BadInput(f"{self.path}: tensor {name} is missing")
+        try:
+            return self._handles[info.file].get_tensor(name)
+        except Exception as e:  # noqa: BLE001
+            raise BadInput(f"{info.file}: tensor {name} could not be read ({e})") from None
+
+    def files(self) -> list[Path]:
+        out = [self.path / "config.json"]
+        if (self.path / INDEX_FILE).exists():
+            out.append(self.path / INDEX_FILE)
+        return out + sorted(self._handles)
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / f for f in TOKENIZER_FILES if (self.path / f).exists()]
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- writing ---------------------------------------------------------------------------------------------------
+class ShardedSafetensorsWriter:
+    """Writes tensors, in the announced order, into safetensors shards of at most max_shard_bytes each.
+
+    `plan` lists (name, shape, dtype) in write order; `put` must follow that order. Memory: one tensor.
+    """
+
+    def __init__(self, out_dir: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int):
+        self.out_dir = Path(out_dir)
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for item in plan:
+            n = math.prod(item[1]) * item[2].itemsize
+            if shards[-1] and size + n > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(item)
+            size += n
+        total = len(shards)
+        self.file_names = [SINGLE_FILE] if total == 1 else [f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+                                                            for i in range(total)]
+        self._order = [(i, name, shape, dtype) for i, shard in enumerate(shards) for name, shape, dtype in shard]
+        self._shards = shards
+        self._pos = 0
+        self._file = None
+        self._file_index = -1
+        self.total_bytes = sum(math.prod(s) * d.itemsize for _, s, d in plan)
+
+    def _open_shard(self, i: int) -> None:
+        if self._file:
+            self._file.close()
+        header, offset = {}, 0
+        for name, shape, dtype in self._shards[i]:
+            n = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors itself writes it
+        self._file = open(self.out_dir / self.file_names[i], "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._file_index = i
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        i, expected, shape, dtype = self._order[self._pos]
+        if name != expected or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise RuntimeError(f"writer expected {expected} {shape} {dtype}, got {name} "
+                               f"{tuple(tensor.shape)} {tensor.dtype}")
+        if i != self._file_index:
+            self._open_shard(i)
+        self._file.write(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        self._pos += 1
+
+    def close(self) -> None:
+        if self._pos != len(self._order):
+            raise RuntimeError(f"writer closed after {self._pos} of {len(self._order)} tensors")
+        if self._file:
+            self._file.close()
+        if len(self.file_names) > 1:
+            weight_map = {name: self.file_names[i] for i, name, _, _ in self._order}
+            (self.out_dir / INDEX_FILE).write_text(json.dumps(
+                {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def write_config(out_dir: Path, arch: FalconH1Arch, dtype: torch.dtype, extra: dict | None = None) -> None:
+    """config.json (every shape key and all 14 multipliers explicit) and generation_config.json."""
+    cfg = arch.to_hf()
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    cfg.update(extra or {})
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    gen = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id, "pad_token_id": arch.pad_token_id}
+    (out_dir / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None},
+                                                               indent=2) + "\n")
+
+
+def copy_tokenizer(files: list[Path], out_dir: Path) -> list[str]:
+    for f in files:
+        shutil.copy2(f, out_dir / f.name)
+    return [f.name for f in files]

@@ -1,0 +1,255 @@
+"""Falcon-H1 in megatron-core: one readable file, built from stock megatron-core modules.
+
+    x = embedding(ids) · embedding_multiplier
+    per block:  n = norm(x)
+                x = x + Mamba(n · ssm_in) · ssm_out + Attention(n · attention_in) · attention_out
+                x = x + MLP(x) · mlp_down            (MLP pre-norm fused into linear_fc1; SiLU(gate · mlp_gate))
+    logits = output_layer(final_norm(x)) · lm_head_multiplier
+
+Attention applies key_multiplier to K before RoPE; the mixer applies ssm_multipliers to the z|x|B|C|dt segments of
+its in_proj output. With µP folded into the weights all multipliers are 1.0 and every scaling is skipped.
+Module names follow Megatron-Bridge's Falcon-H1 model so checkpoints interoperate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+from megatron.core.ssm.mamba_mixer import MambaMixer
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import sharded_state_dict_default
+
+
+@dataclass
+class FalconH1TransformerConfig(TransformerConfig):
+    """TransformerConfig plus what Falcon-H1 adds: the µP forward multipliers and the Mamba-2 mixer settings."""
+
+    embedding_multiplier: float = 1.0
+    lm_head_multiplier: float = 1.0
+    attention_in_multiplier: float = 1.0
+    attention_out_multiplier: float = 1.0
+    key_multiplier: float = 1.0
+    ssm_in_multiplier: float = 1.0
+    ssm_out_multiplier: float = 1.0
+    ssm_multipliers: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)  # z, x, B, C, dt
+    mlp_multipliers: tuple[float, float] = (1.0, 1.0)  # gate, down
+    mamba_d_conv: int = 4
+    mamba_chunk_size: int = 128
+    mamba_rms_norm: bool = False
+
+
+def scaled_silu(x: torch.Tensor, gate_multiplier: float) -> torch.Tensor:
+    """MLP activation with Falcon-H1's gate multiplier: megatron's SwiGLU computes act(gate) · up."""
+    return F.silu(x * gate_multiplier)
+
+
+def _scale(t: torch.Tensor, m: float) -> torch.Tensor:
+    return t if m == 1.0 else t * m
+
+
+class FalconH1SelfAttention(SelfAttention):
+    """SelfAttention with Falcon-H1's key multiplier on K (before RoPE, which is applied later in forward)."""
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
+        out = super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate, split_qkv)
+        if self.config.key_multiplier == 1.0:
+            return out
+        assert split_qkv, "key_multiplier needs the split-QKV path"
+        query, key, *rest = out
+        return (query, key * self.config.key_multiplier, *rest)
+
+
+class FalconH1MambaMixer(MambaMixer):
+    """MambaMixer with Falcon-H1's ssm_multipliers on the z|x|B|C|dt segments of the in_proj output.
+
+    The scaling hooks the in_proj output, so it holds on every path that consumes it (fused training kernel,
+    prefill, decode).
+    """
+
+    def __init__(self, config: FalconH1TransformerConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        if all(m == 1.0 for m in config.ssm_multipliers):
+            return
+        # TP-local segment sizes (each rank holds its slice of every segment).
+        gn = self.ngroups_local_tp * self.d_state
+        sizes = (self.d_inner_local_tp, self.d_inner_local_tp, gn, gn, self.nheads_local_tp)
+        vector = torch.cat([torch.full((n,), m, dtype=torch.float32) for n, m in zip(sizes, config.ssm_multipliers)])
+        self.register_buffer("mup_vector", vector.to(self.in_proj.weight.device), persistent=False)
+        self.in_proj.register_forward_hook(self._scale_zxbcdt)
+
+    def _scale_zxbcdt(self, module, inputs, output):
+        zxbcdt, bias = output
+        return zxbcdt * self.mup_vector.to(zxbcdt.dtype), bias
+
+
+class NormColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
+    """RMSNorm fused in front of a ColumnParallelLinear, without Transformer Engine.
+
+    Same parameter names as TE's TELayerNormColumnParallelLinear (`layer_norm_weight`, `weight`), so the MLP
+    pre-norm is stored as `mlp.linear_fc1.layer_norm_weight` whichever backend built the model.
+    """
+
+    def __init__(self, input_size, output_size, *, config, **kwargs):
+        super().__init__(input_size, output_size, config=config, **kwargs)
+        self.eps = config.layernorm_epsilon
+        self.layer_norm_weight = torch.nn.Parameter(
+            torch.ones(input_size, dtype=config.params_dtype, device=self.weight.device))
+
+    def forward(self, input_, *args, **kwargs):
+        normed = F.rms_norm(input_.float(), (input_.shape[-1],), eps=self.eps).to(input_.dtype)
+        return super().forward(normed * self.layer_norm_weight, *args, **kwargs)
+
+
+@dataclass
+class FalconH1LayerSubmodules:
+    norm: ModuleSpec | type
+    mamba_mixer: ModuleSpec | type
+    self_attention: ModuleSpec | type
+    mlp: ModuleSpec | type
+
+
+class FalconH1Layer(MegatronModule):
+    """One Falcon-H1 block: a shared norm feeding parallel Mamba and attention branches, then a gated MLP."""
+
+    def __init__(self, config: FalconH1TransformerConfig, submodules: FalconH1LayerSubmodules, layer_number: int,
+                 pg_collection, pp_layer_offset: int = 0):
+        super().__init__(config)
+        self.tp_group = pg_collection.tp  # for the replica ids of the TP-replicated norm in sharded_state_dict
+        self.layer_number = layer_number  # 1-based, global
+        self.norm = build_module(submodules.norm, config=config, hidden_size=config.hidden_size,
+                                 eps=config.layernorm_epsilon)
+        self.mamba_mixer = build_module(
+            submodules.mamba_mixer, config, d_model=config.hidden_size, d_conv=config.mamba_d_conv,
+            rmsnorm=config.mamba_rms_norm, chunk_size=config.mamba_chunk_size, layer_number=layer_number,
+            pg_collection=pg_collection, pp_layer_offset=pp_layer_offset)
+        self.self_attention = build_module(submodules.self_attention, config=config, layer_number=layer_number,
+                                           pg_collection=pg_collection, pp_layer_offset=pp_layer_offset)
+        self.mlp = build_module(submodules.mlp, config=config, tp_group=pg_collection.tp)
+
+    def forward(self, hidden_states, attention_mask, rotary_pos_emb=None, **_):
+        c = self.config
+        normed = self.norm(hidden_states)
+        mamba, _ = self.mamba_mixer(_scale(normed, c.ssm_in_multiplier))
+        attn, attn_bias = self.self_attention(_scale(normed, c.attention_in_multiplier), attention_mask,
+                                              rotary_pos_emb=rotary_pos_emb)
+        if attn_bias is not None:
+            attn = attn + attn_bias
+        hidden_states = (hidden_states + _scale(mamba, c.ssm_out_multiplier)
+                         + _scale(attn, c.attention_out_multiplier))
+        mlp, mlp_bias = self.mlp(hidden_states)
+        if mlp_bias is not None:
+            mlp = mlp + mlp_bias
+        return hidden_states + _scale(mlp, c.mlp_multipliers[1])
+
+
+class FalconH1Stack(MegatronModule):
+    """The blocks of one pipeline stage (global layers [offset, offset + num_layers)) and, on the last stage,
+    the final norm."""
+
+    def __init__(self, config, layer_spec: ModuleSpec, norm_spec, num_layers: int, layer_offset: int,
+                 post_process: bool, pg_collection):
+        super().__init__(config)
+        self.tp_group = pg_collection.tp
+        self.layers = torch.nn.ModuleList([
+            build_module(layer_spec, config=config, layer_number=layer_offset + i + 1, pg_collection=pg_collection,
+                         pp_layer_offset=layer_offset)
+            for i in range(num_layers)])
+        if post_process:
+            self.final_norm = build_module(norm_spec, config=config, hidden_size=config.hidden_size,
+                                           eps=config.layernorm_epsilon)
+        self.post_process = post_process
+        self.input_tensor = None
+
+    def set_input_tensor(self, input_tensor):
+        """Pipeline stages after the first receive their input here instead of from the embedding."""
+        self.input_tensor = input_tensor
+
+    def forward(self, hidden_states, attention_mask, rotary_pos_emb=None):
+        if hidden_states is None:
+            hidden_states = self.input_tensor
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask, rotary_pos_emb=rotary_pos_emb)
+        if self.post_process:
+            hidden_states = self.final_norm(hidden_states)
+        return hidden_states
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Checkpoint keys use global layer indices, so any PP split reads and writes the same checkpoint."""
+        out = {}
+        for local, layer in enumerate(self.layers):
+            local_prefix, global_prefix = f"{prefix}layers.{local}.", f"{prefix}layers.{layer.layer_number - 1}."
+            sd = layer.sharded_state_dict(local_prefix, (), metadata)
+            replace_prefix_for_sharding(sd, local_prefix, global_prefix)
+            out.update(sd)
+        for name, module in self.named_children():
+            if module is not self.layers:
+                out.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                      tp_group=self.tp_group))
+        return out
+
+
+class FalconH1Model(LanguageModule):
+    """Embedding → FalconH1Stack → output layer, for one pipeline stage."""
+
+    def __init__(self, config: FalconH1TransformerConfig, layer_spec: ModuleSpec, norm_spec, vocab_size: int,
+                 max_sequence_length: int, stage_layers: int, layer_offset: int, pre_process: bool = True,
+                 post_process: bool = True, parallel_output: bool = True,
+                 share_embeddings_and_output_weights: bool = False, rotary_base: float = 1e11,
+                 pg_collection=None):
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.pre_process, self.post_process = pre_process, post_process
+        self.parallel_output = parallel_output
+        self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
+        self.vocab_size = vocab_size
+        self.model_type = None
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(config=config, vocab_size=vocab_size,
+                                                    max_sequence_length=max_sequence_length,
+                                                    position_embedding_type="none", tp_group=self.pg_collection.tp)
+        self.rotary_pos_emb = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
+                                              rotary_base=rotary_base,
+                                              use_cpu_initialization=config.use_cpu_initialization,
+                                              cp_group=self.pg_collection.cp)
+        self.decoder = FalconH1Stack(config, layer_spec, norm_spec, stage_layers, layer_offset, post_process,
+                                     self.pg_collection)
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False,
+                skip_bias_add=False, gather_output=not parallel_output,
+                skip_weight_param_allocation=pre_process and share_embeddings_and_output_weights,
+                tp_group=self.pg_collection.tp)
+        if pre_process or post_process:
+            self.setup_embeddings_and_output_layer()
+
+    def set_input_tensor(self, input_tensor):
+        if isinstance(input_tensor, list):
+            (input_tensor,) = input_tensor
+        self.decoder.set_input_tensor(input_tensor)
+
+    def forward(self, input_ids, position_ids, attention_mask, labels=None, decoder_input=None):
+        """Returns logits [b, s, V/TP] (full V if parallel_output=False), or the per-token loss if labels given;
+        on stages other than the last, the hidden states [s, b, h]."""
+        c = self.config
+        if decoder_input is None and self.pre_process:
+            decoder_input = _scale(self.embedding(input_ids=input_ids, position_ids=position_ids),
+                                   c.embedding_multiplier)
+        seq_len = (decoder_input if decoder_input is not None else self.decoder.input_tensor).shape[0]
+        hidden = self.decoder(decoder_input, attention_mask, rotary_pos_emb=self.rotary_pos_emb(seq_len))
+        if not self.post_process:
+            return hidden
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden, weight=weight)
+        logits = _scale(logits, c.lm_head_multiplier)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        return self.compute_language_model_loss(labels, logits)

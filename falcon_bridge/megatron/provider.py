@@ -1,0 +1,168 @@
+"""FalconH1ModelProvider: a Falcon-H1 architecture + a TP/PP layout → megatron-core config, specs and model."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from falcon_bridge.core.config import FalconH1Arch, Multipliers
+from falcon_bridge.core.parallel import MegatronLayout
+
+
+def have_transformer_engine() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def have_causal_conv1d_cuda() -> bool:
+    """mamba-ssm's fused training kernel needs causal-conv1d's compiled CUDA extension."""
+    return importlib.util.find_spec("causal_conv1d_cuda") is not None
+
+
+@dataclass
+class FalconH1ModelProvider:
+    arch: FalconH1Arch
+    layout: MegatronLayout = field(default_factory=MegatronLayout)
+    params_dtype: torch.dtype = torch.float32
+    # Multipliers the model applies at run time: the architecture's own (µP preserved), or all 1.0 when the
+    # checkpoint has them folded into its weights.
+    multipliers: Multipliers | None = None
+    seq_length: int = 4096
+    use_te: bool | None = None  # None: use Transformer Engine modules when TE is importable
+    use_mamba_mem_eff_path: bool | None = None  # None: fused kernel when it can run (CPU reference, or CUDA + conv)
+
+    @classmethod
+    def from_card(cls, name: str, **kw) -> FalconH1ModelProvider:
+        from falcon_bridge.formats.cards import load_card
+
+        return cls(load_card(name).arch, **kw)
+
+    @classmethod
+    def from_hf(cls, hf_config, **kw) -> FalconH1ModelProvider:
+        """From a transformers FalconH1Config or a config.json dict."""
+        arch = FalconH1Arch.from_hf(hf_config) if isinstance(hf_config, dict) else FalconH1Arch.from_hf_config(
+            hf_config)
+        return cls(arch, **kw)
+
+    # ---- megatron-core config -------------------------------------------------------------------------------
+    def transformer_config(self):
+        from falcon_bridge.megatron.model import FalconH1TransformerConfig, scaled_silu
+
+        a, lay = self.arch, self.layout
+        m = self.multipliers if self.multipliers is not None else a.multipliers
+        on_gpu = torch.cuda.is_available()
+        mem_eff = self.use_mamba_mem_eff_path
+        if mem_eff is None:
+            mem_eff = not on_gpu or have_causal_conv1d_cuda()
+        return FalconH1TransformerConfig(
+            num_layers=a.num_layers,
+            hidden_size=a.hidden_size,
+            ffn_hidden_size=a.intermediate_size,
+            num_attention_heads=a.num_heads,
+            num_query_groups=a.num_kv_heads,
+            kv_channels=a.head_dim,
+            normalization="RMSNorm",
+            layernorm_epsilon=a.rms_norm_eps,
+            gated_linear_unit=True,
+            activation_func=F.silu if m.mlp[0] == 1.0 else partial(scaled_silu, gate_multiplier=m.mlp[0]),
+            add_bias_linear=a.mlp_bias,
+            add_qkv_bias=a.attention_bias,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            bias_dropout_fusion=False,
+            bias_activation_fusion=False,
+            masked_softmax_fusion=False,
+            apply_rope_fusion=False,
+            gradient_accumulation_fusion=False,
+            attention_softmax_in_fp32=True,
+            persist_layer_norm=False,
+            tensor_model_parallel_size=lay.tp,
+            pipeline_model_parallel_size=lay.pp,
+            pipeline_dtype=self.params_dtype,
+            params_dtype=self.params_dtype,
+            bf16=self.params_dtype == torch.bfloat16,
+            use_cpu_initialization=True,
+            mamba_state_dim=a.mamba_d_state,
+            mamba_head_dim=a.mamba_d_head,
+            mamba_num_heads=a.mamba_n_heads,
+            mamba_num_groups=lay.mamba_groups(a),
+            use_mamba_mem_eff_path=mem_eff,
+            mamba_d_conv=a.mamba_d_conv,
+            mamba_chunk_size=a.mamba_chunk_size,
+            mamba_rms_norm=a.mamba_rms_norm,
+            embedding_multiplier=m.embedding,
+            lm_head_multiplier=m.lm_head,
+            attention_in_multiplier=m.attention_in,
+            attention_out_multiplier=m.attention_out,
+            key_multiplier=m.key,
+            ssm_in_multiplier=m.ssm_in,
+            ssm_out_multiplier=m.ssm_out,
+            ssm_multipliers=tuple(m.ssm),
+            mlp_multipliers=tuple(m.mlp),
+        )
+
+    def layer_spec(self):
+        from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
+        from megatron.core.transformer.attention import SelfAttentionSubmodules
+        from megatron.core.transformer.enums import AttnMaskType
+        from megatron.core.transformer.mlp import MLP, MLPSubmodules
+        from megatron.core.transformer.spec_utils import ModuleSpec
+
+        from falcon_bridge.megatron.model import (FalconH1Layer, FalconH1LayerSubmodules, FalconH1MambaMixer,
+                                                  FalconH1SelfAttention)
+
+        norm, column, row, norm_column, core_attention = self._backend()
+        return ModuleSpec(module=FalconH1Layer, submodules=FalconH1LayerSubmodules(
+            norm=norm,
+            mamba_mixer=ModuleSpec(module=FalconH1MambaMixer,
+                                   submodules=MambaMixerSubmodules(in_proj=column, out_proj=row)),
+            self_attention=ModuleSpec(module=FalconH1SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+                                      submodules=SelfAttentionSubmodules(linear_qkv=column,
+                                                                         core_attention=core_attention,
+                                                                         linear_proj=row)),
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=norm_column, linear_fc2=row)),
+        ))
+
+    def _backend(self):
+        """(norm, column-parallel, row-parallel, norm+column-parallel, core attention) module classes."""
+        use_te = have_transformer_engine() if self.use_te is None else self.use_te
+        if use_te:
+            from megatron.core.extensions.transformer_engine import (TEColumnParallelLinear, TEDotProductAttention,
+                                                                     TELayerNormColumnParallelLinear, TENorm,
+                                                                     TERowParallelLinear)
+
+            return TENorm, TEColumnParallelLinear, TERowParallelLinear, TELayerNormColumnParallelLinear, \
+                TEDotProductAttention
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        from falcon_bridge.megatron.model import NormColumnParallelLinear
+
+        return WrappedTorchNorm, ColumnParallelLinear, RowParallelLinear, NormColumnParallelLinear, \
+            DotProductAttention
+
+    # ---- the model -------------------------------------------------------------------------------------------
+    def provide(self, pp_rank: int | None = None, parallel_output: bool = True, pg_collection=None):
+        """Build this process's pipeline stage (needs megatron's model-parallel state initialized)."""
+        from megatron.core import parallel_state
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        from falcon_bridge.megatron.model import FalconH1Model
+
+        a, lay = self.arch, self.layout
+        if pp_rank is None:
+            pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        norm = self._backend()[0]
+        return FalconH1Model(
+            self.transformer_config(), self.layer_spec(), norm, vocab_size=lay.padded_vocab(a),
+            max_sequence_length=self.seq_length, stage_layers=lay.stage_layers(a.num_layers)[pp_rank],
+            layer_offset=lay.stage_offset(a.num_layers, pp_rank), pre_process=pp_rank == 0,
+            post_process=pp_rank == lay.pp - 1, parallel_output=parallel_output,
+            share_embeddings_and_output_weights=a.tie_word_embeddings, rotary_base=a.rope_theta,
+            pg_collection=pg_collection)

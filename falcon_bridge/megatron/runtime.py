@@ -1,0 +1,167 @@
+"""Running our Megatron Falcon-H1 model: process groups, checkpoint loading, a forward pass across TP×PP ranks.
+
+`launch(fn, world_size, *args)` starts world_size processes (gloo on CPU, NCCL on GPU) that each call
+`fn(rank, *args)`; rank 0's return value comes back through a file (read with weights_only=True).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from falcon_bridge.core.config import FalconH1Arch, Multipliers
+from falcon_bridge.core.parallel import MegatronLayout
+from falcon_bridge.formats import megatron as mg
+from falcon_bridge.megatron.provider import FalconH1ModelProvider
+
+
+def provider_from_checkpoint(root: Path, params_dtype: torch.dtype | None = None, tp: int | None = None,
+                             pp: int | None = None) -> tuple[FalconH1ModelProvider, Path]:
+    """The provider recorded in a falcon-bridge checkpoint's run config (optionally at another TP/PP)."""
+    it_dir = mg.find_iteration_dir(Path(root))
+    rc = mg.read_run_config(it_dir)
+    arch = FalconH1Arch.from_dict(rc["architecture"])
+    lay = rc["layout"]
+    tp, pp = tp or lay["tp"], pp or lay["pp"]
+    pp_layers = tuple(lay["pp_layers"]) if pp == lay["pp"] else None
+    layout = MegatronLayout(tp=tp, pp=pp, pp_layers=pp_layers, vocab_divisible_by=lay["vocab_divisible_by"],
+                            stored_padded_vocab=lay["padded_vocab_size"], stored_mamba_groups=lay["mamba_groups"])
+    dtype = params_dtype or getattr(torch, rc["dtype"])
+    multipliers = Multipliers.from_hf(rc["mup"]["applied_multipliers"])
+    return FalconH1ModelProvider(arch, layout.validate(arch), params_dtype=dtype, multipliers=multipliers), it_dir
+
+
+def init_distributed(rank: int, world_size: int, tp: int, pp: int) -> torch.device:
+    """Process group + megatron model-parallel state; CPU support patches when no GPU is present."""
+    from falcon_bridge.megatron import cpu_support
+
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    else:
+        cpu_support.install()
+    torch.distributed.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world_size)
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    if on_gpu:
+        model_parallel_cuda_manual_seed(1234)
+    return torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+
+
+def shutdown_distributed() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def load_model(provider: FalconH1ModelProvider, it_dir: Path, device: torch.device, parallel_output: bool = False):
+    """Build this rank's stage and load the checkpoint into it through megatron's own dist_checkpointing."""
+    from megatron.core import dist_checkpointing
+
+    model = provider.provide(parallel_output=parallel_output)
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(it_dir))
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def causal_mask(seq_len: int, device) -> torch.Tensor:
+    """Megatron's boolean mask convention: True = masked (an explicit mask also avoids a CUDA-only default)."""
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
+
+
+@torch.no_grad()
+def pipeline_forward(model, tokens: torch.Tensor, hidden_size: int, dtype: torch.dtype):
+    """One forward pass through all pipeline stages (send/recv of the hidden states between stages).
+
+    Returns the full-vocabulary logits [b, s, V_padded] on the last stage, None elsewhere.
+    """
+    from megatron.core import parallel_state as ps
+
+    device = tokens.device
+    b, s = tokens.shape
+    positions = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+    if not ps.is_pipeline_first_stage():
+        hidden = torch.empty(s, b, hidden_size, dtype=dtype, device=device)
+        torch.distributed.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+        model.set_input_tensor(hidden)
+    out = model(tokens, positions, causal_mask(s, device))
+    if not ps.is_pipeline_last_stage():
+        torch.distributed.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+        return None
+    return out
+
+
+def quiet() -> None:
+    """Silence known-harmless noise in worker processes: torch's CUDA_HOME probe on CPU machines and the
+    deprecation/tuning notices megatron-core and torch.distributed print on every rank."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(megatron|torch\.distributed)\.")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(megatron|torch\.distributed)\.")
+
+
+def _entry(rank: int, world_size: int, port: int, result_file: str, fn, args) -> None:
+    quiet()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    result = fn(rank, *args)
+    if rank == 0:
+        torch.save(result, result_file)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(fn, world_size: int, *args):
+    """Run fn(rank, *args) in world_size fresh processes; return rank 0's result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = os.path.join(tmp, "result.pt")
+        mp.start_processes(_entry, args=(world_size, free_port(), result_file, fn, args), nprocs=world_size,
+                           join=True, start_method="spawn")
+        return torch.load(result_file, weights_only=True)
+
+
+def megatron_logits_worker(rank: int, roots: list[str], tp: int, pp: int, tokens: torch.Tensor,
+                           dtype_name: str | None) -> list[torch.Tensor] | None:
+    """For each checkpoint in `roots` (sharing one TP×PP process group): the logits [b, s, vocab] of our Megatron
+    model on `tokens`, returned on global rank 0.
+
+    The last pipeline stage's TP rank 0 holds the logits; with PP it sends them to global rank 0.
+    """
+    from megatron.core import parallel_state as ps
+
+    dtype = getattr(torch, dtype_name) if dtype_name else None
+    device = init_distributed(rank, tp * pp, tp, pp)
+    results = []
+    try:
+        for root in roots:
+            provider, it_dir = provider_from_checkpoint(Path(root), dtype, tp, pp)
+            model = load_model(provider, it_dir, device)
+            logits = pipeline_forward(model, tokens.to(device), provider.arch.hidden_size, provider.params_dtype)
+            if pp > 1:
+                last_stage = ps.get_pipeline_model_parallel_last_rank()
+                if rank == last_stage and ps.get_tensor_model_parallel_rank() == 0:
+                    torch.distributed.send(logits.float().contiguous(), dst=0)
+                elif rank == 0:
+                    logits = torch.empty((*tokens.shape, provider.layout.padded_vocab(provider.arch)),
+                                         dtype=torch.float32, device=device)
+                    torch.distributed.recv(logits, src=last_stage)
+            if rank == 0:
+                results.append(logits[..., :provider.arch.vocab_size].float().cpu())
+            del model
+        return results if rank == 0 else None
+    finally:
+        shutdown_distributed()

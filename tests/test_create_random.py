@@ -1,0 +1,46 @@
+import json
+
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from falcon_bridge.converters.create_random import create_random
+from falcon_bridge.core.mapping import hf_tensor_shapes
+from falcon_bridge.formats.cards import load_card
+
+
+def test_sharded_output_loads_in_transformers_with_every_tensor(tmp_path):
+    card = load_card("tiny-groups-gated-norm")
+    out = tmp_path / "ckpt"
+    summary = create_random(card, out, seed=3, dtype=torch.bfloat16, max_shard_bytes=100_000)
+    assert len(summary["files"]) > 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(hf_tensor_shapes(card.arch))
+    config = json.loads((out / "config.json").read_text())
+    assert config["head_dim"] == card.arch.head_dim and config["ssm_multipliers"] == list(card.arch.multipliers.ssm)
+    assert (out / "generation_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == card.arch.num_parameters() == summary["parameters"]
+    state = model.state_dict()
+    for name, file in index["weight_map"].items():
+        with safe_open(out / file, "pt") as f:
+            assert torch.equal(f.get_tensor(name), state[name]), name
+
+
+def test_weights_are_realistic_and_reproducible(tmp_path):
+    card = load_card("tiny-one-group")
+    a, b = tmp_path / "a", tmp_path / "b"
+    create_random(card, a, seed=7, dtype=torch.float32)
+    create_random(card, b, seed=7, dtype=torch.float32)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    with safe_open(a / "model.safetensors", "pt") as f:
+        a_log = f.get_tensor("model.layers.0.mamba.A_log")
+        dt_bias = f.get_tensor("model.layers.0.mamba.dt_bias")
+        d = f.get_tensor("model.layers.0.mamba.D")
+        norm = f.get_tensor("model.layers.0.input_layernorm.weight")
+    n = card.arch.mamba_n_heads
+    assert not torch.allclose(a_log, torch.log(torch.arange(1, n + 1, dtype=torch.float32)))
+    assert (a_log.exp() >= 1).all() and (a_log.exp() <= 16).all()
+    dt = torch.nn.functional.softplus(dt_bias)
+    assert (dt > 9e-4).all() and (dt < 0.11).all()
+    assert not torch.allclose(d, torch.ones_like(d)) and not torch.allclose(norm, torch.ones_like(norm))

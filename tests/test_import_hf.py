@@ -1,0 +1,117 @@
+"""import-hf proven by logits: HF FalconH1ForCausalLM vs our Megatron model, every tiny card, TP=1, TP=2, PP=2."""
+
+import json
+from dataclasses import replace
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY_CARDS
+from falcon_bridge.converters.import_hf import import_hf
+from falcon_bridge.converters.verify import compare_logits, hf_logits, sample_tokens
+from falcon_bridge.core.mapping import megatron_extra_state_keys, megatron_tensor_shapes
+from falcon_bridge.core.parallel import MegatronLayout
+from falcon_bridge.errors import BadInput
+from falcon_bridge.formats.cards import load_card
+from falcon_bridge.formats.megatron import TorchDistReader, find_iteration_dir
+from falcon_bridge.megatron.runtime import launch, megatron_logits_worker
+
+TOKENS = sample_tokens(vocab_size=256, batch=2, seq_len=24)  # 24 > mamba_chunk_size 8: the scan crosses chunks
+
+
+@pytest.fixture(scope="module")
+def reference_logits(tiny_hf):
+    return {name: hf_logits(path, TOKENS, torch.float32) for name, path in tiny_hf.items()}
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["tp1", "tp2", "pp2"])
+def test_megatron_logits_equal_hf(tp, pp, tiny_hf, reference_logits, tmp_path):
+    roots = []
+    for name in TINY_CARDS:
+        import_hf(str(tiny_hf[name]), tmp_path / name, MegatronLayout(tp=tp, pp=pp))
+        roots.append(str(tmp_path / name))
+    results = launch(megatron_logits_worker, tp * pp, roots, tp, pp, TOKENS, "float32")
+    for name, logits in zip(TINY_CARDS, results):
+        r = compare_logits(reference_logits[name], logits, tolerance=1e-4)
+        assert r.passed, f"{name} TP={tp} PP={pp}: {r}"
+        assert r.argmax_agreement == 1.0
+
+
+def test_checkpoint_holds_exactly_the_model_keys(tiny_hf, tmp_path):
+    """Keys and global shapes equal what the Megatron model's sharded_state_dict() asks for (checked in a real
+    megatron process by test_megatron_logits_equal_hf, which loads with megatron's strict default)."""
+    arch = load_card("tiny-vocab-pad").arch
+    import_hf(str(tiny_hf["tiny-vocab-pad"]), tmp_path / "ckpt", MegatronLayout(tp=2))
+    reader = TorchDistReader(find_iteration_dir(tmp_path / "ckpt"))
+    expected = megatron_tensor_shapes(arch, MegatronLayout(tp=2))
+    assert {k: v[0] for k, v in reader.tensors.items()} == expected
+    assert expected["embedding.word_embeddings.weight"] == (1024, 64)  # 1001 padded to a multiple of 128·TP
+    assert expected["decoder.layers.0.mamba_mixer.in_proj.weight.B"] == (32, 64)  # 1 group replicated to 2
+    run_config = json.loads((find_iteration_dir(tmp_path / "ckpt") / "falcon_bridge_run_config.json").read_text())
+    assert run_config["layout"]["mamba_groups"] == 2 and run_config["mup"]["mode"] == "preserve"
+    assert len(megatron_extra_state_keys(arch)) == 6 * arch.num_layers + 1
+    embed = reader.get("embedding.word_embeddings.weight")
+    source = load_file(tiny_hf["tiny-vocab-pad"] / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(embed[:1001], source) and not embed[1001:].any()
+
+
+def _copy(src, dst, edit=None, config_edit=None):
+    shutil.copytree(src, dst)
+    if edit:
+        tensors = load_file(dst / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, dst / "model.safetensors")
+    if config_edit:
+        cfg = json.loads((dst / "config.json").read_text())
+        config_edit(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+BAD_INPUTS = {
+    "missing tensor": (lambda t: t.pop("model.layers.1.mamba.D"), None, "model.layers.1.mamba.D is missing", {}),
+    "extra tensor": (lambda t: t.update({"model.layers.0.mamba.bogus": torch.zeros(2)}), None,
+                     "unexpected tensor model.layers.0.mamba.bogus", {}),
+    "wrong shape": (lambda t: t.update({"model.layers.0.mamba.A_log": torch.zeros(3)}), None,
+                    "model.layers.0.mamba.A_log has shape [3]", {}),
+    "norm before gate": (None, lambda c: c.update(mamba_rms_norm=True, mamba_norm_before_gate=True),
+                         "mamba_norm_before_gate", {}),
+    "tp not dividing heads": (None, None, "--tp 3 does not divide num_attention_heads", {"tp": 3}),
+    "pp not dividing layers": (None, None, "--pp 3 does not divide num_hidden_layers", {"pp": 3}),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_clear_error_and_nothing_is_written(case, tiny_hf, tmp_path):
+    edit, config_edit, message, layout = BAD_INPUTS[case]
+    src = _copy(tiny_hf["tiny-one-group"], tmp_path / "src", edit, config_edit)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    with pytest.raises(BadInput, match=message.replace("[", r"\[")):
+        import_hf(str(src), tmp_path / "out", MegatronLayout(**layout))
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == [src]
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # the source is never modified
+
+
+def test_tp_beyond_groups_with_the_gated_norm_is_refused():
+    arch = replace(load_card("tiny-groups-gated-norm").arch, num_kv_heads=4)  # TP=4 divides every head count
+    with pytest.raises(BadInput, match="gated Mamba norm"):
+        MegatronLayout(tp=4).validate(arch)
+    assert MegatronLayout(tp=4).validate(replace(arch, mamba_rms_norm=False)).mamba_groups(arch) == 4
+
+
+def test_cli_reports_bad_input_in_one_line_with_exit_code_2(tiny_hf, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "falcon_bridge.cli.app", "import-hf", str(tiny_hf["tiny-mup"]),
+                           str(tmp_path / "out"), "--tp", "3"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --tp 3 does not divide num_attention_heads (4)"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_hub_id_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BadInput, match="Hub could not provide it"):
+        import_hf("tiiuae/Falcon-H1-0.5B-Base", tmp_path / "out", MegatronLayout())
