@@ -84,7 +84,7 @@ class FalconH1ModelProvider:
             pipeline_dtype=self.params_dtype,
             params_dtype=self.params_dtype,
             bf16=self.params_dtype == torch.bfloat16,
-            use_cpu_initialization=True,
+            use_cpu_initialization=not on_gpu,  # on GPU megatron initializes on the device (RoPE needs it)
             mamba_state_dim=a.mamba_d_state,
             mamba_head_dim=a.mamba_d_head,
             mamba_num_heads=a.mamba_n_heads,

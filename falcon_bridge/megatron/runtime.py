@@ -106,6 +106,9 @@ def quiet() -> None:
     """Silence known-harmless noise in worker processes: torch's CUDA_HOME probe on CPU machines and the
     deprecation/tuning notices megatron-core and torch.distributed print on every rank."""
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    # "use_mem_eff_path==False is not tested for training", once per layer: expected for evaluation without
+    # causal-conv1d's CUDA extension
+    logging.getLogger("megatron.core.ssm.mamba_mixer").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(megatron|torch\.distributed)\.")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(megatron|torch\.distributed)\.")
 
