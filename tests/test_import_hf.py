@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import TINY_CARDS
 from falcon_bridge.converters.import_hf import import_hf
+from falcon_bridge.converters.reshard import reshard
 from falcon_bridge.converters.verify import compare_logits, hf_logits, sample_tokens
 from falcon_bridge.core.mapping import megatron_extra_state_keys, megatron_tensor_shapes
 from falcon_bridge.core.parallel import MegatronLayout
@@ -28,17 +29,35 @@ def reference_logits(tiny_hf):
     return {name: hf_logits(path, TOKENS, torch.float32) for name, path in tiny_hf.items()}
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["tp1", "tp2", "pp2"])
-def test_megatron_logits_equal_hf(tp, pp, tiny_hf, reference_logits, tmp_path):
+# (TP, PP) the model runs at, and the layout import-hf prepares (then resharded to the run layout when different)
+LAYOUTS = {"tp1": ((1, 1), (1, 1)), "tp2": ((2, 1), (2, 1)), "pp2-resharded": ((1, 2), (2, 1)),
+           "tp4-resharded": ((4, 1), (1, 1))}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_megatron_logits_equal_hf(layout, tiny_hf, reference_logits, tmp_path):
+    (tp, pp), imported_as = LAYOUTS[layout]
+    cards = [c for c in TINY_CARDS if fits(load_card(c).arch, tp, pp)]
     roots = []
-    for name in TINY_CARDS:
-        import_hf(str(tiny_hf[name]), tmp_path / name, MegatronLayout(tp=tp, pp=pp))
-        roots.append(str(tmp_path / name))
+    for name in cards:
+        import_hf(str(tiny_hf[name]), tmp_path / name, MegatronLayout(*imported_as))
+        if imported_as != (tp, pp):
+            reshard(tmp_path / name, tmp_path / f"{name}-resharded", MegatronLayout(tp=tp, pp=pp))
+        roots.append(str(tmp_path / (name if imported_as == (tp, pp) else f"{name}-resharded")))
+    assert len(cards) >= 4
     results = launch(megatron_logits_worker, tp * pp, roots, tp, pp, TOKENS, "float32")
-    for name, logits in zip(TINY_CARDS, results):
+    for name, logits in zip(cards, results):
         r = compare_logits(reference_logits[name], logits, tolerance=1e-4)
         assert r.passed, f"{name} TP={tp} PP={pp}: {r}"
         assert r.argmax_agreement == 1.0
+
+
+def fits(arch, tp, pp) -> bool:
+    try:
+        MegatronLayout(tp=tp, pp=pp).validate(arch)
+        return True
+    except BadInput:
+        return False
 
 
 def test_checkpoint_holds_exactly_the_model_keys(tiny_hf, tmp_path):
@@ -81,6 +100,8 @@ BAD_INPUTS = {
     "norm before gate": (None, lambda c: c.update(mamba_rms_norm=True, mamba_norm_before_gate=True),
                          "mamba_norm_before_gate", {}),
     "tp not dividing heads": (None, None, "--tp 3 does not divide num_attention_heads", {"tp": 3}),
+    "tp vs kv heads": (None, lambda c: c.update(num_attention_heads=6, num_key_value_heads=3), "num_key_value_heads",
+                       {"tp": 2}),
     "pp not dividing layers": (None, None, "--pp 3 does not divide num_hidden_layers", {"pp": 3}),
 }
 

@@ -112,6 +112,57 @@ def import_hf(
     report(summary, as_json)
 
 
+@app.command("export-hf")
+def export_hf(
+    source: Annotated[Path, typer.Argument(help="Megatron checkpoint directory (any TP/PP).")],
+    output: Annotated[Path, typer.Argument(help="Output HF directory.")],
+    card: Annotated[Optional[str], typer.Option(help="Architecture, for checkpoints without our run config.")] = None,
+    hf_config: Annotated[Optional[Path], typer.Option(help="Architecture from an HF config.json instead.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="bf16 | fp32 (default: the HF source's dtype)")] = None,
+    max_shard_size: Annotated[int, typer.Option(help="Bytes per safetensors shard.")] = 5 * 10**9,
+    check_finite: Annotated[bool, typer.Option(help="Refuse NaN/Inf weights.")] = True,
+    overwrite: bool = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+):
+    """Convert a Megatron torch_dist checkpoint into a Hugging Face Falcon-H1 checkpoint (streaming, one process)."""
+    from falcon_bridge.converters.export_hf import export_hf as run
+
+    with progress_bar("export-hf", as_json) as cb:
+        summary = run(source, output, card, hf_config, torch_dtype(dtype), max_shard_size, check_finite, overwrite,
+                      cb)
+    warn_divergence(summary)
+    report(summary, as_json)
+
+
+@app.command()
+def reshard(
+    source: Annotated[Path, typer.Argument(help="Megatron checkpoint directory.")],
+    output: Annotated[Path, typer.Argument(help="Output Megatron checkpoint directory.")],
+    tp: int = 1,
+    pp: int = 1,
+    pp_layers: Annotated[Optional[str], typer.Option(help="Layers per pipeline stage, e.g. 10,12,14.")] = None,
+    card: Annotated[Optional[str], typer.Option(help="Architecture, for checkpoints without our run config.")] = None,
+    hf_config: Annotated[Optional[Path], typer.Option(help="Architecture from an HF config.json instead.")] = None,
+    overwrite: bool = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+):
+    """Rewrite a Megatron checkpoint for another TP/PP, offline on CPU (streaming)."""
+    from falcon_bridge.converters.reshard import reshard as run
+    from falcon_bridge.core.parallel import MegatronLayout
+
+    layout = MegatronLayout(tp=tp, pp=pp, pp_layers=parse_layers(pp_layers))
+    with progress_bar("reshard", as_json) as cb:
+        summary = run(source, output, layout, card, hf_config, overwrite, cb)
+    warn_divergence(summary)
+    report(summary, as_json)
+
+
+def warn_divergence(summary: dict) -> None:
+    for name, delta in summary.get("diverged_group_replicas", {}).items():
+        err.print(f"[yellow]warning:[/] {name}: the replicated Mamba B/C groups diverged during training "
+                  f"(max |Δ| {delta:.3e}); their average was written", highlight=False)
+
+
 def parse_layers(value: str | None) -> tuple[int, ...] | None:
     if value is None:
         return None

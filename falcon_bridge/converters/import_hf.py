@@ -9,7 +9,6 @@ from typing import Callable
 
 import torch
 
-from falcon_bridge import __version__
 from falcon_bridge.core.mapping import Ctx, entries, hf_tensor_shapes, megatron_extra_state_keys
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput
@@ -78,20 +77,9 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
             current["pieces"] = {}
             sources = {str(f.relative_to(path)): sha256_file(f) for f in ckpt.files()}
             tokenizer = copy_tokenizer(ckpt.tokenizer_files(), it_dir)
-            run_config = {
-                "falcon_bridge_version": __version__,
-                "architecture": arch.to_dict(),
-                "mup": {"mode": "preserve", "applied_multipliers": arch.multipliers.to_hf()},
-                "layout": {"tp": layout.tp, "pp": layout.pp, "pp_layers": list(layout.stage_layers(arch.num_layers)),
-                           "vocab_divisible_by": layout.vocab_divisible_by,
-                           "padded_vocab_size": layout.padded_vocab(arch),
-                           "mamba_groups": layout.mamba_groups(arch)},
-                "dtype": str(store_dtype).removeprefix("torch."),
-                "hf_dtype": str(hf_dtype).removeprefix("torch."),
-                "hf_odd_dtypes": odd_dtypes,
-                "tokenizer_files": tokenizer,
-                "source": {"path": str(src), "sha256": sources},
-            }
+            run_config = mg.run_config(
+                arch, layout, store_dtype, hf_dtype=str(hf_dtype).removeprefix("torch."), hf_odd_dtypes=odd_dtypes,
+                tokenizer_files=tokenizer, source={"path": str(src), "sha256": sources})
             mg.write_run_config(it_dir, run_config)
             mg.write_tracker(tmp, 0)
     return {

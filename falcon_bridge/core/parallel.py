@@ -53,10 +53,12 @@ class MegatronLayout:
         tp, pp = self.tp, self.pp
         if tp < 1 or pp < 1:
             raise BadInput(f"--tp/--pp must be ≥ 1, got tp={tp} pp={pp}")
-        for what, n in (("num_attention_heads", arch.num_heads), ("num_key_value_heads", arch.num_kv_heads),
-                        ("mamba_n_heads", arch.mamba_n_heads)):
+        for what, n in (("num_attention_heads", arch.num_heads), ("mamba_n_heads", arch.mamba_n_heads)):
             if n % tp:
                 raise BadInput(f"--tp {tp} does not divide {what} ({n})")
+        # megatron-core splits whole KV groups across ranks, or (TP > groups) gives each group to TP/groups ranks
+        if arch.num_kv_heads % tp and tp % arch.num_kv_heads:
+            raise BadInput(f"--tp {tp} and num_key_value_heads ({arch.num_kv_heads}): one must divide the other")
         if self.pp_layers is not None:
             if len(self.pp_layers) != pp or sum(self.pp_layers) != arch.num_layers or min(self.pp_layers) < 1:
                 raise BadInput(f"--pp-layers {','.join(map(str, self.pp_layers))}: need {pp} positive counts "

@@ -23,10 +23,14 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItemType
 
+from falcon_bridge import __version__
+from falcon_bridge.core.config import FalconH1Arch
+from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RUN_CONFIG_FILE = "falcon_bridge_run_config.json"
+_NO_DIST_NOTICE = ".*torch.distributed is disabled.*"  # DCP's notice for no_dist=True, which is what we mean
 COMMON_STATE_KEY = "common_state/shard_0_1"  # megatron's ShardedObject("common_state", (1,), (0,)).unique_key
 
 
@@ -66,11 +70,21 @@ def write_torch_dist(ckpt_dir: Path, shapes: dict[str, tuple[tuple[int, ...], to
     state.update({key: _sharded_object(data) for key, data in (objects or {}).items()})
     state[COMMON_STATE_KEY] = _sharded_object(common_state or {})
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # no_dist is intended
+        warnings.filterwarnings("ignore", message=_NO_DIST_NOTICE)
         writer = dcp.FileSystemWriter(str(ckpt_dir), single_file_per_rank=False, thread_count=1, sync_files=False)
         dcp.save(state, storage_writer=writer, planner=_LazySavePlanner(produce), no_dist=True)
     (ckpt_dir / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist",
                                                         "sharded_backend_version": 1}))
+
+
+class _MetadataCachingReader(dcp.FileSystemReader):
+    """DCP re-reads (unpickles) the whole checkpoint's metadata on every load call; we load one map entry per
+    call, so read it once."""
+
+    def read_metadata(self, *args, **kwargs):
+        if not hasattr(self, "_metadata"):
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
 
 
 class TorchDistReader:
@@ -80,17 +94,22 @@ class TorchDistReader:
         self.dir = Path(ckpt_dir)
         if not (self.dir / "metadata.json").exists() or not (self.dir / ".metadata").exists():
             raise BadInput(f"{self.dir}: not a torch_dist checkpoint (metadata.json or .metadata missing)")
-        self._reader = dcp.FileSystemReader(str(self.dir))
+        self._reader = _MetadataCachingReader(str(self.dir))
         meta = self._reader.read_metadata()
         self.tensors: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
             k: (tuple(m.size), m.properties.dtype) for k, m in meta.state_dict_metadata.items()
             if isinstance(m, TensorStorageMetadata)}
 
     def get(self, key: str) -> torch.Tensor:
-        shape, dtype = self.tensors[key]
-        out = {key: torch.empty(shape, dtype=dtype)}
-        dcp.load(out, storage_reader=dcp.FileSystemReader(str(self.dir)), no_dist=True)
-        return out[key]
+        return self.get_many([key])[key]
+
+    def get_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Several global tensors in one DCP read (e.g. the five in_proj pieces of one layer)."""
+        out = {k: torch.empty(self.tensors[k][0], dtype=self.tensors[k][1]) for k in keys}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NO_DIST_NOTICE)
+            dcp.load(out, storage_reader=self._reader, no_dist=True)
+        return out
 
     def common_state(self) -> dict:
         buf = {COMMON_STATE_KEY: io.BytesIO()}
@@ -115,6 +134,25 @@ def find_iteration_dir(root: Path) -> Path:
     if not value or not it_dir.is_dir():
         raise BadInput(f"{tracker}: points at {value!r}, but {it_dir.name or '?'} does not exist")
     return it_dir
+
+
+def run_config(arch: FalconH1Arch, layout: MegatronLayout, dtype: torch.dtype, hf_dtype: str, hf_odd_dtypes: dict,
+               tokenizer_files: list[str], source: dict, mup: dict | None = None) -> dict:
+    """What a falcon-bridge checkpoint records beside its weights: enough to rebuild the model and the HF source."""
+    return {
+        "falcon_bridge_version": __version__,
+        "architecture": arch.to_dict(),
+        # preserve: the model applies the HF multipliers at run time (fold: the weights carry them)
+        "mup": mup or {"mode": "preserve", "applied_multipliers": arch.multipliers.to_hf()},
+        "layout": {"tp": layout.tp, "pp": layout.pp, "pp_layers": list(layout.stage_layers(arch.num_layers)),
+                   "vocab_divisible_by": layout.vocab_divisible_by, "padded_vocab_size": layout.padded_vocab(arch),
+                   "mamba_groups": layout.mamba_groups(arch)},
+        "dtype": str(dtype).removeprefix("torch."),
+        "hf_dtype": hf_dtype,
+        "hf_odd_dtypes": hf_odd_dtypes,  # HF tensors whose dtype differs from hf_dtype
+        "tokenizer_files": tokenizer_files,
+        "source": source,
+    }
 
 
 def write_run_config(it_dir: Path, run_config: dict) -> None:

@@ -1,0 +1,118 @@
+"""Reading side of export-hf and reshard: a Megatron checkpoint as a stream of HF tensors, one map entry at a time.
+
+Accepts checkpoints written by falcon-bridge (architecture in our run config), and — given the architecture with
+`--card` or `--hf-config` — by Megatron-Bridge's Falcon-H1 model or Megatron-LM (same megatron-core keys). The
+stored layout (padded vocabulary, replicated Mamba groups) is read off the tensor shapes, so it never has to be
+told.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from falcon_bridge.core.config import FalconH1Arch
+from falcon_bridge.core.mapping import Ctx, Entry, MambaSegments, entries, megatron_tensor_shapes
+from falcon_bridge.core.parallel import MegatronLayout
+from falcon_bridge.core.transforms import collapse_groups
+from falcon_bridge.errors import BadInput
+from falcon_bridge.formats import megatron as mg
+from falcon_bridge.formats.cards import load_card
+from falcon_bridge.formats.hf import TOKENIZER_FILES, read_json
+
+
+@dataclass
+class MegatronSource:
+    root: Path
+    it_dir: Path
+    arch: FalconH1Arch
+    layout: MegatronLayout  # as stored: padded vocab and Mamba groups read from the checkpoint
+    run_config: dict | None
+    reader: mg.TorchDistReader
+    divergence: dict[str, float] = field(default_factory=dict)  # HF tensor → max |Δ| between its group replicas
+
+    @property
+    def ctx(self) -> Ctx:
+        return Ctx(self.arch, self.layout)
+
+    def entries(self) -> list[Entry]:
+        return entries(self.arch)
+
+    def hf_tensors(self, entry: Entry, check_finite: bool = False) -> dict[str, torch.Tensor]:
+        """The HF tensors of one map entry (B/C group replicas collapsed, vocabulary padding removed)."""
+        keys = entry.megatron_keys(self.ctx)
+        pieces = self.reader.get_many(list(keys))
+        if check_finite:
+            for key, t in pieces.items():
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise BadInput(f"{self.it_dir}: tensor {key} holds NaN or Inf values")
+        tensors = entry.transform.to_hf(self.ctx, {k[len(entry.megatron):]: v for k, v in pieces.items()})
+        if self.layout.group_factor(self.arch) > 1 and isinstance(entry.transform, MambaSegments):
+            self._record_divergence(entry, pieces)
+        return dict(zip(entry.hf, tensors))
+
+    def _record_divergence(self, entry: Entry, pieces: dict[str, torch.Tensor]) -> None:
+        worst = max(collapse_groups(pieces[entry.megatron + s], self.arch.mamba_n_groups,
+                                    self.layout.group_factor(self.arch))[1] for s in (".B", ".C"))
+        if worst > 0:  # training updated the replicas separately: to_hf averaged them; the caller reports it
+            self.divergence[entry.hf[0]] = worst
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.it_dir / f for f in TOKENIZER_FILES if (self.it_dir / f).exists()]
+
+    def hf_dtype(self, name: str) -> torch.dtype:
+        """The dtype the HF source had for this tensor (falcon-bridge checkpoints), else the stored dtype."""
+        if self.run_config is None:
+            return self.reader.tensors[next(iter(self.reader.tensors))][1]
+        odd = self.run_config.get("hf_odd_dtypes", {})
+        return getattr(torch, odd.get(name, self.run_config["hf_dtype"]))
+
+
+def open_megatron_checkpoint(src: Path, card: str | None = None, hf_config: Path | None = None) -> MegatronSource:
+    root = Path(src)
+    if not root.is_dir():
+        raise BadInput(f"{root}: no such directory")
+    it_dir = mg.find_iteration_dir(root)
+    reader = mg.TorchDistReader(it_dir)
+    run_config = mg.read_run_config(it_dir) if (it_dir / mg.RUN_CONFIG_FILE).exists() else None
+    if card or hf_config:
+        arch = load_card(card).arch if card else FalconH1Arch.from_hf(read_json(Path(hf_config)), str(hf_config))
+    elif run_config is not None:
+        arch = FalconH1Arch.from_dict(run_config["architecture"], f"{it_dir / mg.RUN_CONFIG_FILE}")
+    else:
+        raise BadInput(f"{it_dir}: no {mg.RUN_CONFIG_FILE} (not written by falcon-bridge); pass the architecture "
+                       "with --card NAME or --hf-config config.json")
+    layout = _stored_layout(arch, reader, it_dir)
+    _check_keys(arch, layout, reader, it_dir)
+    return MegatronSource(root, it_dir, arch, layout, run_config, reader)
+
+
+def _stored_layout(arch: FalconH1Arch, reader: mg.TorchDistReader, it_dir: Path) -> MegatronLayout:
+    embed = reader.tensors.get("embedding.word_embeddings.weight")
+    b_rows = reader.tensors.get("decoder.layers.0.mamba_mixer.in_proj.weight.B")
+    if embed is None or b_rows is None:
+        raise BadInput(f"{it_dir}: unknown checkpoint layout (no embedding.word_embeddings.weight or "
+                       "decoder.layers.0.mamba_mixer.in_proj.weight.B: not a Falcon-H1 megatron-core checkpoint)")
+    groups, rest = divmod(b_rows[0][0], arch.mamba_d_state)
+    if rest or groups % arch.mamba_n_groups or embed[0][0] < arch.vocab_size:
+        raise BadInput(f"{it_dir}: tensor shapes do not match the architecture (embedding rows {embed[0][0]} vs "
+                       f"vocab_size {arch.vocab_size}; B rows {b_rows[0][0]} vs d_state {arch.mamba_d_state} × "
+                       f"n_groups {arch.mamba_n_groups})")
+    return MegatronLayout(stored_padded_vocab=embed[0][0], stored_mamba_groups=groups)
+
+
+def _check_keys(arch: FalconH1Arch, layout: MegatronLayout, reader: mg.TorchDistReader, it_dir: Path) -> None:
+    expected = megatron_tensor_shapes(arch, layout)
+    for key, shape in expected.items():
+        if key not in reader.tensors:
+            raise BadInput(f"{it_dir}: tensor {key} is missing for this architecture")
+        if reader.tensors[key][0] != shape:
+            raise BadInput(f"{it_dir}: tensor {key} has shape {list(reader.tensors[key][0])}, the architecture "
+                           f"implies {list(shape)}")
+    # Training state (optimizer, RNG) may sit beside the weights; anything else is a model we do not know.
+    extra = sorted(k for k in set(reader.tensors) - set(expected) if not k.startswith(("optimizer.", "rng_state")))
+    if extra:
+        raise BadInput(f"{it_dir}: tensor {extra[0]} does not belong to this architecture"
+                       + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))

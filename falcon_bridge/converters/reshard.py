@@ -1,0 +1,66 @@
+"""reshard: Megatron torch_dist → Megatron torch_dist at another TP/PP, offline on CPU, streaming.
+
+Tensors are global, so resharding rewrites only what TP fixes in the file (padded vocabulary, replicated Mamba
+groups) and the run config's layout: each map entry goes Megatron(old) → HF tensors → Megatron(new).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from falcon_bridge.converters.megatron_source import open_megatron_checkpoint
+from falcon_bridge.core.mapping import Ctx, megatron_extra_state_keys
+from falcon_bridge.core.parallel import MegatronLayout
+from falcon_bridge.formats import megatron as mg
+from falcon_bridge.formats.hf import copy_tokenizer
+from falcon_bridge.formats.output import atomic_output_dir
+
+
+def reshard(src: Path, out: Path, layout: MegatronLayout, card: str | None = None, hf_config: Path | None = None,
+            overwrite: bool = False, progress: Callable[[int, int, str], None] | None = None) -> dict:
+    t0 = time.perf_counter()
+    source = open_megatron_checkpoint(src, card, hf_config)
+    arch = source.arch.validate_for_megatron()
+    layout.validate(arch)
+    ctx, plan = Ctx(arch, layout), source.entries()
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    owner = {}
+    for e in plan:
+        stored_dtype = source.reader.tensors[next(iter(e.megatron_keys(source.ctx)))][1]  # keep each entry's dtype
+        for key, shape in e.megatron_keys(ctx).items():
+            shapes[key], owner[key] = (shape, stored_dtype), e
+
+    current: dict = {"entry": None, "pieces": {}}
+    done = 0
+
+    def produce(key: str) -> torch.Tensor:
+        nonlocal done
+        e = owner[key]
+        if current["entry"] is not e:
+            current["entry"] = e
+            current["pieces"] = e.transform.to_megatron(ctx, *source.hf_tensors(e).values())
+            done += 1
+            if progress:
+                progress(done, len(plan), e.megatron)
+        return current["pieces"][key[len(e.megatron):]].to(shapes[key][1]).contiguous()
+
+    stored_dtype = shapes["embedding.word_embeddings.weight"][1]
+    with atomic_output_dir(out, overwrite) as tmp:
+        it_dir = tmp / mg.iteration_dir_name(0)
+        mg.write_torch_dist(it_dir, shapes, produce, objects=dict.fromkeys(megatron_extra_state_keys(arch)))
+        current["pieces"] = {}
+        tokenizer = copy_tokenizer(source.tokenizer_files(), it_dir)
+        previous = source.run_config or {}
+        mg.write_run_config(it_dir, mg.run_config(
+            arch, layout, stored_dtype,
+            hf_dtype=previous.get("hf_dtype", str(stored_dtype).removeprefix("torch.")),
+            hf_odd_dtypes=previous.get("hf_odd_dtypes", {}), tokenizer_files=tokenizer,
+            mup=previous.get("mup"), source={"path": str(src), "resharded_from": previous.get("layout")}))
+        mg.write_tracker(tmp, 0)
+    return {"command": "reshard", "source": str(src), "output": str(out), "tp": layout.tp, "pp": layout.pp,
+            "pp_layers": list(layout.stage_layers(arch.num_layers)), "mamba_groups": layout.mamba_groups(arch),
+            "diverged_group_replicas": source.divergence, "seconds": round(time.perf_counter() - t0, 2)}

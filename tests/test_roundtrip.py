@@ -1,0 +1,168 @@
+"""export-hf and reshard: HF → import (TP a, PP b) → reshard (TP c, PP d) → export is bit-identical to the source."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from conftest import TINY_CARDS
+from falcon_bridge.converters.create_random import create_random
+from falcon_bridge.converters.export_hf import export_hf
+from falcon_bridge.converters.import_hf import import_hf
+from falcon_bridge.converters.reshard import reshard
+from falcon_bridge.core.config import FalconH1Arch
+from falcon_bridge.core.parallel import MegatronLayout
+from falcon_bridge.errors import BadInput
+from falcon_bridge.formats import megatron as mg
+from falcon_bridge.formats.cards import Card, load_card
+
+
+def hf_tensors(path):
+    files = sorted(path.glob("*.safetensors"))
+    out = {}
+    for f in files:
+        with safe_open(f, "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def assert_bit_identical(source, result):
+    a, b = hf_tensors(source), hf_tensors(result)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), name
+    assert json.loads((source / "config.json").read_text()) == json.loads((result / "config.json").read_text())
+
+
+ROUTES = [((1, 1), (2, 1)), ((2, 1), (1, 2)), ((2, 2), (1, 1)), ((1, 2), (2, 2))]
+
+
+@pytest.mark.parametrize("card", TINY_CARDS)
+@pytest.mark.parametrize("first,second", ROUTES, ids=[f"tp{a}pp{b}-tp{c}pp{d}" for (a, b), (c, d) in ROUTES])
+def test_import_reshard_export_is_bit_identical(card, first, second, tiny_hf, tmp_path):
+    import_hf(str(tiny_hf[card]), tmp_path / "a", MegatronLayout(*first))
+    reshard(tmp_path / "a", tmp_path / "b", MegatronLayout(*second))
+    summary = export_hf(tmp_path / "b", tmp_path / "hf")
+    assert_bit_identical(tiny_hf[card], tmp_path / "hf")
+    assert summary["diverged_group_replicas"] == {}
+
+
+def test_bf16_source_stored_as_fp32_exports_bf16_bit_identical(tmp_path):
+    create_random(load_card("tiny-groups-gated-norm"), tmp_path / "src", seed=5, dtype=torch.bfloat16)
+    import_hf(str(tmp_path / "src"), tmp_path / "mg", MegatronLayout(tp=2), dtype=torch.float32)
+    assert mg.TorchDistReader(tmp_path / "mg" / "iter_0000000").tensors["decoder.final_norm.weight"][1] == torch.float32
+    export_hf(tmp_path / "mg", tmp_path / "hf")
+    assert_bit_identical(tmp_path / "src", tmp_path / "hf")
+
+
+def test_exported_checkpoint_loads_in_transformers_without_remote_code(tiny_hf, tmp_path):
+    import_hf(str(tiny_hf["tiny-tied"]), tmp_path / "mg", MegatronLayout(tp=2, pp=2))
+    export_hf(tmp_path / "mg", tmp_path / "hf", max_shard_bytes=50_000)
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=False)
+    source = AutoModelForCausalLM.from_pretrained(tiny_hf["tiny-tied"])
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, source(ids).logits)
+
+
+def test_diverged_group_replicas_are_averaged_and_reported(tiny_hf, tmp_path):
+    import_hf(str(tiny_hf["tiny-one-group"]), tmp_path / "mg", MegatronLayout(tp=2))  # 1 group → 2 replicas
+    it_dir = tmp_path / "mg" / "iter_0000000"
+    reader = mg.TorchDistReader(it_dir)
+    tensors = {k: reader.get(k) for k in reader.tensors}
+    key = "decoder.layers.1.mamba_mixer.in_proj.weight.B"
+    rows = tensors[key].shape[0] // 2
+    original = tensors[key][:rows].clone()
+    tensors[key][rows:] += 0.5  # "training" moved the second replica
+    trained = tmp_path / "trained"
+    mg.write_torch_dist(trained / "iter_0000000", {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()},
+                        tensors.__getitem__)
+    mg.write_run_config(trained / "iter_0000000", mg.read_run_config(it_dir))
+    mg.write_tracker(trained)
+    summary = export_hf(trained, tmp_path / "hf")
+    assert summary["diverged_group_replicas"] == {"model.layers.1.mamba.in_proj.weight": pytest.approx(0.5)}
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
+        in_proj = f.get_tensor("model.layers.1.mamba.in_proj.weight")
+    arch = load_card("tiny-one-group").arch
+    b = in_proj[2 * arch.mamba_d_ssm: 2 * arch.mamba_d_ssm + arch.group_state]
+    assert torch.allclose(b, original + 0.25)
+
+
+def test_reshard_checks_the_new_layout(tiny_hf, tmp_path):
+    import_hf(str(tiny_hf["tiny-one-group"]), tmp_path / "mg", MegatronLayout())
+    with pytest.raises(BadInput, match="--pp-layers 1,2: need 2 positive counts"):
+        reshard(tmp_path / "mg", tmp_path / "out", MegatronLayout(pp=2, pp_layers=(1, 2)))
+    summary = reshard(tmp_path / "mg", tmp_path / "out", MegatronLayout(pp=2, pp_layers=(1, 3)))
+    assert summary["pp_layers"] == [1, 3]
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bad_megatron_inputs_are_one_clear_error(tiny_hf, tmp_path):
+    import_hf(str(tiny_hf["tiny-one-group"]), tmp_path / "mg", MegatronLayout())
+    cases = []
+    (tmp_path / "empty").mkdir()
+    cases.append((tmp_path / "empty", {}, "no latest_checkpointed_iteration.txt"))
+    (tmp_path / "dangling").mkdir()
+    (tmp_path / "dangling" / "latest_checkpointed_iteration.txt").write_text("7\n")
+    cases.append((tmp_path / "dangling", {}, "iter_0000007 does not exist"))
+    cases.append((tmp_path / "mg", {"card": "tiny-attn-width"}, "has shape"))
+    cases.append((tmp_path / "mg", {"card": "tiny-groups-gated-norm"}, "do not match|missing"))
+    for src, kw, message in cases:
+        with pytest.raises(BadInput, match=message):
+            export_hf(src, tmp_path / "out", **kw)
+        assert not (tmp_path / "out").exists()
+    (tmp_path / "mg" / "iter_0000000" / mg.RUN_CONFIG_FILE).unlink()  # a checkpoint not written by us
+    with pytest.raises(BadInput, match="--card NAME or --hf-config"):
+        export_hf(tmp_path / "mg", tmp_path / "out")
+    export_hf(tmp_path / "mg", tmp_path / "out", card="tiny-one-group")  # the architecture given explicitly
+    assert_bit_identical(tiny_hf["tiny-one-group"], tmp_path / "out")
+
+
+# ---- property: random small architectures and TP/PP pairs -------------------------------------------------------
+@st.composite
+def small_architectures(draw):
+    kv = draw(st.sampled_from([1, 2, 4]))
+    heads = kv * draw(st.sampled_from([1, 2]))
+    groups = draw(st.sampled_from([1, 2]))
+    mamba_heads = groups * draw(st.sampled_from([2, 4]))
+    head_dim, mamba_head_dim, state = draw(st.sampled_from([4, 8])), draw(st.sampled_from([4, 8])), 4
+    arch = FalconH1Arch(
+        vocab_size=draw(st.integers(33, 300)), hidden_size=draw(st.sampled_from([16, 24])),
+        intermediate_size=draw(st.sampled_from([16, 40])), num_layers=draw(st.sampled_from([2, 4])),
+        num_heads=heads, num_kv_heads=kv, head_dim=head_dim, mamba_d_ssm=mamba_heads * mamba_head_dim,
+        mamba_n_heads=mamba_heads, mamba_d_head=mamba_head_dim, mamba_n_groups=groups, mamba_d_state=state,
+        mamba_rms_norm=draw(st.booleans()), tie_word_embeddings=draw(st.booleans()))
+    return arch
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(arch=small_architectures(), first=st.sampled_from([(1, 1), (2, 1), (1, 2)]),
+       second=st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 1)]), data=st.data())
+def test_roundtrip_property(arch, first, second, data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prop")
+    create_random(Card("prop", "", arch, True, None, {}), tmp / "src", seed=data.draw(st.integers(0, 9)),
+                  dtype=data.draw(st.sampled_from([torch.float32, torch.bfloat16])))
+
+    def fits(tp, pp):
+        try:
+            MegatronLayout(tp=tp, pp=pp).validate(arch)
+            return True
+        except BadInput:
+            return False
+
+    if not (fits(*first) and fits(*second)):  # refused layouts are the bad-input tests' business
+        with pytest.raises(BadInput):
+            import_hf(str(tmp / "src"), tmp / "a", MegatronLayout(*first))
+            reshard(tmp / "a", tmp / "b", MegatronLayout(*second))
+        return
+    import_hf(str(tmp / "src"), tmp / "a", MegatronLayout(*first))
+    reshard(tmp / "a", tmp / "b", MegatronLayout(*second))
+    export_hf(tmp / "b", tmp / "hf")
+    assert_bit_identical(tmp / "src", tmp / "hf")
