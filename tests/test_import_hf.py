@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY_CARDS
+from falcon_bridge.converters.create_random import create_random
 from falcon_bridge.converters.import_hf import import_hf
 from falcon_bridge.converters.reshard import reshard
 from falcon_bridge.converters.verify import compare_logits, hf_logits, sample_tokens
+from falcon_bridge.core.config import FalconH1Arch
 from falcon_bridge.core.mapping import megatron_extra_state_keys, megatron_tensor_shapes
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput
@@ -29,27 +31,41 @@ def reference_logits(tiny_hf):
     return {name: hf_logits(path, TOKENS, torch.float32) for name, path in tiny_hf.items()}
 
 
-# (TP, PP) the model runs at, and the layout import-hf prepares (then resharded to the run layout when different)
-LAYOUTS = {"tp1": ((1, 1), (1, 1)), "tp2": ((2, 1), (2, 1)), "pp2-resharded": ((1, 2), (2, 1)),
-           "tp4-resharded": ((4, 1), (1, 1))}
+# (TP, PP) the model runs at, the layout import-hf prepares (resharded to the run layout when different), µP mode
+LAYOUTS = {"tp1": ((1, 1), (1, 1), "preserve"), "tp2": ((2, 1), (2, 1), "preserve"),
+           "pp2-resharded": ((1, 2), (2, 1), "preserve"), "tp4-resharded": ((4, 1), (1, 1), "preserve"),
+           "tp2-mup-folded": ((2, 1), (2, 1), "fold")}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_megatron_logits_equal_hf(layout, tiny_hf, reference_logits, tmp_path):
-    (tp, pp), imported_as = LAYOUTS[layout]
-    cards = [c for c in TINY_CARDS if fits(load_card(c).arch, tp, pp)]
+    """fp32, max |Δ| ≤ 1e-5 · max |logit| (folded µP included: folded = preserved = HF)."""
+    (tp, pp), imported_as, mup_mode = LAYOUTS[layout]
+    hf_dirs, reference = dict(tiny_hf), dict(reference_logits)
+    if mup_mode == "fold":  # tied embeddings fold only with an exact lm_head/embedding ratio: use such a card
+        del hf_dirs["tiny-tied"]
+        hf_dirs["tied-exact"] = tmp_path / "tied-exact-hf"
+        create_random(TIED_EXACT, hf_dirs["tied-exact"], seed=1, dtype=torch.float32)
+        reference["tied-exact"] = hf_logits(hf_dirs["tied-exact"], TOKENS, torch.float32)
+    cards = [c for c in hf_dirs if fits(FalconH1Arch.from_hf(json.loads((hf_dirs[c] / "config.json").read_text())),
+                                        tp, pp)]
     roots = []
     for name in cards:
-        import_hf(str(tiny_hf[name]), tmp_path / name, MegatronLayout(*imported_as))
+        import_hf(str(hf_dirs[name]), tmp_path / name, MegatronLayout(*imported_as), mup_mode=mup_mode)
         if imported_as != (tp, pp):
             reshard(tmp_path / name, tmp_path / f"{name}-resharded", MegatronLayout(tp=tp, pp=pp))
         roots.append(str(tmp_path / (name if imported_as == (tp, pp) else f"{name}-resharded")))
     assert len(cards) >= 4
     results = launch(megatron_logits_worker, tp * pp, roots, tp, pp, TOKENS, "float32")
     for name, logits in zip(cards, results):
-        r = compare_logits(reference_logits[name], logits, tolerance=1e-4)
-        assert r.passed, f"{name} TP={tp} PP={pp}: {r}"
+        r = compare_logits(reference[name], logits, tolerance=1e-5)
+        assert r.passed, f"{name} {layout}: {r}"
         assert r.argmax_agreement == 1.0
+
+
+_tied = load_card("tiny-tied")
+TIED_EXACT = replace(_tied, name="tied-exact", arch=replace(_tied.arch, multipliers=replace(
+    load_card("tiny-mup").arch.multipliers, embedding=2.0, lm_head=0.5)))
 
 
 def fits(arch, tp, pp) -> bool:

@@ -99,6 +99,8 @@ def import_hf(
     pp: Annotated[int, typer.Option(help="Pipeline-parallel size.")] = 1,
     pp_layers: Annotated[Optional[str], typer.Option(help="Layers per pipeline stage, e.g. 10,12,14.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="bf16 | fp32 (default: the source's dtype)")] = None,
+    mup: Annotated[str, typer.Option(help="preserve: the model applies the µP multipliers; fold: into the weights")
+                   ] = "preserve",
     overwrite: bool = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ):
@@ -108,7 +110,7 @@ def import_hf(
 
     layout = MegatronLayout(tp=tp, pp=pp, pp_layers=parse_layers(pp_layers))
     with progress_bar("import-hf", as_json) as cb:
-        summary = run(source, output, layout, torch_dtype(dtype), overwrite, cb)
+        summary = run(source, output, layout, torch_dtype(dtype), overwrite, cb, mup)
     report(summary, as_json)
 
 
@@ -121,6 +123,8 @@ def export_hf(
     dtype: Annotated[Optional[str], typer.Option(help="bf16 | fp32 (default: the HF source's dtype)")] = None,
     max_shard_size: Annotated[int, typer.Option(help="Bytes per safetensors shard.")] = 5 * 10**9,
     check_finite: Annotated[bool, typer.Option(help="Refuse NaN/Inf weights.")] = True,
+    mup: Annotated[str, typer.Option(help="Folded checkpoints: unfold (restore the original weights and "
+                                          "multipliers) or keep-folded (multipliers 1.0)")] = "unfold",
     overwrite: bool = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ):
@@ -129,7 +133,7 @@ def export_hf(
 
     with progress_bar("export-hf", as_json) as cb:
         summary = run(source, output, card, hf_config, torch_dtype(dtype), max_shard_size, check_finite, overwrite,
-                      cb)
+                      cb, mup)
     warn_divergence(summary)
     report(summary, as_json)
 

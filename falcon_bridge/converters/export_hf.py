@@ -9,6 +9,8 @@ from typing import Callable
 import torch
 
 from falcon_bridge.converters.megatron_source import open_megatron_checkpoint
+from falcon_bridge.core import mup
+from falcon_bridge.errors import BadInput
 from falcon_bridge.formats.hf import ShardedSafetensorsWriter, copy_tokenizer, write_config
 from falcon_bridge.formats.output import atomic_output_dir
 
@@ -18,10 +20,16 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 def export_hf(src: Path, out: Path, card: str | None = None, hf_config: Path | None = None,
               dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
               check_finite: bool = True, overwrite: bool = False,
-              progress: Callable[[int, int, str], None] | None = None) -> dict:
+              progress: Callable[[int, int, str], None] | None = None, mup_export: str = "unfold") -> dict:
+    """mup_export (checkpoints imported with --mup fold): "unfold" restores the original weights and multipliers;
+    "keep-folded" writes the folded weights with the multipliers the folded model applies (1.0)."""
     t0 = time.perf_counter()
+    if mup_export not in ("unfold", "keep-folded"):
+        raise BadInput(f"--mup {mup_export}: expected unfold or keep-folded")
     source = open_megatron_checkpoint(src, card, hf_config)
     arch, plan = source.arch, source.entries()
+    unfolding = source.mup_mode == "fold" and mup_export == "unfold"
+    config_arch = mup.folded_arch(arch) if source.mup_mode == "fold" and not unfolding else arch
 
     def dtype_of(name: str) -> torch.dtype:
         return dtype or source.hf_dtype(name)
@@ -31,13 +39,14 @@ def export_hf(src: Path, out: Path, card: str | None = None, hf_config: Path | N
         writer = ShardedSafetensorsWriter(tmp, layout, max_shard_bytes)
         for i, entry in enumerate(plan):
             for name, tensor in source.hf_tensors(entry, check_finite).items():
-                writer.put(name, tensor.to(dtype_of(name)))
+                writer.put(name, mup.unfold(arch, name, tensor, dtype_of(name)) if unfolding
+                           else tensor.to(dtype_of(name)))
             if progress:
                 progress(i + 1, len(plan), entry.megatron)
         writer.close()
-        write_config(tmp, arch, dtype_of("model.embed_tokens.weight"))
+        write_config(tmp, config_arch, dtype_of("model.embed_tokens.weight"))
         tokenizer = copy_tokenizer(source.tokenizer_files(), tmp)
     return {"command": "export-hf", "source": str(src), "output": str(out), "files": writer.file_names,
-            "tensors": len(layout), "bytes": writer.total_bytes, "tokenizer_files": tokenizer,
+            "tensors": len(layout), "mup": "unfolded" if unfolding else source.mup_mode, "bytes": writer.total_bytes, "tokenizer_files": tokenizer,
             "mamba_groups_collapsed": source.layout.group_factor(arch) > 1,
             "diverged_group_replicas": source.divergence, "seconds": round(time.perf_counter() - t0, 2)}

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from falcon_bridge.core import mup
 from falcon_bridge.core.mapping import Ctx, entries, hf_tensor_shapes, megatron_extra_state_keys
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput
@@ -37,12 +38,17 @@ def check_tensors(ckpt: HFCheckpoint) -> None:
 
 
 def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | None = None,
-              overwrite: bool = False, progress: Progress | None = None) -> dict:
+              overwrite: bool = False, progress: Progress | None = None, mup_mode: str = "preserve") -> dict:
+    """mup_mode: "preserve" keeps the weights and lets the model apply the multipliers; "fold" multiplies each
+    multiplier into its weights (one rounding to the storage dtype) and the model applies none."""
     t0 = time.perf_counter()
     path = resolve_source(src)
     with HFCheckpoint(path) as ckpt:
         arch = ckpt.arch.validate_for_megatron()
         layout.validate(arch)
+        if mup_mode not in ("preserve", "fold"):
+            raise BadInput(f"--mup {mup_mode}: expected preserve or fold")
+        mup_record = mup.run_config_entry(arch, mup_mode)  # refuses folds that cannot be exact (tied embeddings)
         check_tensors(ckpt)
         hf_dtype = ckpt.tensors["model.embed_tokens.weight"].dtype
         store_dtype = dtype or hf_dtype
@@ -65,7 +71,10 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
             e = owner[key]
             if current["entry"] is not e:  # DCP asks for an entry's pieces one after another
                 current["entry"] = e
-                current["pieces"] = e.transform.to_megatron(ctx, *(ckpt.get(n) for n in e.hf))
+                hf = [ckpt.get(n) for n in e.hf]
+                if mup_mode == "fold":
+                    hf = [mup.fold(arch, n, t, torch.float64) for n, t in zip(e.hf, hf)]  # rounded once below
+                current["pieces"] = e.transform.to_megatron(ctx, *hf)
                 done += 1
                 if progress:
                     progress(done, len(plan), e.megatron)
@@ -79,12 +88,12 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
             tokenizer = copy_tokenizer(ckpt.tokenizer_files(), it_dir)
             run_config = mg.run_config(
                 arch, layout, store_dtype, hf_dtype=str(hf_dtype).removeprefix("torch."), hf_odd_dtypes=odd_dtypes,
-                tokenizer_files=tokenizer, source={"path": str(src), "sha256": sources})
+                tokenizer_files=tokenizer, source={"path": str(src), "sha256": sources}, mup=mup_record)
             mg.write_run_config(it_dir, run_config)
             mg.write_tracker(tmp, 0)
     return {
         "command": "import-hf", "source": str(src), "output": str(out), "tp": layout.tp, "pp": layout.pp,
-        "dtype": run_config["dtype"], "tensors": len(shapes),
+        "dtype": run_config["dtype"], "mup": mup_mode, "tensors": len(shapes),
         "parameters": sum(math.prod(s) for s, _ in shapes.values()),
         "mamba_groups": layout.mamba_groups(arch), "seconds": round(time.perf_counter() - t0, 2),
     }

@@ -59,6 +59,10 @@ class MegatronSource:
         if worst > 0:  # training updated the replicas separately: to_hf averaged them; the caller reports it
             self.divergence[entry.hf[0]] = worst
 
+    @property
+    def mup_mode(self) -> str:
+        return (self.run_config or {}).get("mup", {}).get("mode", "preserve")
+
     def tokenizer_files(self) -> list[Path]:
         return [self.it_dir / f for f in TOKENIZER_FILES if (self.it_dir / f).exists()]
 
