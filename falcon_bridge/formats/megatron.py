@@ -111,13 +111,6 @@ class TorchDistReader:
             dcp.load(out, storage_reader=self._reader, no_dist=True)
         return out
 
-    def common_state(self) -> dict:
-        buf = {COMMON_STATE_KEY: io.BytesIO()}
-        dcp.load(buf, storage_reader=dcp.FileSystemReader(str(self.dir)), no_dist=True)
-        data = buf[COMMON_STATE_KEY]
-        data.seek(0)
-        return torch.load(data, weights_only=True)[0]
-
 
 # ---- checkpoint directory: tracker, iteration folder, run config ----------------------------------------------
 def write_tracker(root: Path, iteration: int = 0) -> None:
