@@ -133,11 +133,13 @@ def test_bad_input_is_one_clear_error_and_nothing_is_written(case, tiny_hf, tmp_
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # the source is never modified
 
 
-def test_tp_beyond_groups_with_the_gated_norm_is_refused():
-    arch = replace(load_card("tiny-groups-gated-norm").arch, num_kv_heads=4)  # TP=4 divides every head count
+def test_tp_beyond_groups_with_the_gated_norm_needs_groups_dividing_tp():
+    arch = replace(load_card("tiny-groups-gated-norm").arch, num_heads=12, num_kv_heads=3, mamba_n_heads=12,
+                   mamba_d_head=8)  # 2 groups; TP=3 divides every head count, but not the groups
     with pytest.raises(BadInput, match="gated Mamba norm"):
-        MegatronLayout(tp=4).validate(arch)
-    assert MegatronLayout(tp=4).validate(replace(arch, mamba_rms_norm=False)).mamba_groups(arch) == 4
+        MegatronLayout(tp=3).validate(arch)
+    assert MegatronLayout(tp=3).validate(replace(arch, mamba_rms_norm=False)).mamba_groups(arch) == 6
+    assert MegatronLayout(tp=4).validate(replace(arch, num_heads=8, num_kv_heads=4)).mamba_groups(arch) == 4
 
 
 def test_cli_reports_bad_input_in_one_line_with_exit_code_2(tiny_hf, tmp_path):

@@ -80,8 +80,8 @@ class MegatronLayout:
             if arch.mamba_n_heads % groups:
                 raise BadInput(f"--tp {tp}: replicating mamba_n_groups {arch.mamba_n_groups}→{groups} needs "
                                f"mamba_n_heads ({arch.mamba_n_heads}) divisible by {groups}")
-            if arch.mamba_rms_norm:
-                raise BadInput(f"--tp {tp} exceeds mamba_n_groups ({arch.mamba_n_groups}) and the model uses the "
-                               "gated Mamba norm (mamba_rms_norm): replicating groups would change the norm's "
-                               "group size, so it is not exact; use a TP that divides mamba_n_groups")
+            if arch.mamba_rms_norm and tp % arch.mamba_n_groups:
+                # each gated-norm group must span whole ranks for the cross-rank norm statistic
+                raise BadInput(f"--tp {tp}: the gated Mamba norm (mamba_rms_norm) needs mamba_n_groups "
+                               f"({arch.mamba_n_groups}) to divide the TP size when TP exceeds it")
         return self

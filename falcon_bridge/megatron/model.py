@@ -22,7 +22,7 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
-from megatron.core.ssm.mamba_mixer import MambaMixer
+from megatron.core.ssm.mamba_mixer import ExtendedRMSNorm, MambaMixer
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -46,6 +46,9 @@ class FalconH1TransformerConfig(TransformerConfig):
     mamba_d_conv: int = 4
     mamba_chunk_size: int = 128
     mamba_rms_norm: bool = False
+    # Channels per group of the gated Mamba norm as HF computes it (d_ssm / HF n_groups); it differs from
+    # megatron's d_inner / mamba_num_groups when B/C groups were replicated to reach a TP beyond n_groups.
+    mamba_norm_group_size: int | None = None
 
 
 def scaled_silu(x: torch.Tensor, gate_multiplier: float) -> torch.Tensor:
@@ -69,8 +72,65 @@ class FalconH1SelfAttention(SelfAttention):
         return (query, key * self.config.key_multiplier, *rest)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over a process group, forward and backward: each rank's input feeds every rank's output, so the
+    gradient of each input is the sum of all ranks' output gradients."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        t = t.clone()
+        torch.distributed.all_reduce(t, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class HFGroupedGatedRMSNorm(ExtendedRMSNorm):
+    """The gated Mamba norm, rmsnorm(y · silu(z)) · w, over HF's norm groups (d_ssm / HF n_groups channels).
+
+    megatron-core's own norm groups are d_inner / mamba_num_groups, which is wrong once B/C groups were replicated
+    (TP > n_groups). When a rank holds whole HF groups the statistic is local; when one group spans several TP
+    ranks, each rank sums its squares, the sums are all-reduced over the TP group (one slot per norm group, so
+    ranks of other groups add zeros) with gradients flowing back through the shared statistic, and each rank
+    divides by the full group size. Same parameter (`weight`, TP-sharded on dim 0) and checkpoint key as
+    megatron's norm.
+    """
+
+    def __init__(self, local: int, group_size: int, tp_group, eps: float, dtype):
+        super().__init__(local, eps=eps, group_size=min(local, group_size), norm_before_gate=False,
+                         device=torch.cuda.current_device(), dtype=dtype)
+        self.tp_group = tp_group
+        self.full_group_size = group_size
+        setattr(self.weight, "tensor_model_parallel", True)
+        setattr(self.weight, "partition_dim", 0)
+
+    def forward(self, x, z=None):
+        h = x.float()
+        if z is not None:
+            h = h * F.silu(z.float())
+        local = h.shape[-1]
+        if self.full_group_size <= local:  # whole groups on this rank
+            g = h.unflatten(-1, (local // self.full_group_size, self.full_group_size))
+            normed = (g * torch.rsqrt(g.square().mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        else:
+            ranks_per_group = self.full_group_size // local
+            rank, size = self.tp_group.rank(), self.tp_group.size()
+            slots = h.new_zeros(*h.shape[:-1], size // ranks_per_group)
+            slots[..., rank // ranks_per_group] = 1.0
+            sums = _AllReduceSum.apply(slots * h.square().sum(-1, keepdim=True), self.tp_group)
+            mine = rank // ranks_per_group
+            normed = h * torch.rsqrt(sums[..., mine:mine + 1] / self.full_group_size + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
 class FalconH1MambaMixer(MambaMixer):
-    """MambaMixer with Falcon-H1's ssm_multipliers on the z|x|B|C|dt segments of the in_proj output.
+    """MambaMixer with Falcon-H1's ssm_multipliers on the z|x|B|C|dt segments of the in_proj output, and the gated
+    norm computed over HF's norm groups even when one group spans several TP ranks.
 
     The scaling hooks the in_proj output, so it holds on every path that consumes it (fused training kernel,
     prefill, decode).
@@ -78,6 +138,10 @@ class FalconH1MambaMixer(MambaMixer):
 
     def __init__(self, config: FalconH1TransformerConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
+        group = config.mamba_norm_group_size
+        if self.rmsnorm and group is not None and group != self.d_inner_local_tp // self.ngroups_local_tp:
+            self.norm = HFGroupedGatedRMSNorm(self.d_inner_local_tp, group, self.pg_collection.tp, self.norm.eps,
+                                              config.params_dtype)
         if all(m == 1.0 for m in config.ssm_multipliers):
             return
         # TP-local segment sizes (each rank holds its slice of every segment).

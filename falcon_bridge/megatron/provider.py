@@ -93,6 +93,7 @@ class FalconH1ModelProvider:
             mamba_d_conv=a.mamba_d_conv,
             mamba_chunk_size=a.mamba_chunk_size,
             mamba_rms_norm=a.mamba_rms_norm,
+            mamba_norm_group_size=a.mamba_d_ssm // a.mamba_n_groups,
             embedding_multiplier=m.embedding,
             lm_head_multiplier=m.lm_head,
             attention_in_multiplier=m.attention_in,
