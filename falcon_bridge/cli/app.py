@@ -87,7 +87,7 @@ def create_random(
     from falcon_bridge.formats.cards import load_card
 
     with progress_bar("create-random", as_json) as cb:
-        summary = run(load_card(card), output, seed, torch_dtype(dtype), max_shard_size, overwrite, cb)
+        summary = run(load_card(card), output, seed, torch_dtype(dtype), max_shard_size, overwrite, cb, sys.argv)
     report(summary, as_json)
 
 
@@ -101,6 +101,8 @@ def import_hf(
     dtype: Annotated[Optional[str], typer.Option(help="bf16 | fp32 (default: the source's dtype)")] = None,
     mup: Annotated[str, typer.Option(help="preserve: the model applies the µP multipliers; fold: into the weights")
                    ] = "preserve",
+    allow_extra: Annotated[bool, typer.Option(help="Ignore tensors the architecture does not use.")] = False,
+    check_finite: Annotated[bool, typer.Option(help="Refuse NaN/Inf weights.")] = False,
     overwrite: bool = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ):
@@ -110,7 +112,8 @@ def import_hf(
 
     layout = MegatronLayout(tp=tp, pp=pp, pp_layers=parse_layers(pp_layers))
     with progress_bar("import-hf", as_json) as cb:
-        summary = run(source, output, layout, torch_dtype(dtype), overwrite, cb, mup)
+        summary = run(source, output, layout, torch_dtype(dtype), overwrite, cb, mup, allow_extra, check_finite,
+                      sys.argv)
     report(summary, as_json)
 
 
@@ -133,7 +136,7 @@ def export_hf(
 
     with progress_bar("export-hf", as_json) as cb:
         summary = run(source, output, card, hf_config, torch_dtype(dtype), max_shard_size, check_finite, overwrite,
-                      cb, mup)
+                      cb, mup, sys.argv)
     warn_divergence(summary)
     report(summary, as_json)
 
@@ -156,9 +159,22 @@ def reshard(
 
     layout = MegatronLayout(tp=tp, pp=pp, pp_layers=parse_layers(pp_layers))
     with progress_bar("reshard", as_json) as cb:
-        summary = run(source, output, layout, card, hf_config, overwrite, cb)
+        summary = run(source, output, layout, card, hf_config, overwrite, cb, sys.argv)
     warn_divergence(summary)
     report(summary, as_json)
+
+
+@app.command()
+def check(directory: Annotated[Path, typer.Argument(help="An output directory written by falcon-bridge.")]):
+    """Re-hash every file against the directory's falcon_bridge_manifest.json; exit 1 naming any mismatch."""
+    from falcon_bridge.formats.manifest import check_manifest
+
+    problems = check_manifest(directory)
+    for line in problems:
+        err.print(f"[red]mismatch:[/] {directory / line}", highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(1)
+    out.print(f"{directory}: every file matches its manifest")
 
 
 def warn_divergence(summary: dict) -> None:
@@ -183,21 +199,56 @@ def verify(
     tp: int = 1,
     pp: int = 1,
     dtype: Annotated[str, typer.Option(help="fp32 | bf16: the dtype both models compute in")] = "fp32",
-    tolerance: Annotated[Optional[float], typer.Option(help="Max |Δlogit| / max |logit| accepted.")] = None,
-    seq_len: int = 32,
+    device: Annotated[Optional[str], typer.Option(help="cpu | cuda (default: cuda when a GPU is visible)")] = None,
+    tokens: Annotated[Optional[Path], typer.Option(help="Token ids: a JSON list or whitespace-separated ints.")
+                      ] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Text, tokenized with the checkpoint's tokenizer.")] = None,
+    tolerance: Annotated[Optional[float], typer.Option(help="Max |Δ| / max |reference| accepted.")] = None,
+    seq_len: Annotated[int, typer.Option(help="Length of the fixed random ids used without --tokens/--prompt.")
+                       ] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON result.")] = False,
 ):
-    """Run the HF model and our Megatron model (TP×PP processes) on the same tokens and compare logits.
+    """Run the HF model and our Megatron model (TP×PP processes) on the same tokens; compare every block's Mamba,
+    attention and MLP output, the final norm and the logits, and name the first place they part ways.
 
-    Exit code 0: logits agree within tolerance; 1: they do not; 2: bad input."""
+    Exit code 0: everything agrees within tolerance; 1: it does not; 2: bad input."""
     from falcon_bridge.converters.verify import verify as run
 
-    result = run(hf_dir, megatron_dir, tp, pp, torch_dtype(dtype), tolerance, seq_len)
+    if device not in (None, "cpu", "cuda"):
+        raise BadInput(f"--device {device}: expected cpu or cuda")
+    report_ = run(hf_dir, megatron_dir, tp, pp, torch_dtype(dtype), tolerance, seq_len, device, tokens, prompt)
     if as_json:
-        out.print_json(json.dumps(result.to_dict()))
+        out.print_json(json.dumps(report_.to_dict()))
     else:
-        print_comparison(f"HF vs Megatron (TP={tp}, PP={pp}, {dtype})", result)
-    raise typer.Exit(0 if result.passed else 1)
+        print_layers(report_)
+        print_comparison(f"logits: HF vs Megatron (TP={tp}, PP={pp}, {dtype})", report_.logits)
+        first = report_.first_divergence
+        out.print("first divergence: " + (f"layer {first['layer']} {first['component']}" if first and
+                                          first["layer"] is not None else first["component"] if first else "none"))
+    raise typer.Exit(0 if report_.passed else 1)
+
+
+def print_layers(r) -> None:
+    """One row per block: max |Δ| / max |ref| and cosine of its Mamba, attention and MLP outputs."""
+    table = Table("layer", "mamba rel", "mamba cos", "attention rel", "attention cos", "mlp rel", "mlp cos",
+                  title=f"per block (tolerance {r.tolerance:.0e})")
+    rows = {(row["layer"], row["component"]): row for row in r.layers}
+
+    def cell(row, key):
+        bad = row["relative"] > r.tolerance
+        text = f"{row[key]:.2e}" if key == "relative" else f"{row[key]:.6f}"
+        return f"[red]{text}" if bad else text
+
+    emb = rows[(None, "embedding")]
+    table.add_row("embedding", cell(emb, "relative"), cell(emb, "cosine"), "", "", "", "")
+    for layer in sorted({k[0] for k in rows if k[0] is not None}):
+        cells = []
+        for comp in ("mamba", "attention", "mlp"):
+            cells += [cell(rows[(layer, comp)], "relative"), cell(rows[(layer, comp)], "cosine")]
+        table.add_row(str(layer), *cells)
+    fin = rows[(None, "final_norm")]
+    table.add_row("final norm", cell(fin, "relative"), cell(fin, "cosine"), "", "", "", "")
+    out.print(table)
 
 
 def print_comparison(title: str, r) -> None:
@@ -233,7 +284,10 @@ def demo(
         report(run_import(str(hf_dir), mg_dir, MegatronLayout(tp=tp), overwrite=True, progress=cb), False)
     out.print(f"[bold]3/3[/] verify: HF FalconH1ForCausalLM vs our Megatron model at TP={tp} ({tp} processes)")
     result = run_verify(hf_dir, mg_dir, tp=tp)
-    print_comparison(f"{card}: HF vs Megatron (TP={tp}, fp32)", result)
+    print_comparison(f"{card}: HF vs Megatron (TP={tp}, fp32)", result.logits)
+    first = result.first_divergence
+    out.print(f"every block's Mamba, attention and MLP output compared too: "
+              f"{'all agree' if first is None else f'first divergence at {first}'}")
     raise typer.Exit(0 if result.passed else 1)
 
 

@@ -48,11 +48,13 @@ def random_tensor(name: str, shape: tuple[int, ...], arch: FalconH1Arch, seed: i
 
 def create_random(card: Card, out: Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-                  progress: Callable[[int, int, str], None] | None = None) -> dict:
+                  progress: Callable[[int, int, str], None] | None = None, argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     arch = card.arch
     shapes = hf_tensor_shapes(arch)
-    with atomic_output_dir(out, overwrite) as tmp:
+    options = {"card": card.name, "seed": seed, "dtype": str(dtype), "max_shard_bytes": max_shard_bytes}
+    total = sum(math.prod(s) for s in shapes.values()) * dtype.itemsize
+    with atomic_output_dir(out, overwrite, total, {"name": "create-random", "argv": argv, "options": options}) as tmp:
         writer = ShardedSafetensorsWriter(tmp, [(n, s, dtype) for n, s in shapes.items()], max_shard_bytes)
         for i, (name, shape) in enumerate(shapes.items()):
             writer.put(name, random_tensor(name, shape, arch, seed).to(dtype))

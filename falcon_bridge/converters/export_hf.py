@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,7 +21,8 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 def export_hf(src: Path, out: Path, card: str | None = None, hf_config: Path | None = None,
               dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
               check_finite: bool = True, overwrite: bool = False,
-              progress: Callable[[int, int, str], None] | None = None, mup_export: str = "unfold") -> dict:
+              progress: Callable[[int, int, str], None] | None = None, mup_export: str = "unfold",
+              argv: list[str] | None = None) -> dict:
     """mup_export (checkpoints imported with --mup fold): "unfold" restores the original weights and multipliers;
     "keep-folded" writes the folded weights with the multipliers the folded model applies (1.0)."""
     t0 = time.perf_counter()
@@ -35,7 +37,11 @@ def export_hf(src: Path, out: Path, card: str | None = None, hf_config: Path | N
         return dtype or source.hf_dtype(name)
 
     layout = [(name, shape, dtype_of(name)) for e in plan for name, shape in zip(e.hf, e.hf_shapes)]
-    with atomic_output_dir(out, overwrite) as tmp:
+    expected = sum(math.prod(s) * d.itemsize for _, s, d in layout)
+    options = {"source": str(src), "card": card, "hf_config": str(hf_config) if hf_config else None,
+               "dtype": str(dtype) if dtype else None, "max_shard_bytes": max_shard_bytes, "mup": mup_export}
+    with atomic_output_dir(out, overwrite, expected, {"name": "export-hf", "argv": argv, "options": options},
+                           source.file_hashes()) as tmp:
         writer = ShardedSafetensorsWriter(tmp, layout, max_shard_bytes)
         for i, entry in enumerate(plan):
             for name, tensor in source.hf_tensors(entry, check_finite).items():

@@ -14,14 +14,15 @@ from falcon_bridge.core.mapping import Ctx, entries, hf_tensor_shapes, megatron_
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
-from falcon_bridge.formats.hf import HFCheckpoint, copy_tokenizer, resolve_source, sha256_file
+from falcon_bridge.formats.hf import HFCheckpoint, copy_tokenizer, resolve_source
+from falcon_bridge.formats.manifest import sha256_file
 from falcon_bridge.formats.output import atomic_output_dir
 
 Progress = Callable[[int, int, str], None]  # (done, total, current tensor)
 
 
-def check_tensors(ckpt: HFCheckpoint) -> None:
-    """Every expected tensor present with its exact shape, nothing unexpected."""
+def check_tensors(ckpt: HFCheckpoint, allow_extra: bool = False) -> None:
+    """Every expected tensor present with its exact shape and a floating-point dtype; nothing unexpected."""
     expected = hf_tensor_shapes(ckpt.arch)
     for name, shape in expected.items():
         info = ckpt.tensors.get(name)
@@ -30,17 +31,23 @@ def check_tensors(ckpt: HFCheckpoint) -> None:
         if info.shape != shape:
             raise BadInput(f"{info.file}: tensor {name} has shape {list(info.shape)}, config.json implies "
                            f"{list(shape)}")
+        if not info.dtype.is_floating_point:
+            raise BadInput(f"{info.file}: tensor {name} has dtype {str(info.dtype).removeprefix('torch.')}, "
+                           "expected a floating-point dtype")
     extra = sorted(set(ckpt.tensors) - set(expected))
-    if extra:
+    if extra and not allow_extra:
         raise BadInput(f"{ckpt.tensors[extra[0]].file}: unexpected tensor {extra[0]}"
                        + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-                       + " for this config.json")
+                       + " for this config.json (pass --allow-extra to ignore)")
 
 
 def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | None = None,
-              overwrite: bool = False, progress: Progress | None = None, mup_mode: str = "preserve") -> dict:
+              overwrite: bool = False, progress: Progress | None = None, mup_mode: str = "preserve",
+              allow_extra: bool = False, check_finite: bool = False, argv: list[str] | None = None) -> dict:
     """mup_mode: "preserve" keeps the weights and lets the model apply the multipliers; "fold" multiplies each
-    multiplier into its weights (one rounding to the storage dtype) and the model applies none."""
+    multiplier into its weights (one rounding to the storage dtype) and the model applies none.
+    allow_extra: ignore tensors the architecture does not use (default: refuse them). check_finite: refuse
+    NaN/Inf weights."""
     t0 = time.perf_counter()
     path = resolve_source(src)
     with HFCheckpoint(path) as ckpt:
@@ -49,7 +56,7 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
         if mup_mode not in ("preserve", "fold"):
             raise BadInput(f"--mup {mup_mode}: expected preserve or fold")
         mup_record = mup.run_config_entry(arch, mup_mode)  # refuses folds that cannot be exact (tied embeddings)
-        check_tensors(ckpt)
+        check_tensors(ckpt, allow_extra)
         hf_dtype = ckpt.tensors["model.embed_tokens.weight"].dtype
         store_dtype = dtype or hf_dtype
         ctx = Ctx(arch, layout)
@@ -72,6 +79,10 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
             if current["entry"] is not e:  # DCP asks for an entry's pieces one after another
                 current["entry"] = e
                 hf = [ckpt.get(n) for n in e.hf]
+                if check_finite:
+                    for n, t in zip(e.hf, hf):
+                        if not torch.isfinite(t).all():
+                            raise BadInput(f"{ckpt.tensors[n].file}: tensor {n} holds NaN or Inf values")
                 if mup_mode == "fold":
                     hf = [mup.fold(arch, n, t, torch.float64) for n, t in zip(e.hf, hf)]  # rounded once below
                 current["pieces"] = e.transform.to_megatron(ctx, *hf)
@@ -80,11 +91,14 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
                     progress(done, len(plan), e.megatron)
             return current["pieces"][key[len(e.megatron):]].to(store_dtype).contiguous()
 
-        with atomic_output_dir(out, overwrite) as tmp:
+        sources = {str(f): sha256_file(f) for f in ckpt.files()}
+        options = {"source": str(src), "tp": layout.tp, "pp": layout.pp, "pp_layers": layout.pp_layers,
+                   "dtype": str(store_dtype), "mup": mup_mode, "allow_extra": allow_extra}
+        with atomic_output_dir(out, overwrite, sum(math.prod(s) * d.itemsize for s, d in shapes.values()),
+                               {"name": "import-hf", "argv": argv, "options": options}, sources) as tmp:
             it_dir = tmp / mg.iteration_dir_name(0)
             mg.write_torch_dist(it_dir, shapes, produce, objects=dict.fromkeys(megatron_extra_state_keys(arch)))
             current["pieces"] = {}
-            sources = {str(f.relative_to(path)): sha256_file(f) for f in ckpt.files()}
             tokenizer = copy_tokenizer(ckpt.tokenizer_files(), it_dir)
             run_config = mg.run_config(
                 arch, layout, store_dtype, hf_dtype=str(hf_dtype).removeprefix("torch."), hf_odd_dtypes=odd_dtypes,

@@ -21,6 +21,7 @@ from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.cards import load_card
 from falcon_bridge.formats.hf import TOKENIZER_FILES, read_json
+from falcon_bridge.formats.manifest import sha256_file
 
 
 @dataclass
@@ -63,6 +64,11 @@ class MegatronSource:
     def mup_mode(self) -> str:
         return (self.run_config or {}).get("mup", {}).get("mode", "preserve")
 
+    def file_hashes(self) -> dict[str, str]:
+        """sha256 of every file of the checkpoint read (tracker and iteration folder)."""
+        files = [self.root / mg.TRACKER_FILE] + sorted(p for p in self.it_dir.rglob("*") if p.is_file())
+        return {str(f): sha256_file(f) for f in files}
+
     def tokenizer_files(self) -> list[Path]:
         return [self.it_dir / f for f in TOKENIZER_FILES if (self.it_dir / f).exists()]
 
@@ -79,6 +85,9 @@ def open_megatron_checkpoint(src: Path, card: str | None = None, hf_config: Path
     if not root.is_dir():
         raise BadInput(f"{root}: no such directory")
     it_dir = mg.find_iteration_dir(root)
+    if any(it_dir.glob("mp_rank_*")):
+        raise BadInput(f"{it_dir}: legacy per-rank checkpoint (mp_rank_* folders); convert it to torch_dist first "
+                       "(Megatron-LM: --ckpt-convert-format torch_dist)")
     reader = mg.TorchDistReader(it_dir)
     run_config = mg.read_run_config(it_dir) if (it_dir / mg.RUN_CONFIG_FILE).exists() else None
     if card or hf_config:

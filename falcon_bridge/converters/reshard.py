@@ -6,6 +6,7 @@ groups) and the run config's layout: each map entry goes Megatron(old) → HF te
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,7 +23,8 @@ from falcon_bridge.formats.output import atomic_output_dir
 
 
 def reshard(src: Path, out: Path, layout: MegatronLayout, card: str | None = None, hf_config: Path | None = None,
-            overwrite: bool = False, progress: Callable[[int, int, str], None] | None = None) -> dict:
+            overwrite: bool = False, progress: Callable[[int, int, str], None] | None = None,
+            argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     source = open_megatron_checkpoint(src, card, hf_config)
     arch = source.arch.validate_for_megatron()
@@ -50,7 +52,10 @@ def reshard(src: Path, out: Path, layout: MegatronLayout, card: str | None = Non
         return current["pieces"][key[len(e.megatron):]].to(shapes[key][1]).contiguous()
 
     stored_dtype = shapes["embedding.word_embeddings.weight"][1]
-    with atomic_output_dir(out, overwrite) as tmp:
+    options = {"source": str(src), "tp": layout.tp, "pp": layout.pp, "pp_layers": layout.pp_layers, "card": card,
+               "hf_config": str(hf_config) if hf_config else None}
+    with atomic_output_dir(out, overwrite, sum(math.prod(s) * d.itemsize for s, d in shapes.values()),
+                           {"name": "reshard", "argv": argv, "options": options}, source.file_hashes()) as tmp:
         it_dir = tmp / mg.iteration_dir_name(0)
         mg.write_torch_dist(it_dir, shapes, produce, objects=dict.fromkeys(megatron_extra_state_keys(arch)))
         current["pieces"] = {}

@@ -1,16 +1,24 @@
-"""verify: the HF model and our Megatron model on the same tokens; logits must agree within a tolerance."""
+"""verify: the HF model and our Megatron model on the same tokens, compared block by block.
+
+Both sides record what each part adds to the residual stream — the embedding, every layer's Mamba branch,
+attention branch and MLP (module outputs × their µP multipliers), the final norm — and the logits. The report
+points at the first place where the two models part ways.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from falcon_bridge.errors import BadInput
 
-# max |Δlogit| / max |logit| accepted per compute dtype (fp32: the CPU suite's bar; bf16: a few ulps of the logits)
+# max |Δ| / max |reference| accepted per compute dtype (fp32: the CPU suite's bar; bf16: a few ulps of the logits)
 DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
+COMPONENTS = ("embedding", "mamba", "attention", "mlp", "final_norm", "logits")
 
 
 @dataclass
@@ -21,6 +29,7 @@ class LogitComparison:
     relative: float  # max_abs_diff / max_abs_logit
     argmax_agreement: float
     tolerance: float
+    cosine: float = 1.0
 
     @property
     def passed(self) -> bool:
@@ -34,10 +43,35 @@ def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, tolerance: 
     ref, cand = reference.float(), candidate.float()
     diff = (ref - cand).abs()
     scale = ref.abs().max().item()
+    cosine = torch.nn.functional.cosine_similarity(ref.flatten(), cand.flatten(), dim=0).item()
     return LogitComparison(
         max_abs_diff=diff.max().item(), mean_abs_diff=diff.mean().item(), max_abs_logit=scale,
         relative=diff.max().item() / max(scale, 1e-30),
-        argmax_agreement=(ref.argmax(-1) == cand.argmax(-1)).float().mean().item(), tolerance=tolerance)
+        argmax_agreement=(ref.argmax(-1) == cand.argmax(-1)).float().mean().item(), tolerance=tolerance,
+        cosine=cosine)
+
+
+@dataclass
+class VerifyReport:
+    tolerance: float
+    logits: LogitComparison
+    layers: list[dict] = field(default_factory=list)  # one row per compared component, in forward order
+
+    @property
+    def first_divergence(self) -> dict | None:
+        for row in self.layers:
+            if row["relative"] > self.tolerance:
+                return {"layer": row["layer"], "component": row["component"]}
+        return None
+
+    @property
+    def passed(self) -> bool:
+        return self.logits.passed and self.first_divergence is None
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "tolerance": self.tolerance, "first_divergence": self.first_divergence,
+                "argmax_agreement": self.logits.argmax_agreement, "logits": self.logits.to_dict(),
+                "layers": self.layers}
 
 
 def sample_tokens(vocab_size: int, batch: int = 2, seq_len: int = 32, seed: int = 0) -> torch.Tensor:
@@ -45,37 +79,132 @@ def sample_tokens(vocab_size: int, batch: int = 2, seq_len: int = 32, seed: int 
     return torch.randint(0, vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
-def hf_logits(hf_dir: Path, tokens: torch.Tensor, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+def hf_model(hf_dir: Path, dtype: torch.dtype, device: str):
     import transformers
     from transformers import AutoModelForCausalLM
 
     transformers.logging.set_verbosity_error()  # the CPU fallback notices are expected here
     transformers.logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).to(device).eval()
+
+
+def hf_logits(hf_dir: Path, tokens: torch.Tensor, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+    model = hf_model(hf_dir, dtype, device)
     with torch.no_grad():
         return model(tokens.to(device)).logits.float().cpu()
 
 
-def megatron_logits(megatron_dir: Path, tokens: torch.Tensor, tp: int, pp: int, dtype: torch.dtype) -> torch.Tensor:
-    from falcon_bridge.megatron.runtime import launch, megatron_logits_worker, provider_from_checkpoint
+def hf_capture(hf_dir: Path, tokens: torch.Tensor, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    """The HF side of capture_branches (falcon_bridge.megatron.runtime): same names, same quantities."""
+    model = hf_model(hf_dir, dtype, device)
+    c = model.config
+    captured: dict[str, torch.Tensor] = {}
 
-    provider, _ = provider_from_checkpoint(megatron_dir, dtype, tp, pp)  # validates TP/PP before any spawn
-    if torch.cuda.is_available() and tp * pp > torch.cuda.device_count():
-        raise BadInput(f"--tp {tp} × --pp {pp} needs {tp * pp} GPUs, {torch.cuda.device_count()} visible")
-    (logits,) = launch(megatron_logits_worker, tp * pp, [str(megatron_dir)], tp, pp, tokens,
-                       str(provider.params_dtype).removeprefix("torch."))
-    return logits
+    def hook(name, multiplier):
+        def record(module, inputs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            captured[name] = (out * multiplier).float().cpu()
+        return record
+
+    inner = model.model
+    inner.embed_tokens.register_forward_hook(hook("embedding", c.embedding_multiplier))
+    for i, layer in enumerate(inner.layers):
+        layer.mamba.register_forward_hook(hook(f"{i}.mamba", c.ssm_out_multiplier))
+        layer.self_attn.register_forward_hook(hook(f"{i}.attention", c.attention_out_multiplier))
+        layer.feed_forward.register_forward_hook(hook(f"{i}.mlp", 1.0))  # FalconH1MLP applies its down multiplier
+    inner.final_layernorm.register_forward_hook(hook("final_norm", 1.0))
+    with torch.no_grad():
+        captured["logits"] = model(tokens.to(device)).logits.float().cpu()
+    return captured
+
+
+def compare_branches(reference: dict, candidate: dict, num_layers: int, tolerance: float) -> list[dict]:
+    rows = []
+    names = [("embedding", None)] + [(f"{i}.{c}", i) for i in range(num_layers) for c in ("mamba", "attention",
+                                                                                            "mlp")]
+    for name, layer in names + [("final_norm", None)]:
+        ref, cand = reference[name], candidate[name]
+        diff = (ref - cand).abs()
+        rows.append({"layer": layer, "component": name.split(".")[-1], "max_abs_diff": diff.max().item(),
+                     "mean_abs_diff": diff.mean().item(),
+                     "cosine": torch.nn.functional.cosine_similarity(ref.flatten(), cand.flatten(), dim=0).item(),
+                     "relative": diff.max().item() / max(ref.abs().max().item(), 1e-30)})
+    return rows
+
+
+def read_tokens(path: Path) -> torch.Tensor:
+    """Token ids from a file: a JSON list (or list of lists), or whitespace-separated integers (one row)."""
+    import json
+
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise BadInput(f"{path}: file not found") from None
+    try:
+        ids = json.loads(text) if text.lstrip().startswith("[") else [int(t) for t in text.split()]
+    except ValueError:
+        raise BadInput(f"{path}: expected token ids (a JSON list or whitespace-separated integers)") from None
+    t = torch.tensor(ids, dtype=torch.long)
+    return t.unsqueeze(0) if t.dim() == 1 else t
+
+
+def choose_tokens(hf_dir: Path, vocab_size: int, tokens_file: Path | None, prompt: str | None,
+                  seq_len: int) -> torch.Tensor:
+    if tokens_file is not None:
+        tokens = read_tokens(tokens_file)
+    elif prompt is not None:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+        except Exception:  # noqa: BLE001 - any tokenizer failure means the same thing to the user
+            raise BadInput(f"{hf_dir}: --prompt needs a tokenizer in the checkpoint; pass --tokens instead") from None
+        tokens = tokenizer(prompt, return_tensors="pt").input_ids
+    else:
+        return sample_tokens(vocab_size, 2, seq_len)
+    if tokens.numel() == 0 or tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise BadInput(f"token ids must lie in [0, {vocab_size})")
+    return tokens
+
+
+@contextmanager
+def gpus_hidden(hide: bool):
+    """With --device cpu on a GPU machine, the spawned Megatron processes must not see the GPUs."""
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hide:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        if hide:
+            if saved is None:
+                del os.environ["CUDA_VISIBLE_DEVICES"]
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
 
 def verify(hf_dir: Path, megatron_dir: Path, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32,
-           tolerance: float | None = None, seq_len: int = 32, batch: int = 2) -> LogitComparison:
+           tolerance: float | None = None, seq_len: int = 32, device: str | None = None,
+           tokens_file: Path | None = None, prompt: str | None = None) -> VerifyReport:
     from falcon_bridge.formats.hf import HFCheckpoint
+    from falcon_bridge.megatron.runtime import launch, megatron_logits_worker, provider_from_checkpoint
 
     with HFCheckpoint(Path(hf_dir)) as ckpt:
-        vocab = ckpt.arch.vocab_size
-    tokens = sample_tokens(vocab, batch, seq_len)
-    reference = hf_logits(Path(hf_dir), tokens, dtype, "cuda" if torch.cuda.is_available() else "cpu")
-    candidate = megatron_logits(Path(megatron_dir), tokens, tp, pp, dtype)
+        arch = ckpt.arch
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda: no GPU is visible")
+    provider, _ = provider_from_checkpoint(Path(megatron_dir), dtype, tp, pp)  # validates TP/PP before any spawn
+    if provider.arch.to_hf() != arch.to_hf():
+        raise BadInput(f"{megatron_dir}: its architecture differs from {hf_dir}/config.json")
+    if device == "cuda" and tp * pp > torch.cuda.device_count():
+        raise BadInput(f"--tp {tp} × --pp {pp} needs {tp * pp} GPUs, {torch.cuda.device_count()} visible")
+    tokens = choose_tokens(Path(hf_dir), arch.vocab_size, tokens_file, prompt, seq_len)
+    reference = hf_capture(Path(hf_dir), tokens, dtype, device)
+    with gpus_hidden(device == "cpu" and torch.cuda.is_available()):
+        (candidate,) = launch(megatron_logits_worker, tp * pp, [str(megatron_dir)], tp, pp, tokens,
+                              str(dtype).removeprefix("torch."), True)
     if tolerance is None:
         tolerance = DEFAULT_TOLERANCE[str(dtype).removeprefix("torch.")]
-    return compare_logits(reference, candidate, tolerance)
+    return VerifyReport(tolerance, compare_logits(reference["logits"], candidate["logits"], tolerance),
+                        compare_branches(reference, candidate, arch.num_layers, tolerance))

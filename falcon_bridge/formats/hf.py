@@ -8,7 +8,6 @@ bytes as it arrives. The files are plain safetensors: transformers and `safe_ope
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -134,14 +133,6 @@ class HFCheckpoint:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------

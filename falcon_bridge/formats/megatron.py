@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItemType
@@ -72,7 +73,14 @@ def write_torch_dist(ckpt_dir: Path, shapes: dict[str, tuple[tuple[int, ...], to
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_NO_DIST_NOTICE)
         writer = dcp.FileSystemWriter(str(ckpt_dir), single_file_per_rank=False, thread_count=1, sync_files=False)
-        dcp.save(state, storage_writer=writer, planner=_LazySavePlanner(produce), no_dist=True)
+        try:
+            dcp.save(state, storage_writer=writer, planner=_LazySavePlanner(produce), no_dist=True)
+        except CheckpointException as e:  # DCP wraps what `produce` raised (bad input, a full disk): unwrap it
+            for failure in e.failures.values():
+                cause = failure[0] if isinstance(failure, tuple) else failure
+                if isinstance(cause, (BadInput, OSError)):
+                    raise cause from None
+            raise
     (ckpt_dir / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist",
                                                         "sharded_backend_version": 1}))
 

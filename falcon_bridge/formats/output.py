@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 from falcon_bridge.errors import BadInput
+from falcon_bridge.formats.manifest import write_manifest
 
 TMP_MARK = ".falcon-bridge-partial-"
+DISK_MARGIN_BYTES = 64 * 1024**2  # metadata, configs, filesystem slack
 
 
 @contextmanager
-def atomic_output_dir(out: Path, overwrite: bool = False):
-    """Yield a fresh temporary directory beside `out`; on success it replaces `out`, on any failure it is removed.
+def atomic_output_dir(out: Path, overwrite: bool = False, expected_bytes: int = 0, command: dict | None = None,
+                      sources: dict[str, str] | None = None):
+    """Yield a fresh temporary directory beside `out`; on success a manifest is written into it and it replaces
+    `out`; on any failure (an exception, a full disk) it is removed.
 
     An existing `out` is refused unless overwrite, and even then it is replaced only after the new output is
-    complete. Leftovers of an interrupted earlier run (same mark, same target) are removed first.
+    complete. The free space beside `out` is checked against `expected_bytes` first. A leftover of an interrupted
+    earlier run for the same target (named `.falcon-bridge-partial-<name>.<pid>`) is removed first. `sources`
+    (file → sha256) may be filled in by the caller while writing.
     """
     out = Path(out).absolute()
     if out.exists() and not overwrite:
@@ -25,10 +32,21 @@ def atomic_output_dir(out: Path, overwrite: bool = False):
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f"{TMP_MARK}{out.name}.*"):
         shutil.rmtree(stale, ignore_errors=True)
+    free = shutil.disk_usage(out.parent).free
+    if expected_bytes + DISK_MARGIN_BYTES > free:
+        raise BadInput(f"{out.parent}: not enough disk space: the output needs about "
+                       f"{(expected_bytes + DISK_MARGIN_BYTES) / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
     tmp = out.parent / f"{TMP_MARK}{out.name}.{os.getpid()}"
     tmp.mkdir()
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise BadInput(f"{out.parent}: disk full while writing the output (nothing was left at {out})") \
+                    from None
+            raise
+        write_manifest(tmp, command or {}, sources if sources is not None else {})
         if out.exists():
             old = out.parent / f"{TMP_MARK}{out.name}.old.{os.getpid()}"
             out.rename(old)

@@ -137,12 +137,41 @@ def launch(fn, world_size: int, *args):
         return torch.load(result_file, weights_only=True)
 
 
-def megatron_logits_worker(rank: int, roots: list[str], tp: int, pp: int, tokens: torch.Tensor,
-                           dtype_name: str | None) -> list[torch.Tensor] | None:
-    """For each checkpoint in `roots` (sharing one TP×PP process group): the logits [b, s, vocab] of our Megatron
-    model on `tokens`, returned on global rank 0.
+def capture_branches(model, captured: dict[str, torch.Tensor]) -> list:
+    """Forward hooks recording what each block adds to the residual stream, as HF's module outputs × multipliers:
+    `embedding`, `{layer}.mamba`, `{layer}.attention`, `{layer}.mlp`, `final_norm` ([b, s, h], fp32, CPU).
+    With µP folded the model's multipliers are 1.0 and the folded weights carry them, so both compare alike."""
+    c = model.config
 
-    The last pipeline stage's TP rank 0 holds the logits; with PP it sends them to global rank 0.
+    def hook(name, multiplier):
+        def record(module, inputs, output):
+            out, bias = output if isinstance(output, tuple) else (output, None)
+            if bias is not None:
+                out = out + bias
+            captured[name] = (out * multiplier).transpose(0, 1).float().cpu()
+        return record
+
+    handles = []
+    if model.pre_process:
+        handles.append(model.embedding.register_forward_hook(hook("embedding", c.embedding_multiplier)))
+    for layer in model.decoder.layers:
+        i = layer.layer_number - 1
+        handles += [layer.mamba_mixer.register_forward_hook(hook(f"{i}.mamba", c.ssm_out_multiplier)),
+                    layer.self_attention.register_forward_hook(hook(f"{i}.attention", c.attention_out_multiplier)),
+                    layer.mlp.register_forward_hook(hook(f"{i}.mlp", c.mlp_multipliers[1]))]
+    if model.post_process:
+        handles.append(model.decoder.final_norm.register_forward_hook(hook("final_norm", 1.0)))
+    return handles
+
+
+def megatron_logits_worker(rank: int, roots: list[str], tp: int, pp: int, tokens: torch.Tensor,
+                           dtype_name: str | None, capture: bool = False) -> list | None:
+    """For each checkpoint in `roots` (sharing one TP×PP process group): the logits [b, s, vocab] of our Megatron
+    model on `tokens`, returned on global rank 0 — or, with capture, a dict of every block's branch outputs
+    (see capture_branches) plus `logits`.
+
+    The last pipeline stage's TP rank 0 holds the logits; with PP it sends them to global rank 0, and captured
+    branches of every stage are gathered there.
     """
     from megatron.core import parallel_state as ps
 
@@ -153,7 +182,11 @@ def megatron_logits_worker(rank: int, roots: list[str], tp: int, pp: int, tokens
         for root in roots:
             provider, it_dir = provider_from_checkpoint(Path(root), dtype, tp, pp)
             model = load_model(provider, it_dir, device)
+            captured: dict[str, torch.Tensor] = {}
+            handles = capture_branches(model, captured) if capture else []
             logits = pipeline_forward(model, tokens.to(device), provider.arch.hidden_size, provider.params_dtype)
+            for h in handles:
+                h.remove()
             if pp > 1:
                 last_stage = ps.get_pipeline_model_parallel_last_rank()
                 if rank == last_stage and ps.get_tensor_model_parallel_rank() == 0:
@@ -162,8 +195,15 @@ def megatron_logits_worker(rank: int, roots: list[str], tp: int, pp: int, tokens
                     logits = torch.empty((*tokens.shape, provider.layout.padded_vocab(provider.arch)),
                                          dtype=torch.float32, device=device)
                     torch.distributed.recv(logits, src=last_stage)
+                if capture:
+                    stages = [None] * (tp * pp) if rank == 0 else None
+                    torch.distributed.gather_object(captured if ps.get_tensor_model_parallel_rank() == 0 else None,
+                                                    stages, dst=0)
+                    if rank == 0:
+                        captured = {k: v for stage in stages if stage for k, v in stage.items()}
             if rank == 0:
-                results.append(logits[..., :provider.arch.vocab_size].float().cpu())
+                logits = logits[..., :provider.arch.vocab_size].float().cpu()
+                results.append({**captured, "logits": logits} if capture else logits)
             del model
         return results if rank == 0 else None
     finally:

@@ -1,0 +1,206 @@
+"""Atomic outputs, the bad-input matrix, interruption safety, provenance manifest and `check`."""
+
+import errno
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from falcon_bridge.converters.create_random import create_random
+from falcon_bridge.converters.export_hf import export_hf
+from falcon_bridge.converters.import_hf import import_hf
+from falcon_bridge.converters.reshard import reshard
+from falcon_bridge.core.parallel import MegatronLayout
+from falcon_bridge.errors import BadInput
+from falcon_bridge.formats import hf as hf_format
+from falcon_bridge.formats.cards import load_card
+from falcon_bridge.formats.manifest import MANIFEST_FILE, check_manifest
+from falcon_bridge.formats.output import TMP_MARK
+
+CARD = "tiny-one-group"
+
+
+@pytest.fixture
+def src(tiny_hf, tmp_path):
+    path = tmp_path / "src"
+    shutil.copytree(tiny_hf[CARD], path)
+    return path
+
+
+def snapshot(path):
+    return {p.name: p.read_bytes() for p in path.iterdir()}
+
+
+def rewrite_weights(path, edit):
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors")
+
+
+def corrupt_header(path):
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[8:20] = b"not json at!"
+    (path / "model.safetensors").write_bytes(bytes(data))
+
+
+def truncate(path):
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def drop_field(path, field):
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg[field]
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+HF_BAD_INPUTS = {
+    "truncated safetensors": (truncate, {}, "model.safetensors: not a readable safetensors file"),
+    "corrupted header": (corrupt_header, {}, "model.safetensors: not a readable safetensors file"),
+    "missing tensor": (lambda p: rewrite_weights(p, lambda t: t.pop("lm_head.weight")), {}, "lm_head.weight is missing"),
+    "extra tensor": (lambda p: rewrite_weights(p, lambda t: t.update(extra=torch.zeros(1))), {},
+                     "unexpected tensor extra .*--allow-extra"),
+    "wrong shape": (lambda p: rewrite_weights(p, lambda t: t.update({"model.final_layernorm.weight": torch.ones(3)})),
+                    {}, "model.final_layernorm.weight has shape \\[3\\]"),
+    "unexpected dtype": (lambda p: rewrite_weights(p, lambda t: t.update(
+        {"model.layers.0.mamba.D": torch.ones(8, dtype=torch.int64)})), {}, "mamba.D has dtype int64"),
+    "config.json missing": (lambda p: (p / "config.json").unlink(), {}, "config.json: file not found"),
+    "config field missing": (lambda p: drop_field(p, "mamba_d_state"), {}, "required field 'mamba_d_state'"),
+    "NaN weights": (lambda p: rewrite_weights(p, lambda t: t["model.layers.2.mamba.D"].__setitem__(0, float("nan"))),
+                    {"check_finite": True}, "model.layers.2.mamba.D holds NaN or Inf"),
+    "TP not dividing": (lambda p: None, {"layout": MegatronLayout(tp=3)}, "--tp 3 does not divide"),
+    "PP not dividing": (lambda p: None, {"layout": MegatronLayout(pp=3)}, "--pp 3 does not divide"),
+}
+
+
+@pytest.mark.parametrize("case", HF_BAD_INPUTS)
+def test_import_bad_input_matrix(case, src, tmp_path):
+    damage, kwargs, message = HF_BAD_INPUTS[case]
+    damage(src)
+    before = snapshot(src)
+    layout = kwargs.pop("layout", MegatronLayout())
+    with pytest.raises(BadInput, match=message):
+        import_hf(str(src), tmp_path / "out", layout, **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing at OUT, no partial output left
+    assert snapshot(src) == before  # the source is never modified
+
+
+def test_allow_extra_ignores_unknown_tensors(src, tmp_path):
+    rewrite_weights(src, lambda t: t.update(extra=torch.zeros(1)))
+    import_hf(str(src), tmp_path / "out", MegatronLayout(), allow_extra=True)
+    assert check_manifest(tmp_path / "out") == []
+
+
+@pytest.fixture
+def megatron_ckpt(src, tmp_path):
+    import_hf(str(src), tmp_path / "mg", MegatronLayout(tp=2))
+    return tmp_path / "mg"
+
+
+def test_export_refuses_nan_by_default(megatron_ckpt, tmp_path):
+    from falcon_bridge.formats import megatron as mg
+
+    it_dir = megatron_ckpt / "iter_0000000"
+    reader = mg.TorchDistReader(it_dir)
+    tensors = {k: reader.get(k) for k in reader.tensors}
+    tensors["decoder.layers.1.mamba_mixer.D"][2] = float("inf")
+    bad = tmp_path / "bad"
+    mg.write_torch_dist(bad / "iter_0000000", {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()},
+                        tensors.__getitem__)
+    mg.write_run_config(bad / "iter_0000000", mg.read_run_config(it_dir))
+    mg.write_tracker(bad)
+    with pytest.raises(BadInput, match="decoder.layers.1.mamba_mixer.D holds NaN or Inf"):
+        export_hf(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    export_hf(bad, tmp_path / "out", check_finite=False)  # explicitly allowed
+
+
+def test_megatron_bad_input_matrix(megatron_ckpt, tmp_path):
+    legacy = tmp_path / "legacy"
+    (legacy / "iter_0000003" / "mp_rank_00").mkdir(parents=True)
+    (legacy / "iter_0000003" / "mp_rank_01").mkdir()
+    (legacy / "latest_checkpointed_iteration.txt").write_text("3")
+    no_iter = tmp_path / "no_iter"
+    no_iter.mkdir()
+    (no_iter / "latest_checkpointed_iteration.txt").write_text("0")
+    cases = [(legacy, "legacy per-rank checkpoint"), (no_iter, "iter_0000000 does not exist"),
+             (tmp_path / "nowhere", "no such directory")]
+    for path, message in cases:
+        with pytest.raises(BadInput, match=message):
+            export_hf(path, tmp_path / "out")
+        with pytest.raises(BadInput, match=message):
+            reshard(path, tmp_path / "out", MegatronLayout())
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(BadInput, match="--pp 3 does not divide"):
+        reshard(megatron_ckpt, tmp_path / "out", MegatronLayout(pp=3))
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused_unless_overwrite(src, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("mine")
+    with pytest.raises(BadInput, match="already exists .*--overwrite"):
+        import_hf(str(src), out, MegatronLayout())
+    assert (out / "keep").read_text() == "mine"
+    import_hf(str(src), out, MegatronLayout(), overwrite=True)
+    assert not (out / "keep").exists() and check_manifest(out) == []
+
+
+def test_not_enough_disk_space_is_checked_before_writing(src, tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(BadInput, match="not enough disk space"):
+        import_hf(str(src), tmp_path / "out", MegatronLayout())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_disk_full_while_writing_is_one_clear_error(megatron_ckpt, tmp_path, monkeypatch):
+    def full(self, name, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hf_format.ShardedSafetensorsWriter, "put", full)
+    with pytest.raises(BadInput, match="disk full while writing"):
+        export_hf(megatron_ckpt, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(f"{TMP_MARK}*"))
+
+
+def test_every_command_writes_a_manifest_that_check_verifies(src, tmp_path):
+    create_random(load_card(CARD), tmp_path / "rand", dtype=torch.float32)
+    import_hf(str(src), tmp_path / "mg", MegatronLayout(tp=2), argv=["falcon-bridge", "import-hf"])
+    reshard(tmp_path / "mg", tmp_path / "mg2", MegatronLayout(pp=2))
+    export_hf(tmp_path / "mg2", tmp_path / "hf")
+    for name in ("rand", "mg", "mg2", "hf"):
+        assert check_manifest(tmp_path / name) == [], name
+    manifest = json.loads((tmp_path / "mg" / MANIFEST_FILE).read_text())
+    assert manifest["command"]["name"] == "import-hf" and manifest["command"]["options"]["tp"] == 2
+    assert str(src / "model.safetensors") in manifest["sources"]
+    assert manifest["outputs"]["iter_0000000/falcon_bridge_run_config.json"]["bytes"] > 0
+    exported = json.loads((tmp_path / "hf" / MANIFEST_FILE).read_text())
+    assert str(tmp_path / "mg2" / "latest_checkpointed_iteration.txt") in exported["sources"]
+    # tamper: check names the file and exits 1
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    proc = subprocess.run([sys.executable, "-m", "falcon_bridge.cli.app", "check", str(tmp_path / "hf")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "config.json" in proc.stderr
+
+
+def test_kill_minus_nine_leaves_nothing_at_the_output(tmp_path):
+    out = tmp_path / "big"
+    proc = subprocess.Popen([sys.executable, "-m", "falcon_bridge.cli.app", "create-random", "falcon-h1-0.5b",
+                             str(out), "--json"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(f"{TMP_MARK}big.*/model*.safetensors")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    leftovers = list(tmp_path.glob(f"{TMP_MARK}big.*"))
+    assert leftovers, "the interrupted run's partial output is named clearly"
+    create_random(load_card(CARD), out, dtype=torch.float32)  # the next run for the same target cleans it
+    assert not list(tmp_path.glob(f"{TMP_MARK}big.*")) and check_manifest(out) == []
