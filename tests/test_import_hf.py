@@ -1,16 +1,15 @@
 """import-hf proven by logits: HF FalconH1ForCausalLM vs our Megatron model, every tiny card, TP=1, TP=2, PP=2."""
 
 import json
-from dataclasses import replace
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_CARDS
 from falcon_bridge.converters.create_random import create_random
 from falcon_bridge.converters.import_hf import import_hf
 from falcon_bridge.converters.reshard import reshard

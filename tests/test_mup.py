@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 from safetensors import safe_open
+from test_roundtrip import assert_bit_identical, hf_tensors
 
 from falcon_bridge.converters.create_random import create_random
 from falcon_bridge.converters.export_hf import export_hf
@@ -17,7 +18,6 @@ from falcon_bridge.core.config import Multipliers
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats.cards import Card, load_card
-from test_roundtrip import assert_bit_identical, hf_tensors
 
 
 def test_fold_table_on_a_hand_checkable_in_proj():

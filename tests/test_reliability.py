@@ -63,7 +63,8 @@ def drop_field(path, field):
 HF_BAD_INPUTS = {
     "truncated safetensors": (truncate, {}, "model.safetensors: not a readable safetensors file"),
     "corrupted header": (corrupt_header, {}, "model.safetensors: not a readable safetensors file"),
-    "missing tensor": (lambda p: rewrite_weights(p, lambda t: t.pop("lm_head.weight")), {}, "lm_head.weight is missing"),
+    "missing tensor": (lambda p: rewrite_weights(p, lambda t: t.pop("lm_head.weight")), {},
+                       "lm_head.weight is missing"),
     "extra tensor": (lambda p: rewrite_weights(p, lambda t: t.update(extra=torch.zeros(1))), {},
                      "unexpected tensor extra .*--allow-extra"),
     "wrong shape": (lambda p: rewrite_weights(p, lambda t: t.update({"model.final_layernorm.weight": torch.ones(3)})),

@@ -1,16 +1,15 @@
 """export-hf and reshard: HF → import (TP a, PP b) → reshard (TP c, PP d) → export is bit-identical to the source."""
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch
+from conftest import TINY_CARDS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from conftest import TINY_CARDS
 from falcon_bridge.converters.create_random import create_random
 from falcon_bridge.converters.export_hf import export_hf
 from falcon_bridge.converters.import_hf import import_hf

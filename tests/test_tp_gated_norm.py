@@ -8,8 +8,14 @@ from falcon_bridge.converters.import_hf import import_hf
 from falcon_bridge.converters.reshard import reshard
 from falcon_bridge.converters.verify import sample_tokens
 from falcon_bridge.core.parallel import MegatronLayout
-from falcon_bridge.megatron.runtime import (init_distributed, launch, load_model, provider_from_checkpoint,
-                                            causal_mask, shutdown_distributed)
+from falcon_bridge.megatron.runtime import (
+    causal_mask,
+    init_distributed,
+    launch,
+    load_model,
+    provider_from_checkpoint,
+    shutdown_distributed,
+)
 
 CARD = "tiny-one-group-gated-norm"
 TOKENS = sample_tokens(256, batch=2, seq_len=20, seed=3)

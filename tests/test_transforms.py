@@ -25,7 +25,8 @@ def test_qkv_roundtrip_with_head_dim_and_bias_shapes():
     assert torch.equal(fused[:12], q[:12]) and torch.equal(fused[12:16], k[:4]) and torch.equal(fused[16:20], v[:4])
     assert all(torch.equal(a, b) for a, b in zip(T.qkv_split(fused, 6, 2, 4), (q, k, v)))
     qb, kb, vb = torch.randn(24), torch.randn(8), torch.randn(8)  # biases are 1-D
-    assert all(torch.equal(a, b) for a, b in zip(T.qkv_split(T.qkv_interleave(qb, kb, vb, 2, 4), 6, 2, 4), (qb, kb, vb)))
+    back = T.qkv_split(T.qkv_interleave(qb, kb, vb, 2, 4), 6, 2, 4)
+    assert all(torch.equal(a, b) for a, b in zip(back, (qb, kb, vb)))
 
 
 def test_gate_up_is_gate_then_up():

@@ -7,7 +7,7 @@ import sys
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -97,8 +97,8 @@ def import_hf(
     output: Annotated[Path, typer.Argument(help="Output Megatron checkpoint directory.")],
     tp: Annotated[int, typer.Option(help="Tensor-parallel size the checkpoint is prepared for.")] = 1,
     pp: Annotated[int, typer.Option(help="Pipeline-parallel size.")] = 1,
-    pp_layers: Annotated[Optional[str], typer.Option(help="Layers per pipeline stage, e.g. 10,12,14.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="bf16 | fp32 (default: the source's dtype)")] = None,
+    pp_layers: Annotated[str | None, typer.Option(help="Layers per pipeline stage, e.g. 10,12,14.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="bf16 | fp32 (default: the source's dtype)")] = None,
     mup: Annotated[str, typer.Option(help="preserve: the model applies the µP multipliers; fold: into the weights")
                    ] = "preserve",
     allow_extra: Annotated[bool, typer.Option(help="Ignore tensors the architecture does not use.")] = False,
@@ -121,9 +121,9 @@ def import_hf(
 def export_hf(
     source: Annotated[Path, typer.Argument(help="Megatron checkpoint directory (any TP/PP).")],
     output: Annotated[Path, typer.Argument(help="Output HF directory.")],
-    card: Annotated[Optional[str], typer.Option(help="Architecture, for checkpoints without our run config.")] = None,
-    hf_config: Annotated[Optional[Path], typer.Option(help="Architecture from an HF config.json instead.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="bf16 | fp32 (default: the HF source's dtype)")] = None,
+    card: Annotated[str | None, typer.Option(help="Architecture, for checkpoints without our run config.")] = None,
+    hf_config: Annotated[Path | None, typer.Option(help="Architecture from an HF config.json instead.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="bf16 | fp32 (default: the HF source's dtype)")] = None,
     max_shard_size: Annotated[int, typer.Option(help="Bytes per safetensors shard.")] = 5 * 10**9,
     check_finite: Annotated[bool, typer.Option(help="Refuse NaN/Inf weights.")] = True,
     mup: Annotated[str, typer.Option(help="Folded checkpoints: unfold (restore the original weights and "
@@ -147,9 +147,9 @@ def reshard(
     output: Annotated[Path, typer.Argument(help="Output Megatron checkpoint directory.")],
     tp: int = 1,
     pp: int = 1,
-    pp_layers: Annotated[Optional[str], typer.Option(help="Layers per pipeline stage, e.g. 10,12,14.")] = None,
-    card: Annotated[Optional[str], typer.Option(help="Architecture, for checkpoints without our run config.")] = None,
-    hf_config: Annotated[Optional[Path], typer.Option(help="Architecture from an HF config.json instead.")] = None,
+    pp_layers: Annotated[str | None, typer.Option(help="Layers per pipeline stage, e.g. 10,12,14.")] = None,
+    card: Annotated[str | None, typer.Option(help="Architecture, for checkpoints without our run config.")] = None,
+    hf_config: Annotated[Path | None, typer.Option(help="Architecture from an HF config.json instead.")] = None,
     overwrite: bool = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ):
@@ -199,11 +199,11 @@ def verify(
     tp: int = 1,
     pp: int = 1,
     dtype: Annotated[str, typer.Option(help="fp32 | bf16: the dtype both models compute in")] = "fp32",
-    device: Annotated[Optional[str], typer.Option(help="cpu | cuda (default: cuda when a GPU is visible)")] = None,
-    tokens: Annotated[Optional[Path], typer.Option(help="Token ids: a JSON list or whitespace-separated ints.")
+    device: Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda when a GPU is visible)")] = None,
+    tokens: Annotated[Path | None, typer.Option(help="Token ids: a JSON list or whitespace-separated ints.")
                       ] = None,
-    prompt: Annotated[Optional[str], typer.Option(help="Text, tokenized with the checkpoint's tokenizer.")] = None,
-    tolerance: Annotated[Optional[float], typer.Option(help="Max |Δ| / max |reference| accepted.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Text, tokenized with the checkpoint's tokenizer.")] = None,
+    tolerance: Annotated[float | None, typer.Option(help="Max |Δ| / max |reference| accepted.")] = None,
     seq_len: Annotated[int, typer.Option(help="Length of the fixed random ids used without --tokens/--prompt.")
                        ] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON result.")] = False,

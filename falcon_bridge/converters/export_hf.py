@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -53,6 +53,7 @@ def export_hf(src: Path, out: Path, card: str | None = None, hf_config: Path | N
         write_config(tmp, config_arch, dtype_of("model.embed_tokens.weight"))
         tokenizer = copy_tokenizer(source.tokenizer_files(), tmp)
     return {"command": "export-hf", "source": str(src), "output": str(out), "files": writer.file_names,
-            "tensors": len(layout), "mup": "unfolded" if unfolding else source.mup_mode, "bytes": writer.total_bytes, "tokenizer_files": tokenizer,
+            "tensors": len(layout), "mup": "unfolded" if unfolding else source.mup_mode, "bytes": writer.total_bytes,
+            "tokenizer_files": tokenizer,
             "mamba_groups_collapsed": source.layout.group_factor(arch) > 1,
             "diverged_group_replicas": source.divergence, "seconds": round(time.perf_counter() - t0, 2)}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -50,61 +50,61 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
     NaN/Inf weights."""
     t0 = time.perf_counter()
     path = resolve_source(src)
-    with HFCheckpoint(path) as ckpt:
-        arch = ckpt.arch.validate_for_megatron()
-        layout.validate(arch)
-        if mup_mode not in ("preserve", "fold"):
-            raise BadInput(f"--mup {mup_mode}: expected preserve or fold")
-        mup_record = mup.run_config_entry(arch, mup_mode)  # refuses folds that cannot be exact (tied embeddings)
-        check_tensors(ckpt, allow_extra)
-        hf_dtype = ckpt.tensors["model.embed_tokens.weight"].dtype
-        store_dtype = dtype or hf_dtype
-        ctx = Ctx(arch, layout)
-        plan = entries(arch)
+    ckpt = HFCheckpoint(path)
+    arch = ckpt.arch.validate_for_megatron()
+    layout.validate(arch)
+    if mup_mode not in ("preserve", "fold"):
+        raise BadInput(f"--mup {mup_mode}: expected preserve or fold")
+    mup_record = mup.run_config_entry(arch, mup_mode)  # refuses folds that cannot be exact (tied embeddings)
+    check_tensors(ckpt, allow_extra)
+    hf_dtype = ckpt.tensors["model.embed_tokens.weight"].dtype
+    store_dtype = dtype or hf_dtype
+    ctx = Ctx(arch, layout)
+    plan = entries(arch)
 
-        shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        owner = {}
-        for e in plan:
-            for key, shape in e.megatron_keys(ctx).items():
-                shapes[key], owner[key] = (shape, store_dtype), e
-        # The HF dtype of every tensor whose dtype differs from the embedding's, so export restores it exactly.
-        odd_dtypes = {n: str(i.dtype).removeprefix("torch.") for n, i in ckpt.tensors.items() if i.dtype != hf_dtype}
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    owner = {}
+    for e in plan:
+        for key, shape in e.megatron_keys(ctx).items():
+            shapes[key], owner[key] = (shape, store_dtype), e
+    # The HF dtype of every tensor whose dtype differs from the embedding's, so export restores it exactly.
+    odd_dtypes = {n: str(i.dtype).removeprefix("torch.") for n, i in ckpt.tensors.items() if i.dtype != hf_dtype}
 
-        current: dict = {"entry": None, "pieces": {}}
-        done = 0
+    current: dict = {"entry": None, "pieces": {}}
+    done = 0
 
-        def produce(key: str) -> torch.Tensor:
-            nonlocal done
-            e = owner[key]
-            if current["entry"] is not e:  # DCP asks for an entry's pieces one after another
-                current["entry"] = e
-                hf = [ckpt.get(n) for n in e.hf]
-                if check_finite:
-                    for n, t in zip(e.hf, hf):
-                        if not torch.isfinite(t).all():
-                            raise BadInput(f"{ckpt.tensors[n].file}: tensor {n} holds NaN or Inf values")
-                if mup_mode == "fold":
-                    hf = [mup.fold(arch, n, t, torch.float64) for n, t in zip(e.hf, hf)]  # rounded once below
-                current["pieces"] = e.transform.to_megatron(ctx, *hf)
-                done += 1
-                if progress:
-                    progress(done, len(plan), e.megatron)
-            return current["pieces"][key[len(e.megatron):]].to(store_dtype).contiguous()
+    def produce(key: str) -> torch.Tensor:
+        nonlocal done
+        e = owner[key]
+        if current["entry"] is not e:  # DCP asks for an entry's pieces one after another
+            current["entry"] = e
+            hf = [ckpt.get(n) for n in e.hf]
+            if check_finite:
+                for n, t in zip(e.hf, hf):
+                    if not torch.isfinite(t).all():
+                        raise BadInput(f"{ckpt.tensors[n].file}: tensor {n} holds NaN or Inf values")
+            if mup_mode == "fold":
+                hf = [mup.fold(arch, n, t, torch.float64) for n, t in zip(e.hf, hf)]  # rounded once below
+            current["pieces"] = e.transform.to_megatron(ctx, *hf)
+            done += 1
+            if progress:
+                progress(done, len(plan), e.megatron)
+        return current["pieces"][key[len(e.megatron):]].to(store_dtype).contiguous()
 
-        sources = {str(f): sha256_file(f) for f in ckpt.files()}
-        options = {"source": str(src), "tp": layout.tp, "pp": layout.pp, "pp_layers": layout.pp_layers,
-                   "dtype": str(store_dtype), "mup": mup_mode, "allow_extra": allow_extra}
-        with atomic_output_dir(out, overwrite, sum(math.prod(s) * d.itemsize for s, d in shapes.values()),
-                               {"name": "import-hf", "argv": argv, "options": options}, sources) as tmp:
-            it_dir = tmp / mg.iteration_dir_name(0)
-            mg.write_torch_dist(it_dir, shapes, produce, objects=dict.fromkeys(megatron_extra_state_keys(arch)))
-            current["pieces"] = {}
-            tokenizer = copy_tokenizer(ckpt.tokenizer_files(), it_dir)
-            run_config = mg.run_config(
-                arch, layout, store_dtype, hf_dtype=str(hf_dtype).removeprefix("torch."), hf_odd_dtypes=odd_dtypes,
-                tokenizer_files=tokenizer, source={"path": str(src), "sha256": sources}, mup=mup_record)
-            mg.write_run_config(it_dir, run_config)
-            mg.write_tracker(tmp, 0)
+    sources = {str(f): sha256_file(f) for f in ckpt.files()}
+    options = {"source": str(src), "tp": layout.tp, "pp": layout.pp, "pp_layers": layout.pp_layers,
+               "dtype": str(store_dtype), "mup": mup_mode, "allow_extra": allow_extra}
+    with atomic_output_dir(out, overwrite, sum(math.prod(s) * d.itemsize for s, d in shapes.values()),
+                           {"name": "import-hf", "argv": argv, "options": options}, sources) as tmp:
+        it_dir = tmp / mg.iteration_dir_name(0)
+        mg.write_torch_dist(it_dir, shapes, produce, objects=dict.fromkeys(megatron_extra_state_keys(arch)))
+        current["pieces"] = {}
+        tokenizer = copy_tokenizer(ckpt.tokenizer_files(), it_dir)
+        run_config = mg.run_config(
+            arch, layout, store_dtype, hf_dtype=str(hf_dtype).removeprefix("torch."), hf_odd_dtypes=odd_dtypes,
+            tokenizer_files=tokenizer, source={"path": str(src), "sha256": sources}, mup=mup_record)
+        mg.write_run_config(it_dir, run_config)
+        mg.write_tracker(tmp, 0)
     return {
         "command": "import-hf", "source": str(src), "output": str(out), "tp": layout.tp, "pp": layout.pp,
         "dtype": run_config["dtype"], "mup": mup_mode, "tensors": len(shapes),

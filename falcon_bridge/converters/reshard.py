@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from falcon_bridge.converters.megatron_source import open_megatron_checkpoint
-from falcon_bridge.core.mup import run_config_entry
 from falcon_bridge.core.mapping import Ctx, megatron_extra_state_keys
+from falcon_bridge.core.mup import run_config_entry
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.hf import copy_tokenizer
@@ -65,7 +65,8 @@ def reshard(src: Path, out: Path, layout: MegatronLayout, card: str | None = Non
             arch, layout, stored_dtype,
             hf_dtype=previous.get("hf_dtype", str(stored_dtype).removeprefix("torch.")),
             hf_odd_dtypes=previous.get("hf_odd_dtypes", {}), tokenizer_files=tokenizer,
-            mup=previous.get("mup") or run_config_entry(arch, "preserve"), source={"path": str(src), "resharded_from": previous.get("layout")}))
+            mup=previous.get("mup") or run_config_entry(arch, "preserve"),
+            source={"path": str(src), "resharded_from": previous.get("layout")}))
         mg.write_tracker(tmp, 0)
     return {"command": "reshard", "source": str(src), "output": str(out), "tp": layout.tp, "pp": layout.pp,
             "pp_layers": list(layout.stage_layers(arch.num_layers)), "mamba_groups": layout.mamba_groups(arch),

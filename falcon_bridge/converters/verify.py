@@ -189,8 +189,7 @@ def verify(hf_dir: Path, megatron_dir: Path, tp: int = 1, pp: int = 1, dtype: to
     from falcon_bridge.formats.hf import HFCheckpoint
     from falcon_bridge.megatron.runtime import launch, megatron_logits_worker, provider_from_checkpoint
 
-    with HFCheckpoint(Path(hf_dir)) as ckpt:
-        arch = ckpt.arch
+    arch = HFCheckpoint(Path(hf_dir)).arch
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda: no GPU is visible")

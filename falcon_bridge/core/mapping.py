@@ -10,8 +10,8 @@ pieces, which is how megatron-core's MambaMixer stores them) and back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -141,7 +141,8 @@ def R(megatron, hf, transform, when=lambda a: True) -> Rule:
 
 # Megatron "<name>"  ↔  HF "<name>"
 MODEL_RULES = (
-    R("embedding.word_embeddings.weight", ("model.embed_tokens.weight", lambda a: (a.vocab_size, a.hidden_size)), VOCAB),
+    R("embedding.word_embeddings.weight", ("model.embed_tokens.weight", lambda a: (a.vocab_size, a.hidden_size)),
+      VOCAB),
     R("decoder.final_norm.weight", ("model.final_layernorm.weight", lambda a: (a.hidden_size,)), COPY),
     R("output_layer.weight", ("lm_head.weight", lambda a: (a.vocab_size, a.hidden_size)), VOCAB,
       when=lambda a: not a.tie_word_embeddings),

@@ -78,8 +78,8 @@ def folded_arch(arch: FalconH1Arch) -> FalconH1Arch:
     if arch.tie_word_embeddings:
         m = arch.multipliers
         ratio = m.lm_head / m.embedding
-        f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731 - the model multiplies in ≤ fp32
-        if f32(ratio) * f32(m.embedding) != f32(m.lm_head):
+        ratio_f32, embedding_f32 = (torch.tensor(v, dtype=torch.float32) for v in (ratio, m.embedding))
+        if ratio_f32 * embedding_f32 != torch.tensor(m.lm_head, dtype=torch.float32):  # the model runs in ≤ fp32
             raise BadInput(f"--mup fold: tied embeddings share one matrix, so embedding_multiplier "
                            f"({m.embedding}) and lm_head_multiplier ({m.lm_head}) cannot both be folded, and their "
                            "ratio is not exact in floating point; use --mup preserve")

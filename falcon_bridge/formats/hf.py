@@ -12,7 +12,6 @@ import json
 import math
 import shutil
 import struct
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,32 +86,33 @@ class HFCheckpoint:
             files = [self.path / SINGLE_FILE]
         else:
             raise BadInput(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are read)")
-        self._stack = ExitStack()
-        self._handles = {}
+        self.files_read = files
         self.tensors: dict[str, TensorInfo] = {}
         for f in files:
             if not f.exists():
                 raise BadInput(f"{f}: listed in {INDEX_FILE} but missing")
             try:
-                h = self._stack.enter_context(safe_open(str(f), framework="pt"))
-                for name in h.keys():
-                    sl = h.get_slice(name)
-                    dtype = DTYPES.get(sl.get_dtype())
-                    if dtype is None:
-                        raise BadInput(f"{f}: tensor {name} has unsupported dtype {sl.get_dtype()}")
-                    self.tensors[name] = TensorInfo(f, tuple(sl.get_shape()), dtype)
+                with safe_open(str(f), framework="pt") as h:
+                    for name in h.keys():
+                        sl = h.get_slice(name)
+                        dtype = DTYPES.get(sl.get_dtype())
+                        if dtype is None:
+                            raise BadInput(f"{f}: tensor {name} has unsupported dtype {sl.get_dtype()}")
+                        self.tensors[name] = TensorInfo(f, tuple(sl.get_shape()), dtype)
             except BadInput:
                 raise
             except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
                 raise BadInput(f"{f}: not a readable safetensors file ({e})") from None
-            self._handles[f] = h
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor, copied out of the file. The file is mapped only for this read: a mapping kept open would
+        count every page read so far in the process's resident memory, growing with the model."""
         info = self.tensors.get(name)
         if info is None:
             raise BadInput(f"{self.path}: tensor {name} is missing")
         try:
-            return self._handles[info.file].get_tensor(name)
+            with safe_open(str(info.file), framework="pt") as h:
+                return h.get_tensor(name).clone()
         except Exception as e:  # noqa: BLE001
             raise BadInput(f"{info.file}: tensor {name} could not be read ({e})") from None
 
@@ -120,19 +120,11 @@ class HFCheckpoint:
         out = [self.path / "config.json"]
         if (self.path / INDEX_FILE).exists():
             out.append(self.path / INDEX_FILE)
-        return out + sorted(self._handles)
+        return out + list(self.files_read)
 
     def tokenizer_files(self) -> list[Path]:
         return [self.path / f for f in TOKENIZER_FILES if (self.path / f).exists()]
 
-    def close(self) -> None:
-        self._stack.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------
@@ -185,7 +177,7 @@ class ShardedSafetensorsWriter:
                                f"{tuple(tensor.shape)} {tensor.dtype}")
         if i != self._file_index:
             self._open_shard(i)
-        self._file.write(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        self._file.write(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().data)  # no extra copy
         self._pos += 1
 
     def close(self) -> None:

@@ -32,7 +32,7 @@ def write_manifest(out_dir: Path, command: dict, sources: dict[str, str]) -> Non
     manifest = {
         "tool": "falcon-bridge",
         "version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command,
         "sources": sources,  # file read → sha256
         "outputs": hash_tree(out_dir),

@@ -394,8 +394,8 @@ def install() -> bool:
 
     # Imported before torch.cuda is patched, so nothing megatron runs at import time sees the stand-ins.
     import megatron.core.transformer.utils as transformer_utils
-    from megatron.core.models.common.language_module import language_module
     from megatron.core.fusions import fused_softmax
+    from megatron.core.models.common.language_module import language_module
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
 
     # megatron allocates parameters, RoPE buffers, the attention memory buffer and TP gather buffers on

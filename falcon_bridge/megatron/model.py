@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
-from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.ssm.mamba_mixer import ExtendedRMSNorm, MambaMixer
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
@@ -106,8 +106,8 @@ class HFGroupedGatedRMSNorm(ExtendedRMSNorm):
                          device=torch.cuda.current_device(), dtype=dtype)
         self.tp_group = tp_group
         self.full_group_size = group_size
-        setattr(self.weight, "tensor_model_parallel", True)
-        setattr(self.weight, "partition_dim", 0)
+        self.weight.tensor_model_parallel = True
+        self.weight.partition_dim = 0
 
     def forward(self, x, z=None):
         h = x.float()

@@ -112,8 +112,12 @@ class FalconH1ModelProvider:
         from megatron.core.transformer.mlp import MLP, MLPSubmodules
         from megatron.core.transformer.spec_utils import ModuleSpec
 
-        from falcon_bridge.megatron.model import (FalconH1Layer, FalconH1LayerSubmodules, FalconH1MambaMixer,
-                                                  FalconH1SelfAttention)
+        from falcon_bridge.megatron.model import (
+            FalconH1Layer,
+            FalconH1LayerSubmodules,
+            FalconH1MambaMixer,
+            FalconH1SelfAttention,
+        )
 
         norm, column, row, norm_column, core_attention = self._backend()
         return ModuleSpec(module=FalconH1Layer, submodules=FalconH1LayerSubmodules(
@@ -131,9 +135,13 @@ class FalconH1ModelProvider:
         """(norm, column-parallel, row-parallel, norm+column-parallel, core attention) module classes."""
         use_te = have_transformer_engine() if self.use_te is None else self.use_te
         if use_te:
-            from megatron.core.extensions.transformer_engine import (TEColumnParallelLinear, TEDotProductAttention,
-                                                                     TELayerNormColumnParallelLinear, TENorm,
-                                                                     TERowParallelLinear)
+            from megatron.core.extensions.transformer_engine import (
+                TEColumnParallelLinear,
+                TEDotProductAttention,
+                TELayerNormColumnParallelLinear,
+                TENorm,
+                TERowParallelLinear,
+            )
 
             return TENorm, TEColumnParallelLinear, TERowParallelLinear, TELayerNormColumnParallelLinear, \
                 TEDotProductAttention

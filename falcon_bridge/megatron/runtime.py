@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import warnings
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch

@@ -89,14 +89,15 @@ def main(argv=None) -> list[dict]:
                     ulps = max_ulps(hf_dir, tmp / f"{route}-{name}-export")
                 r = compare_logits(reference[name], logits, DEFAULT_TOLERANCE[name])
                 rows.append({"card": card.name, "route": route, "tp": tp, "dtype": name, "seq_len": args.seq_len,
-                             "export_max_ulps": None if args.no_export else ulps, "megatron_seconds": round(seconds, 1), **r.to_dict()})
+                             "export_max_ulps": None if args.no_export else ulps,
+                             "megatron_seconds": round(seconds, 1), **r.to_dict()})
                 rows[-1]["passed"] = r.passed and (ulps == 0 if mup_mode == "preserve" else ulps <= 1)
     print(f"\n{'route':10} {'dtype':8} {'max|Δ|':>10} {'mean|Δ|':>10} {'max|logit|':>10} {'rel':>10} "
           f"{'argmax':>7} {'export ulps':>11}  result")
     for r in rows:
         print(f"{r['route']:10} {r['dtype']:8} {r['max_abs_diff']:10.3e} {r['mean_abs_diff']:10.3e} "
               f"{r['max_abs_logit']:10.3e} {r['relative']:10.3e} {100 * r['argmax_agreement']:6.2f}% "
-              f"{str(r['export_max_ulps']):>11}  {'PASS' if r['passed'] else 'FAIL'}")
+              f"{r['export_max_ulps']!s:>11}  {'PASS' if r['passed'] else 'FAIL'}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return rows

@@ -1,0 +1,72 @@
+"""Conversion speed and memory against the I/O floor, measured in one run.
+
+    python bench/conversion.py [--cards falcon-h1-0.5b,falcon-h1-1.5b] [--workdir /tmp/fb-bench]
+
+For each card: create-random (bf16), then the I/O floor (bench/io_floor.py), import-hf --tp 2, reshard --tp 1
+--pp 2, export-hf, each as its own process under /usr/bin/time (wall time, peak RSS). Prints each command's wall
+time and peak RSS, the ratio to the floor, and the RSS bound 2 × largest tensor + 1 GiB. Ratios only: the
+machines are noisy, so compare numbers from one run.
+"""
+
+import argparse
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from falcon_bridge.core.mapping import hf_tensor_shapes
+from falcon_bridge.formats.cards import load_card
+
+CLI = [sys.executable, "-m", "falcon_bridge.cli.app"]
+
+
+def measure(cmd: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of one command run in a fresh process."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    return wall, int(proc.stderr.strip().splitlines()[-1]) * 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cards", default="falcon-h1-0.5b,falcon-h1-1.5b")
+    ap.add_argument("--workdir", default="/tmp/fb-bench")
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    rows = []
+    for name in args.cards.split(","):
+        arch = load_card(name).arch
+        largest = max(math.prod(s) for s in hf_tensor_shapes(arch).values()) * 2  # bf16
+        d = work / name
+        subprocess.run([*CLI, "create-random", name, str(d / "hf"), "--dtype", "bf16", "--json"], check=True,
+                       capture_output=True)
+        steps = {
+            "io-floor": [sys.executable, str(Path(__file__).parent / "io_floor.py"), str(d / "hf"), str(d / "floor")],
+            "import-hf": [*CLI, "import-hf", str(d / "hf"), str(d / "mg"), "--tp", "2", "--json"],
+            "reshard": [*CLI, "reshard", str(d / "mg"), str(d / "mg2"), "--tp", "1", "--pp", "2", "--json"],
+            "export-hf": [*CLI, "export-hf", str(d / "mg2"), str(d / "hf2"), "--json"],
+        }
+        results = {step: measure(cmd) for step, cmd in steps.items()}
+        floor = results["io-floor"][0]
+        for step, (wall, rss) in results.items():
+            rows.append((name, step, wall, wall / floor, rss, 2 * largest + 2**30))
+        shutil.rmtree(d)
+    print(f"{'card':16} {'step':10} {'wall s':>7} {'/floor':>7} {'peak RSS GiB':>13} {'bound GiB':>10}")
+    for name, step, wall, ratio, rss, bound in rows:
+        print(f"{name:16} {step:10} {wall:7.1f} {ratio:7.2f} {rss / 2**30:13.2f} {bound / 2**30:10.2f}"
+              f"{'' if rss <= bound else '  over'}")
+    cards = args.cards.split(",")
+    if len(cards) > 1:
+        for step in ("import-hf", "reshard", "export-hf"):
+            a, b = (next(r[4] for r in rows if r[0] == c and r[1] == step) for c in cards[:2])
+            print(f"peak RSS growth {cards[0]} → {cards[1]}, {step}: {100 * (b / a - 1):+.1f} %")
+
+
+if __name__ == "__main__":
+    main()
