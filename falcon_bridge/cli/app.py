@@ -47,6 +47,8 @@ def progress_bar(description: str, quiet: bool):
 
 
 def report(summary: dict, as_json: bool) -> None:
+    for line in summary.get("warnings", []):
+        err.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
     if as_json:
         out.print_json(json.dumps(summary))
     else:
@@ -101,6 +103,8 @@ def import_hf(
     dtype: Annotated[str | None, typer.Option(help="bf16 | fp32 (default: the source's dtype)")] = None,
     mup: Annotated[str, typer.Option(help="preserve: the model applies the µP multipliers; fold: into the weights")
                    ] = "preserve",
+    bitnet: Annotated[bool, typer.Option(help="BitNet b1.58 model: ternary linears in attention, Mamba, MLP.")
+                      ] = False,
     allow_extra: Annotated[bool, typer.Option(help="Ignore tensors the architecture does not use.")] = False,
     check_finite: Annotated[bool, typer.Option(help="Refuse NaN/Inf weights.")] = False,
     overwrite: bool = False,
@@ -113,7 +117,7 @@ def import_hf(
     layout = MegatronLayout(tp=tp, pp=pp, pp_layers=parse_layers(pp_layers))
     with progress_bar("import-hf", as_json) as cb:
         summary = run(source, output, layout, torch_dtype(dtype), overwrite, cb, mup, allow_extra, check_finite,
-                      sys.argv)
+                      sys.argv, bitnet)
     report(summary, as_json)
 
 
@@ -128,6 +132,8 @@ def export_hf(
     check_finite: Annotated[bool, typer.Option(help="Refuse NaN/Inf weights.")] = True,
     mup: Annotated[str, typer.Option(help="Folded checkpoints: unfold (restore the original weights and "
                                           "multipliers) or keep-folded (multipliers 1.0)")] = "unfold",
+    fmt: Annotated[str, typer.Option("--format", help="BitNet checkpoints: latent | packed (transformers bitnet) | "
+                                                      "dequantized")] = "latent",
     overwrite: bool = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ):
@@ -136,7 +142,7 @@ def export_hf(
 
     with progress_bar("export-hf", as_json) as cb:
         summary = run(source, output, card, hf_config, torch_dtype(dtype), max_shard_size, check_finite, overwrite,
-                      cb, mup, sys.argv)
+                      cb, mup, sys.argv, fmt)
     warn_divergence(summary)
     report(summary, as_json)
 

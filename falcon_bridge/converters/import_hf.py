@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from falcon_bridge.core import mup
-from falcon_bridge.core.mapping import Ctx, entries, hf_tensor_shapes, megatron_extra_state_keys
+from falcon_bridge.core.mapping import (Ctx, entries, hf_tensor_shapes, is_bitnet_linear,
+                                         megatron_extra_state_keys)
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
@@ -43,11 +44,12 @@ def check_tensors(ckpt: HFCheckpoint, allow_extra: bool = False) -> None:
 
 def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | None = None,
               overwrite: bool = False, progress: Progress | None = None, mup_mode: str = "preserve",
-              allow_extra: bool = False, check_finite: bool = False, argv: list[str] | None = None) -> dict:
+              allow_extra: bool = False, check_finite: bool = False, argv: list[str] | None = None,
+              bitnet: bool = False) -> dict:
     """mup_mode: "preserve" keeps the weights and lets the model apply the multipliers; "fold" multiplies each
     multiplier into its weights (one rounding to the storage dtype) and the model applies none.
     allow_extra: ignore tensors the architecture does not use (default: refuse them). check_finite: refuse
-    NaN/Inf weights."""
+    NaN/Inf weights. bitnet: the Megatron model uses BitNet b1.58 linears (implied by a packed HF source)."""
     t0 = time.perf_counter()
     path = resolve_source(src)
     ckpt = HFCheckpoint(path)
@@ -56,6 +58,18 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
     if mup_mode not in ("preserve", "fold"):
         raise BadInput(f"--mup {mup_mode}: expected preserve or fold")
     mup_record = mup.run_config_entry(arch, mup_mode)  # refuses folds that cannot be exact (tied embeddings)
+    warnings = []
+    if ckpt.packed:
+        bitnet = True
+        warnings.append(f"{path}: packed ternary checkpoint: imported as ternary × scale; the latent (pre-"
+                        "quantization) weights are not in it, so continued training starts from those")
+    if bitnet:
+        if mup_mode == "fold":
+            raise BadInput("--mup fold with --bitnet: folding the non-uniform ssm_multipliers before ternarizing "
+                           "changes which weights round to 0 and ±1; use --mup preserve")
+        for name, shape in hf_tensor_shapes(arch).items():
+            if is_bitnet_linear(name) and shape[0] % 4:
+                raise BadInput(f"--bitnet: {name} has {shape[0]} rows; the HF packed format needs a multiple of 4")
     check_tensors(ckpt, allow_extra)
     hf_dtype = ckpt.tensors["model.embed_tokens.weight"].dtype
     store_dtype = dtype or hf_dtype
@@ -93,7 +107,7 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
 
     sources = {str(f): sha256_file(f) for f in ckpt.files()}
     options = {"source": str(src), "tp": layout.tp, "pp": layout.pp, "pp_layers": layout.pp_layers,
-               "dtype": str(store_dtype), "mup": mup_mode, "allow_extra": allow_extra}
+               "dtype": str(store_dtype), "mup": mup_mode, "allow_extra": allow_extra, "bitnet": bitnet}
     with atomic_output_dir(out, overwrite, sum(math.prod(s) * d.itemsize for s, d in shapes.values()),
                            {"name": "import-hf", "argv": argv, "options": options}, sources) as tmp:
         it_dir = tmp / mg.iteration_dir_name(0)
@@ -102,12 +116,14 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
         tokenizer = copy_tokenizer(ckpt.tokenizer_files(), it_dir)
         run_config = mg.run_config(
             arch, layout, store_dtype, hf_dtype=str(hf_dtype).removeprefix("torch."), hf_odd_dtypes=odd_dtypes,
-            tokenizer_files=tokenizer, source={"path": str(src), "sha256": sources}, mup=mup_record)
+            tokenizer_files=tokenizer, source={"path": str(src), "sha256": sources}, mup=mup_record,
+            bitnet=bitnet)
         mg.write_run_config(it_dir, run_config)
         mg.write_tracker(tmp, 0)
     return {
         "command": "import-hf", "source": str(src), "output": str(out), "tp": layout.tp, "pp": layout.pp,
-        "dtype": run_config["dtype"], "mup": mup_mode, "tensors": len(shapes),
+        "dtype": run_config["dtype"], "mup": mup_mode, "bitnet": bitnet, "tensors": len(shapes),
         "parameters": sum(math.prod(s) for s, _ in shapes.values()),
         "mamba_groups": layout.mamba_groups(arch), "seconds": round(time.perf_counter() - t0, 2),
+        "warnings": warnings,
     }

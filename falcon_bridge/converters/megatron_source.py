@@ -61,6 +61,10 @@ class MegatronSource:
             self.divergence[entry.hf[0]] = worst
 
     @property
+    def bitnet(self) -> bool:
+        return bool((self.run_config or {}).get("bitnet", False))
+
+    @property
     def mup_mode(self) -> str:
         return (self.run_config or {}).get("mup", {}).get("mode", "preserve")
 

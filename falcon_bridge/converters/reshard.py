@@ -66,7 +66,8 @@ def reshard(src: Path, out: Path, layout: MegatronLayout, card: str | None = Non
             hf_dtype=previous.get("hf_dtype", str(stored_dtype).removeprefix("torch.")),
             hf_odd_dtypes=previous.get("hf_odd_dtypes", {}), tokenizer_files=tokenizer,
             mup=previous.get("mup") or run_config_entry(arch, "preserve"),
-            source={"path": str(src), "resharded_from": previous.get("layout")}))
+            source={"path": str(src), "resharded_from": previous.get("layout")},
+            bitnet=previous.get("bitnet", False)))
         mg.write_tracker(tmp, 0)
     return {"command": "reshard", "source": str(src), "output": str(out), "tp": layout.tp, "pp": layout.pp,
             "pp_layers": list(layout.stage_layers(arch.num_layers)), "mamba_groups": layout.mamba_groups(arch),

@@ -188,6 +188,16 @@ LAYER_RULES = (
 )
 
 
+# HF linears that BitNet ternarizes (all but lm_head; embeddings, norms, conv1d, A_log, D, dt_bias stay float)
+BITNET_LINEARS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                  "self_attn.o_proj.weight", "mamba.in_proj.weight", "mamba.out_proj.weight",
+                  "feed_forward.gate_proj.weight", "feed_forward.up_proj.weight", "feed_forward.down_proj.weight")
+
+
+def is_bitnet_linear(hf_name: str) -> bool:
+    return hf_name.startswith("model.layers.") and hf_name.endswith(BITNET_LINEARS)
+
+
 # megatron-core's parallel linear layers carry an `_extra_state` object (None for the local backend, FP8 metadata
 # for Transformer Engine). A checkpoint holds one per linear so megatron's default strict load finds every key.
 MODEL_LINEARS = ("output_layer",)  # present with tied embeddings too (the layer exists, its weight is shared)

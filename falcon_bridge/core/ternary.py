@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 VALUES_PER_BYTE = 4
-_EPS = 1e-5  # clamp on mean|W| and on the activation absmax, as in BitNet b1.58 / transformers / onebitllms
+EPS = 1e-5  # clamp on mean|W| and on the activation absmax, as in BitNet b1.58 / transformers / onebitllms
 _ACT_QMIN, _ACT_QMAX = -128, 127
 
 
@@ -39,18 +39,22 @@ def weight_scale(w: torch.Tensor) -> torch.Tensor:
     tensor must be given its scale from the full HF tensor (pass ``scale=`` to the functions below), not recompute it.
     The mean is accumulated in fp32 so a bf16 weight doesn't lose precision in the sum.
     """
-    return w.detach().float().abs().mean().clamp(min=_EPS).reciprocal()
+    return w.detach().float().abs().mean().clamp(min=EPS).reciprocal()
 
 
 def _as_scale(scale: torch.Tensor | float | None, w: torch.Tensor) -> torch.Tensor:
-    """A given scale (Python number, 0-d or 1-element tensor such as a checkpoint's [1] weight_scale) as 0-d fp32 on
-    w's device; or weight_scale(w) when none is given."""
+    """A given scale as fp32 on w's device: a Python number or a 1-element tensor (such as a checkpoint's [1]
+    weight_scale) as 0-d; or one scale per row ([rows, 1, ...], for fused tensors whose rows come from several HF
+    tensors, each with its own scale); or weight_scale(w) when none is given."""
     if scale is None:
         return weight_scale(w)
     s = torch.as_tensor(scale, device=w.device).detach()
-    if s.numel() != 1:
-        raise ValueError(f"weight scale must hold one value (one scale per tensor), got shape {tuple(s.shape)}")
-    return s.float().reshape(())
+    if s.numel() == 1:
+        return s.float().reshape(())
+    if s.dim() != w.dim() or s.shape[0] != w.shape[0] or any(n != 1 for n in s.shape[1:]):
+        raise ValueError(f"weight scale must hold one value, or one per row of a {tuple(w.shape)} weight; "
+                         f"got shape {tuple(s.shape)}")
+    return s.float()
 
 
 def ternarize(w: torch.Tensor, scale: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -84,7 +88,7 @@ def activation_fake_quant(x: torch.Tensor, absmax: torch.Tensor | None = None) -
     xf = x.float()
     if absmax is None:
         absmax = xf.abs().amax(dim=-1, keepdim=True)
-    s_a = _ACT_QMAX / absmax.detach().float().clamp(min=_EPS)
+    s_a = _ACT_QMAX / absmax.detach().float().clamp(min=EPS)
     return ((xf * s_a).round().clamp(_ACT_QMIN, _ACT_QMAX) / s_a).to(x.dtype)
 
 

@@ -103,6 +103,29 @@ class HFCheckpoint:
                 raise
             except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
                 raise BadInput(f"{f}: not a readable safetensors file ({e})") from None
+        self.packed: dict[str, TensorInfo] = {}  # logical name → its weight_scale (HF BitNet packed checkpoints)
+        quant = self.config.get("quantization_config") or {}
+        if quant.get("quant_method") == "bitnet":
+            self._adopt_bitnet_packing(quant)
+
+    def _adopt_bitnet_packing(self, quant: dict) -> None:
+        """Present each packed uint8 `X.weight` [out/4, in] + `X.weight_scale` as the float tensor `X.weight`
+        [out, in] (ternary × mean|W|), so the rest of the pipeline sees an ordinary checkpoint."""
+        if quant.get("linear_class", "bitlinear") != "bitlinear":
+            raise BadInput(f"{self.path / 'config.json'}: quantization_config.linear_class "
+                           f"{quant.get('linear_class')!r} is not supported (only 'bitlinear')")
+        packed = [n for n, i in self.tensors.items() if i.dtype == torch.uint8]
+        if not packed:
+            raise BadInput(f"{self.path / 'config.json'}: quantization_config says bitnet, but no tensor is packed "
+                           "(uint8)")
+        for name in packed:
+            scale_name = name.removesuffix("weight") + "weight_scale"
+            scale = self.tensors.pop(scale_name, None)
+            if scale is None:
+                raise BadInput(f"{self.tensors[name].file}: tensor {scale_name} is missing (packed {name} needs it)")
+            info = self.tensors[name]
+            self.tensors[name] = TensorInfo(info.file, (info.shape[0] * 4, *info.shape[1:]), scale.dtype)
+            self.packed[name] = scale
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, copied out of the file. The file is mapped only for this read: a mapping kept open would
@@ -111,6 +134,19 @@ class HFCheckpoint:
         if info is None:
             raise BadInput(f"{self.path}: tensor {name} is missing")
         try:
+            if name in self.packed:
+                from falcon_bridge.core.ternary import unpack_checkpoint_tensor
+
+                scale = self.packed[name]
+                with safe_open(str(scale.file), framework="pt") as h:
+                    weight_scale = h.get_tensor(name.removesuffix("weight") + "weight_scale")
+                with safe_open(str(info.file), framework="pt") as h:
+                    w = unpack_checkpoint_tensor(h.get_tensor(name), weight_scale, info.shape[0], torch.float32)
+                # ternary × mean|W| has a smaller absmean than the original latent weights (zeros count), so
+                # dividing by the non-zero fraction makes re-quantization give back the same ternary values and
+                # the same weight_scale: a packed model survives import → export unchanged.
+                nonzero = (w != 0).float().mean()
+                return (w / nonzero if nonzero > 0 else w).to(info.dtype)
             with safe_open(str(info.file), framework="pt") as h:
                 return h.get_tensor(name).clone()
         except Exception as e:  # noqa: BLE001

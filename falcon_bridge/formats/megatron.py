@@ -138,12 +138,13 @@ def find_iteration_dir(root: Path) -> Path:
 
 
 def run_config(arch: FalconH1Arch, layout: MegatronLayout, dtype: torch.dtype, hf_dtype: str, hf_odd_dtypes: dict,
-               tokenizer_files: list[str], source: dict, mup: dict) -> dict:
+               tokenizer_files: list[str], source: dict, mup: dict, bitnet: bool = False) -> dict:
     """What a falcon-bridge checkpoint records beside its weights: enough to rebuild the model and the HF source."""
     return {
         "falcon_bridge_version": __version__,
         "architecture": arch.to_dict(),
         "mup": mup,  # falcon_bridge.core.mup.run_config_entry
+        "bitnet": bitnet,  # the model's attention/Mamba/MLP linears are BitNet b1.58 (weights stored latent)
         "layout": {"tp": layout.tp, "pp": layout.pp, "pp_layers": list(layout.stage_layers(arch.num_layers)),
                    "vocab_divisible_by": layout.vocab_divisible_by, "padded_vocab_size": layout.padded_vocab(arch),
                    "mamba_groups": layout.mamba_groups(arch)},

@@ -46,9 +46,10 @@ class FalconH1TransformerConfig(TransformerConfig):
     mamba_d_conv: int = 4
     mamba_chunk_size: int = 128
     mamba_rms_norm: bool = False
-    # Channels per group of the gated Mamba norm as HF computes it (d_ssm / HF n_groups); it differs from
-    # megatron's d_inner / mamba_num_groups when B/C groups were replicated to reach a TP beyond n_groups.
-    mamba_norm_group_size: int | None = None
+    # B/C groups of the HF model; megatron's mamba_num_groups is larger when they were replicated to reach a TP
+    # beyond them (the gated norm's groups and BitNet's weight scales still follow HF's).
+    mamba_hf_num_groups: int | None = None
+    bitnet: bool = False  # BitNet b1.58 linears (falcon_bridge.megatron.bitnet) in attention, Mamba and MLP
 
 
 def scaled_silu(x: torch.Tensor, gate_multiplier: float) -> torch.Tensor:
@@ -138,8 +139,8 @@ class FalconH1MambaMixer(MambaMixer):
 
     def __init__(self, config: FalconH1TransformerConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        group = config.mamba_norm_group_size
-        if self.rmsnorm and group is not None and group != self.d_inner_local_tp // self.ngroups_local_tp:
+        group = self.d_inner // (config.mamba_hf_num_groups or self.ngroups)
+        if self.rmsnorm and group != self.d_inner_local_tp // self.ngroups_local_tp:
             self.norm = HFGroupedGatedRMSNorm(self.d_inner_local_tp, group, self.pg_collection.tp, self.norm.eps,
                                               config.params_dtype)
         if all(m == 1.0 for m in config.ssm_multipliers):
@@ -199,6 +200,10 @@ class FalconH1Layer(MegatronModule):
         self.self_attention = build_module(submodules.self_attention, config=config, layer_number=layer_number,
                                            pg_collection=pg_collection, pp_layer_offset=pp_layer_offset)
         self.mlp = build_module(submodules.mlp, config=config, tp_group=pg_collection.tp)
+        if config.bitnet:
+            from falcon_bridge.megatron.bitnet import assign_segments
+
+            assign_segments(self, config, pg_collection.tp.rank(), pg_collection.tp.size())
 
     def forward(self, hidden_states, attention_mask, rotary_pos_emb=None, **_):
         c = self.config

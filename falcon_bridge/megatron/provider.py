@@ -33,6 +33,7 @@ class FalconH1ModelProvider:
     seq_length: int = 4096
     use_te: bool | None = None  # None: use Transformer Engine modules when TE is importable
     use_mamba_mem_eff_path: bool | None = None  # None: fused kernel when it can run (CPU reference, or CUDA + conv)
+    bitnet: bool = False  # BitNet b1.58 linears in attention, Mamba and MLP (not embedding, lm_head, norms, conv)
 
     @classmethod
     def from_card(cls, name: str, **kw) -> FalconH1ModelProvider:
@@ -93,7 +94,8 @@ class FalconH1ModelProvider:
             mamba_d_conv=a.mamba_d_conv,
             mamba_chunk_size=a.mamba_chunk_size,
             mamba_rms_norm=a.mamba_rms_norm,
-            mamba_norm_group_size=a.mamba_d_ssm // a.mamba_n_groups,
+            mamba_hf_num_groups=a.mamba_n_groups,
+            bitnet=self.bitnet,
             embedding_multiplier=m.embedding,
             lm_head_multiplier=m.lm_head,
             attention_in_multiplier=m.attention_in,
@@ -134,6 +136,15 @@ class FalconH1ModelProvider:
     def _backend(self):
         """(norm, column-parallel, row-parallel, norm+column-parallel, core attention) module classes."""
         use_te = have_transformer_engine() if self.use_te is None else self.use_te
+        if self.bitnet:
+            from megatron.core.transformer.dot_product_attention import DotProductAttention
+            from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+            from falcon_bridge.megatron.bitnet import (BitNetColumnParallelLinear, BitNetNormColumnParallelLinear,
+                                                       BitNetRowParallelLinear)
+
+            return WrappedTorchNorm, BitNetColumnParallelLinear, BitNetRowParallelLinear, \
+                BitNetNormColumnParallelLinear, DotProductAttention
         if use_te:
             from megatron.core.extensions.transformer_engine import (
                 TEColumnParallelLinear,

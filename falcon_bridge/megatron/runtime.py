@@ -35,7 +35,8 @@ def provider_from_checkpoint(root: Path, params_dtype: torch.dtype | None = None
                             stored_padded_vocab=lay["padded_vocab_size"], stored_mamba_groups=lay["mamba_groups"])
     dtype = params_dtype or getattr(torch, rc["dtype"])
     multipliers = Multipliers.from_hf(rc["mup"]["applied_multipliers"])
-    return FalconH1ModelProvider(arch, layout.validate(arch), params_dtype=dtype, multipliers=multipliers), it_dir
+    return FalconH1ModelProvider(arch, layout.validate(arch), params_dtype=dtype, multipliers=multipliers,
+                                 bitnet=rc.get("bitnet", False)), it_dir
 
 
 def init_distributed(rank: int, world_size: int, tp: int, pp: int) -> torch.device:

@@ -1,0 +1,119 @@
+"""BitNet b1.58 tensor-parallel linears whose quantization does not depend on TP or on Megatron's fusions.
+
+Forward: per-token int8 activations and ternary weights (fake-quantized, straight-through estimator: gradients
+reach the full-precision latent weights as if quantization were the identity). The weight scale of each HF tensor
+is its absmean over the *whole* HF tensor — although Megatron fuses q/k/v (and gate/up) into one weight and shards
+every weight across TP ranks — so each rank sums |W| per HF tensor ("segment") over its rows, the sums are
+all-reduced over the TP group, and rows replicated for TP (Mamba B/C groups) count once. Row-parallel inputs are
+sharded along the hidden dimension, so their per-token absmax is all-reduced (max) too. Result: the same quantized
+model at every TP, equal to HF's BitLinear inference.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+from falcon_bridge.core import ternary
+from falcon_bridge.megatron.model import NormColumnParallelLinear
+
+
+def _all_reduce(t: torch.Tensor, group, op=torch.distributed.ReduceOp.SUM) -> torch.Tensor:
+    if group is not None and group.size() > 1:
+        torch.distributed.all_reduce(t, op=op, group=group)
+    return t
+
+
+class _TernaryWeight:
+    """Per-row view of which HF tensor each local row belongs to: `segment` (long [rows]), `row_weight`
+    ([rows], 1/replicas), `numel` ([segments], elements of each whole HF tensor)."""
+
+    def set_segments(self, segment: torch.Tensor, row_weight: torch.Tensor, numel: torch.Tensor) -> None:
+        device = self.weight.device
+        self.register_buffer("bitnet_segment", segment.to(device), persistent=False)
+        # fp64 sums: the partial sums of each rank add up to the same scale, whatever the TP (fp32 sums in another
+        # order can move the scale by an ulp and flip the rounding of weights sitting on a .5 boundary)
+        self.register_buffer("bitnet_row_weight", row_weight.to(device, torch.float64), persistent=False)
+        self.register_buffer("bitnet_numel", numel.to(device, torch.float64), persistent=False)
+
+    def quantized_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            abs_rows = weight.double().abs().reshape(weight.shape[0], -1).sum(1) * self.bitnet_row_weight
+            sums = torch.zeros_like(self.bitnet_numel).index_add_(0, self.bitnet_segment, abs_rows)
+            mean = _all_reduce(sums, self.tp_group) / self.bitnet_numel
+            scale = (1.0 / mean.clamp_min(ternary.EPS))[self.bitnet_segment].unsqueeze(1).float()
+        return ternary.ste(weight, ternary.weight_fake_quant(weight, scale))
+
+
+class BitNetColumnParallelLinear(_TernaryWeight, ColumnParallelLinear):
+    """Column-parallel: the input is the full hidden vector on every rank, so its absmax is local."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        x = ternary.ste(input, ternary.activation_fake_quant(input))
+        return super()._forward_impl(x, self.quantized_weight(weight), *args, **kwargs)
+
+
+class BitNetNormColumnParallelLinear(NormColumnParallelLinear, BitNetColumnParallelLinear):
+    """The MLP's fc1 (pre-norm fused) as a BitNet layer: norm, then quantize, then the linear."""
+
+
+class BitNetRowParallelLinear(_TernaryWeight, RowParallelLinear):
+    """Row-parallel: each rank holds a slice of the input's hidden dimension; the absmax is reduced across TP."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        with torch.no_grad():
+            absmax = _all_reduce(input.float().abs().amax(-1, keepdim=True), self.tp_group,
+                                 torch.distributed.ReduceOp.MAX)
+        x = ternary.ste(input, ternary.activation_fake_quant(input, absmax))
+        return super()._forward_impl(x, self.quantized_weight(weight), *args, **kwargs)
+
+
+# ---- which HF tensor each local row belongs to ------------------------------------------------------------------
+def assign_segments(layer, config, tp_rank: int, tp_size: int) -> None:
+    """Tell each BitNet linear of a FalconH1Layer which HF tensor each of its local rows comes from."""
+    h = config.hidden_size
+    attn, mixer, mlp = layer.self_attention, layer.mamba_mixer, layer.mlp
+    q_width = config.num_attention_heads * config.kv_channels
+    attn.linear_qkv.set_segments(*qkv_segments(config.num_attention_heads, config.num_query_groups,
+                                               config.kv_channels, h, tp_rank, tp_size))
+    attn.linear_proj.set_segments(*whole_tensor_segment(h, h * q_width))
+    hf_groups = config.mamba_hf_num_groups or mixer.ngroups
+    hf_rows = 2 * mixer.d_inner + 2 * hf_groups * mixer.d_state + mixer.nheads
+    mixer.in_proj.set_segments(*in_proj_segments(mixer.d_inner, mixer.ngroups, mixer.d_state, mixer.nheads,
+                                                 mixer.ngroups // hf_groups, h, tp_size, hf_rows))
+    mixer.out_proj.set_segments(*whole_tensor_segment(h, h * mixer.d_inner))
+    mlp.linear_fc1.set_segments(*gate_up_segments(config.ffn_hidden_size, h, tp_size))
+    mlp.linear_fc2.set_segments(*whole_tensor_segment(h, h * config.ffn_hidden_size))
+
+
+def qkv_segments(num_heads: int, num_groups: int, head_dim: int, hidden: int, tp_rank: int, tp_size: int):
+    """linear_qkv: global rows interleave [q of group g | k_g | v_g]; ranks hold contiguous slices."""
+    per_group = (num_heads // num_groups + 2) * head_dim
+    total = per_group * num_groups
+    rows = torch.arange(tp_rank * total // tp_size, (tp_rank + 1) * total // tp_size)
+    offset = rows % per_group
+    q_rows = num_heads // num_groups * head_dim
+    segment = (offset >= q_rows).long() + (offset >= q_rows + head_dim).long()  # 0 q, 1 k, 2 v
+    numel = torch.tensor([num_heads * head_dim * hidden, num_groups * head_dim * hidden,
+                          num_groups * head_dim * hidden])
+    return segment, torch.ones(len(rows)), numel
+
+
+def gate_up_segments(ffn: int, hidden: int, tp_size: int):
+    """linear_fc1: each rank holds [gate_r; up_r]."""
+    local = ffn // tp_size
+    return torch.cat([torch.zeros(local), torch.ones(local)]).long(), torch.ones(2 * local), \
+        torch.tensor([ffn * hidden, ffn * hidden])
+
+
+def in_proj_segments(d_inner: int, groups: int, state: int, heads: int, replicas: int, hidden: int, tp_size: int,
+                     hf_rows: int):
+    """Mamba in_proj: one HF tensor; each rank holds [z_r|x_r|B_r|C_r|dt_r], B/C rows replicated `replicas` times."""
+    sizes = [d_inner // tp_size] * 2 + [groups * state // tp_size] * 2 + [heads // tp_size]
+    weight = torch.cat([torch.full((n,), 1.0 / replicas if i in (2, 3) else 1.0) for i, n in enumerate(sizes)])
+    return torch.zeros(sum(sizes)).long(), weight, torch.tensor([hf_rows * hidden])
+
+
+def whole_tensor_segment(local_rows: int, full_numel: int):
+    """A weight that is one HF tensor (row-parallel layers: o_proj, out_proj, down_proj)."""
+    return torch.zeros(local_rows).long(), torch.ones(local_rows), torch.tensor([full_numel])
