@@ -5,9 +5,10 @@ import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from conftest import TINY_CARDS
+from safetensors import safe_open
+from test_roundtrip import assert_bit_identical, hf_tensors
+
 from falcon_bridge.converters.export_hf import export_hf
 from falcon_bridge.converters.import_hf import import_hf
 from falcon_bridge.converters.verify import compare_logits, hf_logits, sample_tokens, verify
@@ -16,7 +17,6 @@ from falcon_bridge.core.mapping import is_bitnet_linear
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput
 from falcon_bridge.megatron.runtime import launch, megatron_logits_worker
-from test_roundtrip import assert_bit_identical, hf_tensors
 
 TOKENS = sample_tokens(256, batch=2, seq_len=24, seed=7)
 CARDS = [c for c in TINY_CARDS if c != "tiny-attn-width"]  # 6 attention heads: TP=4 does not divide them

@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 
 from falcon_bridge.core import mup
-from falcon_bridge.core.mapping import (Ctx, entries, hf_tensor_shapes, is_bitnet_linear,
-                                         megatron_extra_state_keys)
+from falcon_bridge.core.mapping import Ctx, entries, hf_tensor_shapes, is_bitnet_linear, megatron_extra_state_keys
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg

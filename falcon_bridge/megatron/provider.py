@@ -140,8 +140,11 @@ class FalconH1ModelProvider:
             from megatron.core.transformer.dot_product_attention import DotProductAttention
             from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-            from falcon_bridge.megatron.bitnet import (BitNetColumnParallelLinear, BitNetNormColumnParallelLinear,
-                                                       BitNetRowParallelLinear)
+            from falcon_bridge.megatron.bitnet import (
+                BitNetColumnParallelLinear,
+                BitNetNormColumnParallelLinear,
+                BitNetRowParallelLinear,
+            )
 
             return WrappedTorchNorm, BitNetColumnParallelLinear, BitNetRowParallelLinear, \
                 BitNetNormColumnParallelLinear, DotProductAttention
