@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from falcon_bridge.converters.create_random import create_random
+from falcon_bridge.core.config import FalconH1Arch
 from falcon_bridge.formats.cards import all_cards, load_card
 
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -21,3 +22,22 @@ def tiny_hf(tmp_path_factory) -> dict[str, Path]:
         out[name] = root / name
         create_random(load_card(name), out[name], seed=1, dtype=torch.float32)
     return out
+
+
+def edited_megatron_checkpoint(src: Path, dst: Path, edit) -> Path:
+    """A copy of a falcon-bridge Megatron checkpoint whose global tensors went through `edit(tensors)` — e.g. what
+    training (or a bug) could have done to them."""
+    from falcon_bridge.core.mapping import megatron_extra_state_keys
+    from falcon_bridge.formats import megatron as mg
+
+    it_dir = src / "iter_0000000"
+    reader = mg.TorchDistReader(it_dir)
+    tensors = {k: reader.get(k) for k in reader.tensors}
+    edit(tensors)
+    run_config = mg.read_run_config(it_dir)
+    arch = FalconH1Arch.from_dict(run_config["architecture"])
+    mg.write_torch_dist(dst / "iter_0000000", {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()},
+                        tensors.__getitem__, objects=dict.fromkeys(megatron_extra_state_keys(arch)))
+    mg.write_run_config(dst / "iter_0000000", run_config)
+    mg.write_tracker(dst)
+    return dst

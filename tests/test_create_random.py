@@ -44,3 +44,16 @@ def test_weights_are_realistic_and_reproducible(tmp_path):
     dt = torch.nn.functional.softplus(dt_bias)
     assert (dt > 9e-4).all() and (dt < 0.11).all()
     assert not torch.allclose(d, torch.ones_like(d)) and not torch.allclose(norm, torch.ones_like(norm))
+
+
+def test_a_small_tokenizer_is_built_offline_with_the_configs_special_ids(tmp_path):
+    from transformers import AutoTokenizer
+
+    card = load_card("tiny-vocab-pad")  # vocabularies under 512 ids get none (too small for byte-level BPE)
+    summary = create_random(card, tmp_path / "ckpt", dtype=torch.float32)
+    assert "tokenizer.json" in summary["tokenizer_files"]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    ids = tokenizer("Falcon-H1 is a parallel hybrid").input_ids
+    assert tokenizer.decode(ids) == "Falcon-H1 is a parallel hybrid" and max(ids) < card.arch.vocab_size
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    assert create_random(load_card("tiny-mup"), tmp_path / "small", dtype=torch.float32)["tokenizer_files"] == []

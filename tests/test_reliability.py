@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from conftest import edited_megatron_checkpoint
 from safetensors.torch import load_file, save_file
 
 from falcon_bridge.converters.create_random import create_random
@@ -105,17 +106,8 @@ def megatron_ckpt(src, tmp_path):
 
 
 def test_export_refuses_nan_by_default(megatron_ckpt, tmp_path):
-    from falcon_bridge.formats import megatron as mg
-
-    it_dir = megatron_ckpt / "iter_0000000"
-    reader = mg.TorchDistReader(it_dir)
-    tensors = {k: reader.get(k) for k in reader.tensors}
-    tensors["decoder.layers.1.mamba_mixer.D"][2] = float("inf")
-    bad = tmp_path / "bad"
-    mg.write_torch_dist(bad / "iter_0000000", {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()},
-                        tensors.__getitem__)
-    mg.write_run_config(bad / "iter_0000000", mg.read_run_config(it_dir))
-    mg.write_tracker(bad)
+    bad = edited_megatron_checkpoint(megatron_ckpt, tmp_path / "bad",
+                                     lambda t: t["decoder.layers.1.mamba_mixer.D"].__setitem__(2, float("inf")))
     with pytest.raises(BadInput, match="decoder.layers.1.mamba_mixer.D holds NaN or Inf"):
         export_hf(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -57,6 +57,17 @@ def test_collapse_groups_averages_diverged_replicas_and_reports_it():
     assert back.squeeze(1).tolist() == [2, 3] and divergence == 2.0
 
 
+def test_all_finite():
+    t = torch.randn(100)
+    assert T.all_finite(t) and T.all_finite(torch.arange(3))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = t.clone()
+        u[17] = bad
+        assert not T.all_finite(u)
+    big = torch.full((4,), 3e38)  # the fp32 sum overflows, the values are finite
+    assert T.all_finite(big)
+
+
 def test_vocab_padding():
     assert T.padded_vocab_size(1001, tp=2, divisible_by=128) == 1024
     assert T.padded_vocab_size(32784, tp=1, divisible_by=16) == 32784

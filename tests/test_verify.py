@@ -5,11 +5,11 @@ import subprocess
 import sys
 
 import torch
+from conftest import edited_megatron_checkpoint
 
 from falcon_bridge.converters.import_hf import import_hf
 from falcon_bridge.converters.verify import verify
 from falcon_bridge.core.parallel import MegatronLayout
-from falcon_bridge.formats import megatron as mg
 
 
 def test_json_report_passes_and_then_points_at_a_corrupted_mamba_branch(tiny_hf, tmp_path):
@@ -27,18 +27,18 @@ def test_json_report_passes_and_then_points_at_a_corrupted_mamba_branch(tiny_hf,
     assert (2, "mamba") in components and len(components) == 2 + 3 * 4
 
     # the same checkpoint with layer 2's Mamba out_proj off by 1 %: the report must point there, not later
-    it_dir = tmp_path / "good" / "iter_0000000"
-    reader = mg.TorchDistReader(it_dir)
-    tensors = {k: reader.get(k) for k in reader.tensors}
-    tensors["decoder.layers.2.mamba_mixer.out_proj.weight"] *= 1.01
-    bad = tmp_path / "bad"
-    mg.write_torch_dist(bad / "iter_0000000", {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()},
-                        tensors.__getitem__, objects=dict.fromkeys(
-                            k for k in reader._reader.read_metadata().state_dict_metadata if "_extra_state" in k))
-    mg.write_run_config(bad / "iter_0000000", mg.read_run_config(it_dir))
-    mg.write_tracker(bad)
+    bad = edited_megatron_checkpoint(tmp_path / "good", tmp_path / "bad",
+                                     lambda t: t["decoder.layers.2.mamba_mixer.out_proj.weight"].mul_(1.01))
     report = verify(hf, bad, tp=1, pp=2, dtype=torch.float32)
     assert not report.passed
     assert report.first_divergence == {"layer": 2, "component": "mamba"}
     rows = {(r["layer"], r["component"]): r for r in report.layers}
     assert rows[(1, "mlp")]["relative"] < 1e-5 and rows[(2, "mamba")]["relative"] > 1e-3
+
+
+def test_prompt_is_tokenized_with_the_checkpoints_tokenizer_carried_through_import(tiny_hf, tmp_path):
+    hf = tiny_hf["tiny-vocab-pad"]  # large enough a vocabulary for create-random's tokenizer
+    summary = import_hf(str(hf), tmp_path / "mg", MegatronLayout())
+    assert (tmp_path / "mg" / "iter_0000000" / "tokenizer.json").exists()
+    report = verify(hf, tmp_path / "mg", prompt="Falcon-H1 runs attention and Mamba side by side")
+    assert report.passed and summary["tensors"] > 0

@@ -15,6 +15,7 @@ from falcon_bridge.core.mapping import hf_tensor_shapes
 from falcon_bridge.formats.cards import Card
 from falcon_bridge.formats.hf import ShardedSafetensorsWriter, write_config
 from falcon_bridge.formats.output import atomic_output_dir
+from falcon_bridge.formats.tokenizer import build_tokenizer
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
@@ -62,7 +63,9 @@ def create_random(card: Card, out: Path, seed: int = 0, dtype: torch.dtype = tor
                 progress(i + 1, len(shapes), name)
         writer.close()
         write_config(tmp, arch, dtype)
+        tokenizer = build_tokenizer(arch, tmp)
     return {"command": "create-random", "card": card.name, "output": str(out), "seed": seed,
             "dtype": str(dtype).removeprefix("torch."), "tensors": len(shapes),
             "parameters": sum(math.prod(s) for s in shapes.values()), "files": writer.file_names,
+            "tokenizer_files": tokenizer,
             "seconds": round(time.perf_counter() - t0, 2)}

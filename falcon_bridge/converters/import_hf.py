@@ -9,9 +9,11 @@ from pathlib import Path
 
 import torch
 
+from falcon_bridge.converters.megatron_sink import MegatronSink
 from falcon_bridge.core import mup
-from falcon_bridge.core.mapping import Ctx, entries, hf_tensor_shapes, is_bitnet_linear, megatron_extra_state_keys
+from falcon_bridge.core.mapping import Ctx, Entry, entries, hf_tensor_shapes, is_bitnet_linear
 from falcon_bridge.core.parallel import MegatronLayout
+from falcon_bridge.core.transforms import all_finite
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.hf import HFCheckpoint, copy_tokenizer, resolve_source
@@ -72,46 +74,27 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
     check_tensors(ckpt, allow_extra)
     hf_dtype = ckpt.tensors["model.embed_tokens.weight"].dtype
     store_dtype = dtype or hf_dtype
-    ctx = Ctx(arch, layout)
-    plan = entries(arch)
-
-    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    owner = {}
-    for e in plan:
-        for key, shape in e.megatron_keys(ctx).items():
-            shapes[key], owner[key] = (shape, store_dtype), e
+    sink = MegatronSink(Ctx(arch, layout), entries(arch), lambda e: store_dtype)
     # The HF dtype of every tensor whose dtype differs from the embedding's, so export restores it exactly.
     odd_dtypes = {n: str(i.dtype).removeprefix("torch.") for n, i in ckpt.tensors.items() if i.dtype != hf_dtype}
 
-    current: dict = {"entry": None, "pieces": {}}
-    done = 0
-
-    def produce(key: str) -> torch.Tensor:
-        nonlocal done
-        e = owner[key]
-        if current["entry"] is not e:  # DCP asks for an entry's pieces one after another
-            current["entry"] = e
-            hf = [ckpt.get(n) for n in e.hf]
-            if check_finite:
-                for n, t in zip(e.hf, hf):
-                    if not torch.isfinite(t).all():
-                        raise BadInput(f"{ckpt.tensors[n].file}: tensor {n} holds NaN or Inf values")
-            if mup_mode == "fold":
-                hf = [mup.fold(arch, n, t, torch.float64) for n, t in zip(e.hf, hf)]  # rounded once below
-            current["pieces"] = e.transform.to_megatron(ctx, *hf)
-            done += 1
-            if progress:
-                progress(done, len(plan), e.megatron)
-        return current["pieces"][key[len(e.megatron):]].to(store_dtype).contiguous()
+    def hf_tensors(e: Entry) -> list[torch.Tensor]:
+        hf = [ckpt.get(n) for n in e.hf]
+        if check_finite:
+            for n, t in zip(e.hf, hf):
+                if not all_finite(t):
+                    raise BadInput(f"{ckpt.tensors[n].file}: tensor {n} holds NaN or Inf values")
+        if mup_mode == "fold":
+            hf = [mup.fold(arch, n, t, torch.float64) for n, t in zip(e.hf, hf)]  # rounded once, when written
+        return hf
 
     sources = {str(f): sha256_file(f) for f in ckpt.files()}
     options = {"source": str(src), "tp": layout.tp, "pp": layout.pp, "pp_layers": layout.pp_layers,
                "dtype": str(store_dtype), "mup": mup_mode, "allow_extra": allow_extra, "bitnet": bitnet}
-    with atomic_output_dir(out, overwrite, sum(math.prod(s) * d.itemsize for s, d in shapes.values()),
-                           {"name": "import-hf", "argv": argv, "options": options}, sources) as tmp:
+    with atomic_output_dir(out, overwrite, sink.total_bytes, {"name": "import-hf", "argv": argv, "options": options},
+                           sources) as tmp:
         it_dir = tmp / mg.iteration_dir_name(0)
-        mg.write_torch_dist(it_dir, shapes, produce, objects=dict.fromkeys(megatron_extra_state_keys(arch)))
-        current["pieces"] = {}
+        sink.write(it_dir, hf_tensors, progress)
         tokenizer = copy_tokenizer(ckpt.tokenizer_files(), it_dir)
         run_config = mg.run_config(
             arch, layout, store_dtype, hf_dtype=str(hf_dtype).removeprefix("torch."), hf_odd_dtypes=odd_dtypes,
@@ -121,8 +104,8 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
         mg.write_tracker(tmp, 0)
     return {
         "command": "import-hf", "source": str(src), "output": str(out), "tp": layout.tp, "pp": layout.pp,
-        "dtype": run_config["dtype"], "mup": mup_mode, "bitnet": bitnet, "tensors": len(shapes),
-        "parameters": sum(math.prod(s) for s, _ in shapes.values()),
+        "dtype": run_config["dtype"], "mup": mup_mode, "bitnet": bitnet, "tensors": len(sink.shapes),
+        "parameters": sum(math.prod(s) for s, _ in sink.shapes.values()),
         "mamba_groups": layout.mamba_groups(arch), "seconds": round(time.perf_counter() - t0, 2),
         "warnings": warnings,
     }

@@ -16,7 +16,7 @@ import torch
 from falcon_bridge.core.config import FalconH1Arch
 from falcon_bridge.core.mapping import Ctx, Entry, MambaSegments, entries, megatron_tensor_shapes
 from falcon_bridge.core.parallel import MegatronLayout
-from falcon_bridge.core.transforms import collapse_groups
+from falcon_bridge.core.transforms import all_finite, collapse_groups
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.cards import load_card
@@ -47,7 +47,7 @@ class MegatronSource:
         pieces = self.reader.get_many(list(keys))
         if check_finite:
             for key, t in pieces.items():
-                if t.is_floating_point() and not torch.isfinite(t).all():
+                if not all_finite(t):
                     raise BadInput(f"{self.it_dir}: tensor {key} holds NaN or Inf values")
         tensors = entry.transform.to_hf(self.ctx, {k[len(entry.megatron):]: v for k, v in pieces.items()})
         if self.layout.group_factor(self.arch) > 1 and isinstance(entry.transform, MambaSegments):

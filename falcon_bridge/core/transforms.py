@@ -79,6 +79,15 @@ def collapse_groups(bc: torch.Tensor, n_groups: int, factor: int) -> tuple[torch
     return copies.float().mean(dim=1).to(bc.dtype).reshape(-1, *rest).contiguous(), divergence
 
 
+# ---- checks ----------------------------------------------------------------------------------------------------
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf. One fp32 sum first (a NaN or Inf anywhere makes it non-finite; weights never overflow an fp32
+    accumulator), the elementwise check only to confirm: far cheaper than isfinite(t).all() on every tensor."""
+    if not t.is_floating_point() or torch.isfinite(t.sum(dtype=torch.float32)):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 # ---- vocabulary padding (Megatron pads the vocab so it splits evenly across TP ranks) ---------------------------
 def pad_vocab(w: torch.Tensor, padded_size: int) -> torch.Tensor:
     """Append zero rows up to padded_size (padded logits are sliced off; padded ids never occur)."""

@@ -21,8 +21,15 @@ from falcon_bridge.converters.verify import compare_logits, hf_logits, sample_to
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.cards import load_card
-from falcon_bridge.megatron.runtime import (causal_mask, init_distributed, launch, load_model, pipeline_forward,
-                                            provider_from_checkpoint, shutdown_distributed)
+from falcon_bridge.megatron.runtime import (
+    causal_mask,
+    init_distributed,
+    launch,
+    load_model,
+    pipeline_forward,
+    provider_from_checkpoint,
+    shutdown_distributed,
+)
 
 
 def train_worker(rank: int, root: str, out: str, tp: int, steps: int, batch: torch.Tensor, probe: torch.Tensor):
