@@ -162,3 +162,14 @@ def test_roundtrip_property(arch, first, second, data, tmp_path_factory):
     reshard(tmp / "a", tmp / "b", MegatronLayout(*second))
     export_hf(tmp / "b", tmp / "hf")
     assert_bit_identical(tmp / "src", tmp / "hf")
+
+
+@pytest.mark.slow
+def test_half_billion_card_round_trip_is_bit_identical(tmp_path):
+    """The released 0.5B shape (bf16, 521,411,104 parameters): import at TP=2 (one Mamba group replicated),
+    reshard to PP=2, export — byte for byte the source."""
+    create_random(load_card("falcon-h1-0.5b"), tmp_path / "src", seed=0, dtype=torch.bfloat16)
+    import_hf(str(tmp_path / "src"), tmp_path / "a", MegatronLayout(tp=2))
+    reshard(tmp_path / "a", tmp_path / "b", MegatronLayout(tp=1, pp=2))
+    export_hf(tmp_path / "b", tmp_path / "hf")
+    assert_bit_identical(tmp_path / "src", tmp_path / "hf")

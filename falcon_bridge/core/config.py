@@ -6,7 +6,7 @@ Pure: no file I/O here (cards and config.json are read in `falcon_bridge.formats
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from falcon_bridge.errors import BadInput
@@ -61,9 +61,6 @@ class Multipliers:
         out["ssm_multipliers"] = list(self.ssm)
         out["mlp_multipliers"] = list(self.mlp)
         return out
-
-    def is_identity(self) -> bool:
-        return all(v == 1.0 for v in self.flat())
 
     def flat(self) -> list[float]:
         return [getattr(self, n) for n in self.SCALAR_KEYS] + list(self.ssm) + list(self.mlp)
@@ -147,9 +144,6 @@ class FalconH1Arch:
         from falcon_bridge.core.mapping import hf_tensor_shapes  # the shapes are defined once, by the map
 
         return sum(math.prod(s) for s in hf_tensor_shapes(self).values())
-
-    def with_groups(self, n_groups: int) -> FalconH1Arch:
-        return replace(self, mamba_n_groups=n_groups)
 
     # ---- validation ----------------------------------------------------------------------------------------
     def validate(self) -> FalconH1Arch:
