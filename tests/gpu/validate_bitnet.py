@@ -63,6 +63,27 @@ def train_worker(rank: int, root: str, out: str, tp: int, steps: int, batch: tor
         shutdown_distributed()
 
 
+def kernel_agreement() -> dict:
+    """onebitllms' Triton quantizers against our torch reference (falcon_bridge.core.ternary) on the same inputs:
+    the fraction of values that differ (only exact .5 ties can: floor(x+0.5) vs round-half-even)."""
+    from onebitllms.kernels import activation_quant_triton, weight_quant_triton
+
+    from falcon_bridge.core import ternary
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(4, 512, 3072, device="cuda", generator=g).to(dtype)
+        a, b = activation_quant_triton(x), ternary.activation_fake_quant(x)
+        out[f"activation_{dtype}"] = {"differing_fraction": (a != b).float().mean().item(),
+                                      "max_abs_diff": (a.float() - b.float()).abs().max().item()}
+        w = (0.02 * torch.randn(3072, 1024, device="cuda", generator=g)).to(dtype)
+        a, b = weight_quant_triton(w), ternary.weight_fake_quant(w)
+        out[f"weight_{dtype}"] = {"differing_fraction": (a != b).float().mean().item(),
+                                  "max_abs_diff": (a.float() - b.float()).abs().max().item()}
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--card", default="falcon-h1-0.5b")
@@ -87,7 +108,12 @@ def main(argv=None) -> dict:
         export_hf(trained, tmp / "packed", fmt="packed")
         reference = hf_logits(tmp / "packed", probe, torch.float32, "cuda" if torch.cuda.is_available() else "cpu")
     r = compare_logits(reference, logits, tolerance=1e-2)
-    result = {"card": card.name, "tp": args.tp, "steps": args.steps, "losses": losses,
+    from falcon_bridge.megatron.bitnet import onebitllms_activation_kernel
+
+    kernels = {"onebitllms_activation_kernel": onebitllms_activation_kernel() is not None}
+    if torch.cuda.is_available():
+        kernels["agreement_with_torch_reference"] = kernel_agreement()
+    result = {"card": card.name, "tp": args.tp, "steps": args.steps, "losses": losses, **kernels,
               "loss_falls": all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0],
               **{f"packed_vs_megatron_{k}": v for k, v in r.to_dict().items()}}
     result["passed"] = result["loss_falls"] and r.passed and r.argmax_agreement >= 0.95
