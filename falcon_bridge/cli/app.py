@@ -23,6 +23,12 @@ err = Console(stderr=True)
 STATE = {"debug": False}
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
+# options several commands share
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print a JSON summary.")]
+PPLayers = Annotated[str | None, typer.Option(help="Layers per pipeline stage, e.g. 10,12,14.")]
+ArchCard = Annotated[str | None, typer.Option(help="Architecture, for checkpoints without our run config.")]
+ArchConfig = Annotated[Path | None, typer.Option(help="Architecture from an HF config.json instead.")]
+
 
 def torch_dtype(name: str | None):
     import torch
@@ -82,7 +88,7 @@ def create_random(
     dtype: Annotated[str, typer.Option(help="bf16 | fp32")] = "bf16",
     max_shard_size: Annotated[int, typer.Option(help="Bytes per safetensors shard.")] = 2 * 1024**3,
     overwrite: bool = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+    as_json: JsonFlag = False,
 ):
     """Write an HF checkpoint of a card's exact shape with random, realistic weights (streamed)."""
     from falcon_bridge.converters.create_random import create_random as run
@@ -99,7 +105,7 @@ def import_hf(
     output: Annotated[Path, typer.Argument(help="Output Megatron checkpoint directory.")],
     tp: Annotated[int, typer.Option(help="Tensor-parallel size the checkpoint is prepared for.")] = 1,
     pp: Annotated[int, typer.Option(help="Pipeline-parallel size.")] = 1,
-    pp_layers: Annotated[str | None, typer.Option(help="Layers per pipeline stage, e.g. 10,12,14.")] = None,
+    pp_layers: PPLayers = None,
     dtype: Annotated[str | None, typer.Option(help="bf16 | fp32 (default: the source's dtype)")] = None,
     mup: Annotated[str, typer.Option(help="preserve: the model applies the µP multipliers; fold: into the weights")
                    ] = "preserve",
@@ -108,7 +114,7 @@ def import_hf(
     allow_extra: Annotated[bool, typer.Option(help="Ignore tensors the architecture does not use.")] = False,
     check_finite: Annotated[bool, typer.Option(help="Refuse NaN/Inf weights.")] = False,
     overwrite: bool = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+    as_json: JsonFlag = False,
 ):
     """Convert a Hugging Face Falcon-H1 checkpoint into a Megatron torch_dist checkpoint (streaming)."""
     from falcon_bridge.converters.import_hf import import_hf as run
@@ -125,8 +131,8 @@ def import_hf(
 def export_hf(
     source: Annotated[Path, typer.Argument(help="Megatron checkpoint directory (any TP/PP).")],
     output: Annotated[Path, typer.Argument(help="Output HF directory.")],
-    card: Annotated[str | None, typer.Option(help="Architecture, for checkpoints without our run config.")] = None,
-    hf_config: Annotated[Path | None, typer.Option(help="Architecture from an HF config.json instead.")] = None,
+    card: ArchCard = None,
+    hf_config: ArchConfig = None,
     dtype: Annotated[str | None, typer.Option(help="bf16 | fp32 (default: the HF source's dtype)")] = None,
     max_shard_size: Annotated[int, typer.Option(help="Bytes per safetensors shard.")] = 5 * 10**9,
     check_finite: Annotated[bool, typer.Option(help="Refuse NaN/Inf weights.")] = True,
@@ -135,7 +141,7 @@ def export_hf(
     fmt: Annotated[str, typer.Option("--format", help="BitNet checkpoints: latent | packed (transformers bitnet) | "
                                                       "dequantized")] = "latent",
     overwrite: bool = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+    as_json: JsonFlag = False,
 ):
     """Convert a Megatron torch_dist checkpoint into a Hugging Face Falcon-H1 checkpoint (streaming, one process)."""
     from falcon_bridge.converters.export_hf import export_hf as run
@@ -153,11 +159,11 @@ def reshard(
     output: Annotated[Path, typer.Argument(help="Output Megatron checkpoint directory.")],
     tp: int = 1,
     pp: int = 1,
-    pp_layers: Annotated[str | None, typer.Option(help="Layers per pipeline stage, e.g. 10,12,14.")] = None,
-    card: Annotated[str | None, typer.Option(help="Architecture, for checkpoints without our run config.")] = None,
-    hf_config: Annotated[Path | None, typer.Option(help="Architecture from an HF config.json instead.")] = None,
+    pp_layers: PPLayers = None,
+    card: ArchCard = None,
+    hf_config: ArchConfig = None,
     overwrite: bool = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+    as_json: JsonFlag = False,
 ):
     """Rewrite a Megatron checkpoint for another TP/PP, offline on CPU (streaming)."""
     from falcon_bridge.converters.reshard import reshard as run

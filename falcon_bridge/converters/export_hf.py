@@ -11,7 +11,7 @@ import torch
 
 from falcon_bridge.converters.megatron_source import open_megatron_checkpoint
 from falcon_bridge.core import mup, ternary
-from falcon_bridge.core.mapping import is_bitnet_linear
+from falcon_bridge.core.mapping import bitnet_scale_name, is_bitnet_linear
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats.hf import ShardedSafetensorsWriter, copy_tokenizer, write_config
 from falcon_bridge.formats.output import atomic_output_dir
@@ -46,7 +46,7 @@ def export_hf(src: Path, out: Path, card: str | None = None, hf_config: Path | N
     def written(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         if fmt == "packed" and is_bitnet_linear(name):
             return [(name, (shape[0] // 4, *shape[1:]), torch.uint8),
-                    (name.removesuffix("weight") + "weight_scale", (1,), dtype_of(name))]
+                    (bitnet_scale_name(name), (1,), dtype_of(name))]
         return [(name, shape, dtype_of(name))]
 
     layout = [item for e in plan for name, shape in zip(e.hf, e.hf_shapes) for item in written(name, shape)]
@@ -63,7 +63,7 @@ def export_hf(src: Path, out: Path, card: str | None = None, hf_config: Path | N
                 if fmt == "packed" and is_bitnet_linear(name):
                     packed, scale = ternary.pack_checkpoint_tensor(tensor.float())
                     writer.put(name, packed)
-                    writer.put(name.removesuffix("weight") + "weight_scale", scale.to(dtype_of(name)))
+                    writer.put(bitnet_scale_name(name), scale.to(dtype_of(name)))
                 elif fmt == "dequantized" and is_bitnet_linear(name):
                     writer.put(name, ternary.weight_fake_quant(tensor.float()).to(dtype_of(name)))
                 else:

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from falcon_bridge.core.config import FalconH1Arch
-from falcon_bridge.core.mapping import Ctx, Entry, MambaSegments, entries, megatron_tensor_shapes
+from falcon_bridge.core.mapping import Ctx, Entry, entries, megatron_tensor_shapes
 from falcon_bridge.core.parallel import MegatronLayout
-from falcon_bridge.core.transforms import all_finite, collapse_groups
+from falcon_bridge.core.transforms import all_finite
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.cards import load_card
@@ -49,16 +49,11 @@ class MegatronSource:
             for key, t in pieces.items():
                 if not all_finite(t):
                     raise BadInput(f"{self.it_dir}: tensor {key} holds NaN or Inf values")
-        tensors = entry.transform.to_hf(self.ctx, {k[len(entry.megatron):]: v for k, v in pieces.items()})
-        if self.layout.group_factor(self.arch) > 1 and isinstance(entry.transform, MambaSegments):
-            self._record_divergence(entry, pieces)
+        tensors, divergence = entry.transform.to_hf_reporting(
+            self.ctx, {k[len(entry.megatron):]: v for k, v in pieces.items()})
+        if divergence > 0:  # training updated the replicas separately: they were averaged; the caller reports it
+            self.divergence[entry.hf[0]] = divergence
         return dict(zip(entry.hf, tensors))
-
-    def _record_divergence(self, entry: Entry, pieces: dict[str, torch.Tensor]) -> None:
-        worst = max(collapse_groups(pieces[entry.megatron + s], self.arch.mamba_n_groups,
-                                    self.layout.group_factor(self.arch))[1] for s in (".B", ".C"))
-        if worst > 0:  # training updated the replicas separately: to_hf averaged them; the caller reports it
-            self.divergence[entry.hf[0]] = worst
 
     @property
     def bitnet(self) -> bool:
@@ -77,9 +72,10 @@ class MegatronSource:
         return [self.it_dir / f for f in TOKENIZER_FILES if (self.it_dir / f).exists()]
 
     def hf_dtype(self, name: str) -> torch.dtype:
-        """The dtype the HF source had for this tensor (falcon-bridge checkpoints), else the stored dtype."""
+        """The dtype the HF source had for this tensor (falcon-bridge checkpoints), else the embedding's stored
+        dtype."""
         if self.run_config is None:
-            return self.reader.tensors[next(iter(self.reader.tensors))][1]
+            return self.reader.tensors["embedding.word_embeddings.weight"][1]
         odd = self.run_config.get("hf_odd_dtypes", {})
         return getattr(torch, odd.get(name, self.run_config["hf_dtype"]))
 

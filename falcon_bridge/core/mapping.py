@@ -42,6 +42,10 @@ class Transform:
     def to_hf(self, ctx: Ctx, mg: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
+    def to_hf_reporting(self, ctx: Ctx, mg: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], float]:
+        """to_hf, plus how far copies that should be identical (replicated Mamba groups) had drifted apart."""
+        return self.to_hf(ctx, mg), 0.0
+
     def megatron_shapes(self, ctx: Ctx, hf_shapes: list[Shape]) -> dict[str, Shape]:
         return {"": hf_shapes[0]}
 
@@ -111,10 +115,15 @@ class MambaSegments(Transform):
         return {f".{s}": p for s, p in parts.items()}
 
     def to_hf(self, ctx, mg):
+        return self.to_hf_reporting(ctx, mg)[0]
+
+    def to_hf_reporting(self, ctx, mg):
         parts = {s: mg[f".{s}"] for s in self.segments}
+        divergence = 0.0
         for s in ("B", "C"):
-            parts[s], _ = T.collapse_groups(parts[s], ctx.arch.mamba_n_groups, ctx.group_factor)
-        return (T.join_rows(parts, self.segments),)
+            parts[s], d = T.collapse_groups(parts[s], ctx.arch.mamba_n_groups, ctx.group_factor)
+            divergence = max(divergence, d)
+        return (T.join_rows(parts, self.segments),), divergence
 
     def megatron_shapes(self, ctx, hf_shapes):
         rest = hf_shapes[0][1:]
@@ -196,6 +205,11 @@ BITNET_LINEARS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_at
 
 def is_bitnet_linear(hf_name: str) -> bool:
     return hf_name.startswith("model.layers.") and hf_name.endswith(BITNET_LINEARS)
+
+
+def bitnet_scale_name(weight_name: str) -> str:
+    """The packed format's companion of `X.weight`: `X.weight_scale`."""
+    return weight_name.removesuffix("weight") + "weight_scale"
 
 
 # megatron-core's parallel linear layers carry an `_extra_state` object (None for the local backend, FP8 metadata

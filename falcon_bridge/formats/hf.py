@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from falcon_bridge.core.config import FalconH1Arch
+from falcon_bridge.core.mapping import bitnet_scale_name
 from falcon_bridge.errors import BadInput
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -119,7 +120,7 @@ class HFCheckpoint:
             raise BadInput(f"{self.path / 'config.json'}: quantization_config says bitnet, but no tensor is packed "
                            "(uint8)")
         for name in packed:
-            scale_name = name.removesuffix("weight") + "weight_scale"
+            scale_name = bitnet_scale_name(name)
             scale = self.tensors.pop(scale_name, None)
             if scale is None:
                 raise BadInput(f"{self.tensors[name].file}: tensor {scale_name} is missing (packed {name} needs it)")
@@ -139,7 +140,7 @@ class HFCheckpoint:
 
                 scale = self.packed[name]
                 with safe_open(str(scale.file), framework="pt") as h:
-                    weight_scale = h.get_tensor(name.removesuffix("weight") + "weight_scale")
+                    weight_scale = h.get_tensor(bitnet_scale_name(name))
                 with safe_open(str(info.file), framework="pt") as h:
                     w = unpack_checkpoint_tensor(h.get_tensor(name), weight_scale, info.shape[0], torch.float32)
                 # ternary × mean|W| has a smaller absmean than the original latent weights (zeros count), so
