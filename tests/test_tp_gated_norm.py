@@ -9,7 +9,6 @@ from falcon_bridge.converters.reshard import reshard
 from falcon_bridge.converters.verify import sample_tokens
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.megatron.runtime import (
-    causal_mask,
     init_distributed,
     launch,
     load_model,
@@ -36,7 +35,7 @@ def gradient_worker(rank: int, root: str, tp: int) -> dict[str, torch.Tensor] | 
         model = load_model(provider, it_dir, device, parallel_output=True)  # vocab-parallel loss
         b, s = TOKENS.shape
         labels = torch.roll(TOKENS, -1, dims=1)
-        loss = model(TOKENS, torch.arange(s).expand(b, s), causal_mask(s, device), labels=labels).sum()
+        loss = model(TOKENS, torch.arange(s).expand(b, s), None, labels=labels).sum()
         loss.backward()
         params = dict(model.named_parameters())
         grads = {}

@@ -355,11 +355,6 @@ def _no_synchronize(device: torch.device | str | int | None = None) -> None:
     """Stands in for ``torch.cuda.synchronize()``: CPU ops are synchronous."""
 
 
-def _cpu_default_causal_mask(sq: int) -> torch.Tensor:
-    """megatron's ``get_default_causal_mask`` on CPU: ``[sq, sq]`` bool, True above the diagonal (= masked)."""
-    return torch.ones(sq, sq, dtype=torch.bool).triu(diagonal=1)
-
-
 def _without_tensor_cuda(method):
     """`method` with Tensor.cuda() returning the tensor unchanged while it runs."""
     @functools.wraps(method)
@@ -393,8 +388,6 @@ def install() -> bool:
         )
 
     # Imported before torch.cuda is patched, so nothing megatron runs at import time sees the stand-ins.
-    import megatron.core.transformer.utils as transformer_utils
-    from megatron.core.fusions import fused_softmax
     from megatron.core.models.common.language_module import language_module
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
 
@@ -404,14 +397,10 @@ def install() -> bool:
     # dist_checkpointing calls torch.cuda.synchronize() before writing a checkpoint; it raises without CUDA.
     torch.cuda.synchronize = _no_synchronize
 
-    # DotProductAttention and MambaMixer.__init__ run under get_cuda_rng_tracker().fork(), which raises
+    # MambaMixer.__init__ (and the TP linears' init) run under get_cuda_rng_tracker().fork(), which raises
     # "cuda rng state model-parallel-rng is not added" unless model_parallel_cuda_manual_seed (CUDA-only)
     # ran. The inference tracker's fork() is a null context, so CPU init just uses torch's CPU generator.
     initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
-
-    # With attention_mask=None and a causal mask type, the unfused softmax builds its mask on device="cuda".
-    transformer_utils.get_default_causal_mask = _cpu_default_causal_mask
-    fused_softmax.get_default_causal_mask = _cpu_default_causal_mask
 
     # MambaMixer raises "MambaSSM is not installed" without mamba_ssm, and mamba_ssm's Triton kernels cannot
     # run on CPU: let the mixer bind the pure-torch ops above instead (registered only during its import).

@@ -24,6 +24,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.ssm.mamba_mixer import ExtendedRMSNorm, MambaMixer
 from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -71,6 +72,34 @@ class FalconH1SelfAttention(SelfAttention):
         assert split_qkv, "key_multiplier needs the split-QKV path"
         query, key, *rest = out
         return (query, key * self.config.key_multiplier, *rest)
+
+
+class SDPAttention(MegatronModule):
+    """Core attention through torch's scaled_dot_product_attention: megatron's DotProductAttention without
+    Transformer Engine materializes the [b, heads, s, s] scores and softmax (and keeps them for backward); SDPA
+    picks flash / memory-efficient kernels on GPU. Falcon-H1 attention is causal and unpadded; GQA maps query head
+    i to KV head i // (heads / kv_heads), as megatron's query groups do. No parameters, no checkpoint keys."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None):
+        super().__init__(config)
+        assert config.context_parallel_size == 1, "SDPAttention has no context parallelism"
+        self.attn_mask_type = attn_mask_type
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale  # None: 1/sqrt(head_dim), as HF's Falcon-H1
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        """query [s, b, heads, d], key/value [s, b, kv_heads, d] → [s, b, heads · d]."""
+        assert attention_bias is None and packed_seq_params is None, "SDPAttention: no bias, no packed sequences"
+        causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
+        # megatron masks are True where attention is not allowed; SDPA's boolean masks are True where it is.
+        mask = None if causal or attention_mask is None else ~attention_mask
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             dropout_p=self.dropout if self.training else 0.0,
+                                             scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
+        return out.permute(2, 0, 1, 3).flatten(2)
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -157,6 +186,25 @@ class FalconH1MambaMixer(MambaMixer):
         return zxbcdt * self.mup_vector.to(zxbcdt.dtype), bias
 
 
+def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's Falcon-H1 RMSNorm, in its rounding order: normalize in fp32, cast back, then scale by the weight."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+
+
+class FalconH1RMSNorm(torch.nn.Module):
+    """The block and final norms. megatron's WrappedTorchNorm allocates fp32 weights whatever params_dtype is
+    (so bf16 models ran torch's unfused mixed-dtype path); this one is in params_dtype, like HF's."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
+
+    def forward(self, x):
+        return hf_rms_norm(x, self.weight, self.eps)
+
+
 class NormColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
     """RMSNorm fused in front of a ColumnParallelLinear, without Transformer Engine.
 
@@ -171,8 +219,7 @@ class NormColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
             torch.ones(input_size, dtype=config.params_dtype, device=self.weight.device))
 
     def forward(self, input_, *args, **kwargs):
-        normed = F.rms_norm(input_.float(), (input_.shape[-1],), eps=self.eps).to(input_.dtype)
-        return super().forward(normed * self.layer_norm_weight, *args, **kwargs)
+        return super().forward(hf_rms_norm(input_, self.layer_norm_weight, self.eps), *args, **kwargs)
 
 
 @dataclass

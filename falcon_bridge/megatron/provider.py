@@ -137,17 +137,15 @@ class FalconH1ModelProvider:
         """(norm, column-parallel, row-parallel, norm+column-parallel, core attention) module classes."""
         use_te = have_transformer_engine() if self.use_te is None else self.use_te
         if self.bitnet:
-            from megatron.core.transformer.dot_product_attention import DotProductAttention
-            from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
             from falcon_bridge.megatron.bitnet import (
                 BitNetColumnParallelLinear,
                 BitNetNormColumnParallelLinear,
                 BitNetRowParallelLinear,
             )
+            from falcon_bridge.megatron.model import FalconH1RMSNorm, SDPAttention
 
-            return WrappedTorchNorm, BitNetColumnParallelLinear, BitNetRowParallelLinear, \
-                BitNetNormColumnParallelLinear, DotProductAttention
+            return FalconH1RMSNorm, BitNetColumnParallelLinear, BitNetRowParallelLinear, \
+                BitNetNormColumnParallelLinear, SDPAttention
         if use_te:
             from megatron.core.extensions.transformer_engine import (
                 TEColumnParallelLinear,
@@ -160,13 +158,10 @@ class FalconH1ModelProvider:
             return TENorm, TEColumnParallelLinear, TERowParallelLinear, TELayerNormColumnParallelLinear, \
                 TEDotProductAttention
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-        from megatron.core.transformer.dot_product_attention import DotProductAttention
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-        from falcon_bridge.megatron.model import NormColumnParallelLinear
+        from falcon_bridge.megatron.model import FalconH1RMSNorm, NormColumnParallelLinear, SDPAttention
 
-        return WrappedTorchNorm, ColumnParallelLinear, RowParallelLinear, NormColumnParallelLinear, \
-            DotProductAttention
+        return FalconH1RMSNorm, ColumnParallelLinear, RowParallelLinear, NormColumnParallelLinear, SDPAttention
 
     # ---- the model -------------------------------------------------------------------------------------------
     def provide(self, pp_rank: int | None = None, parallel_output: bool = True, pg_collection=None):

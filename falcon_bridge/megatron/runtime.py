@@ -76,11 +76,6 @@ def load_model(provider: FalconH1ModelProvider, it_dir: Path, device: torch.devi
     return model.to(device).eval()
 
 
-def causal_mask(seq_len: int, device) -> torch.Tensor:
-    """Megatron's boolean mask convention: True = masked (an explicit mask also avoids a CUDA-only default)."""
-    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
-
-
 @torch.no_grad()
 def pipeline_forward(model, tokens: torch.Tensor, hidden_size: int, dtype: torch.dtype):
     """One forward pass through all pipeline stages (send/recv of the hidden states between stages).
@@ -96,7 +91,7 @@ def pipeline_forward(model, tokens: torch.Tensor, hidden_size: int, dtype: torch
         hidden = torch.empty(s, b, hidden_size, dtype=dtype, device=device)
         torch.distributed.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
         model.set_input_tensor(hidden)
-    out = model(tokens, positions, causal_mask(s, device))
+    out = model(tokens, positions, None)  # causal attention needs no mask
     if not ps.is_pipeline_last_stage():
         torch.distributed.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
         return None

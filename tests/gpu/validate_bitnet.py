@@ -22,7 +22,6 @@ from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.cards import load_card
 from falcon_bridge.megatron.runtime import (
-    causal_mask,
     init_distributed,
     launch,
     load_model,
@@ -43,12 +42,12 @@ def train_worker(rank: int, root: str, out: str, tp: int, steps: int, batch: tor
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
         tokens = batch.to(device)
         b, s = tokens.shape
-        positions, mask = torch.arange(s, device=device).expand(b, s), causal_mask(s, device)
+        positions = torch.arange(s, device=device).expand(b, s)
         labels = torch.roll(tokens, -1, dims=1)
         losses = []
         for _ in range(steps):
             optimizer.zero_grad()
-            loss = model(tokens, positions, mask, labels=labels).mean()
+            loss = model(tokens, positions, None, labels=labels).mean()
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
