@@ -35,14 +35,14 @@ from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.formats.cards import load_card
 from falcon_bridge.megatron.runtime import launch
 
-KERNEL_KINDS = [  # (kind, pattern on the CUDA kernel name), first match wins
-    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|sm90_"),
+KERNEL_KINDS = [  # (kind, pattern on the CUDA kernel name), first match wins (flash kernels name cutlass types)
     ("attention", r"flash|fmha|attention|sdpa"),
-    ("conv1d", r"conv1d|conv_depthwise|convolution|cudnn"),
-    ("mamba scan (Triton)", r"chunk|state_passing|bmm|ssd|_state_|scan"),
+    ("conv1d", r"conv1d|depthwise|cudnn"),
+    ("mamba scan (Triton)", r"_chunk|state_passing|ssd"),
     ("norm", r"norm|rms"),
     ("loss/softmax", r"softmax|cross_entropy|nll|logsumexp"),
-    ("copy/cast", r"copy|cast|cat|memcpy|memset|fill"),
+    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|sm90_"),
+    ("copy/cast", r"copy|cast|memcpy|memset|fill|cat_"),
 ]
 
 
