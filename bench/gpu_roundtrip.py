@@ -86,6 +86,9 @@ def main(argv=None) -> list[dict]:
                 if r["card"] == card and r["tp"] == tp:
                     r.update(export_s=export_s, export_differing_tensors=len(differ))
                     r["passed"] = r["passed"] and not differ
+                    print(json.dumps(r), flush=True)  # partial results survive a run cut short
+            if args.json:
+                Path(args.json).write_text(json.dumps(rows, indent=2))
     print(f"\n{'card':16} {'tp':>2} {'dtype':5} {'import s':>8} {'verify s':>8} {'export s':>8} {'logits rel':>10} "
           f"{'worst block':>11} {'argmax':>7} {'export':>9}  result")
     for r in rows:
@@ -93,8 +96,6 @@ def main(argv=None) -> list[dict]:
         print(f"{r['card']:16} {r['tp']:2} {r['dtype']:5} {r['import_s']:8.1f} {r['verify_s']:8.1f} "
               f"{r['export_s']:8.1f} {r['relative']:10.2e} {r['worst_block_relative']:11.2e} "
               f"{100 * r['argmax']:6.2f}% {export:>9}  {'PASS' if r['passed'] else 'FAIL'}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
     return rows
 
 

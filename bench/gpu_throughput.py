@@ -178,9 +178,10 @@ def main(argv=None) -> list[dict]:
             r = launch(worker, 1, path, tokens, args.steps, args.warmup, option)
             rows.append({"card": card_name, "variant": variant, "seq": args.seq, "batch": args.batch,
                          "tokens_per_s": args.batch * args.seq / r["step_seconds"], **r})
+            print(json.dumps(rows[-1]), flush=True)  # partial results survive a run cut short
+            if args.json:
+                Path(args.json).write_text(json.dumps(rows, indent=2))
     print_table(rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
     return rows
 
 
