@@ -3,54 +3,21 @@ all-reduced across them. Logits (test_import_hf, every layout) and gradients mat
 
 import pytest
 import torch
+from megatron_workers import loss_and_gradients
 
 from falcon_bridge.converters.import_hf import import_hf
 from falcon_bridge.converters.reshard import reshard
 from falcon_bridge.converters.verify import sample_tokens
 from falcon_bridge.core.parallel import MegatronLayout
-from falcon_bridge.megatron.runtime import (
-    init_distributed,
-    launch,
-    load_model,
-    provider_from_checkpoint,
-    shutdown_distributed,
-)
+from falcon_bridge.megatron.runtime import launch
 
 CARD = "tiny-one-group-gated-norm"
 TOKENS = sample_tokens(256, batch=2, seq_len=20, seed=3)
-# TP-replicated parameters (their gradient is complete on every rank) and TP-sharded ones (gathered on dim 0)
-REPLICATED = ["decoder.layers.0.norm.weight", "decoder.layers.3.mlp.linear_fc1.layer_norm_weight",
-              "decoder.final_norm.weight"]
-SHARDED = ["decoder.layers.0.mamba_mixer.norm.weight", "decoder.layers.2.mamba_mixer.norm.weight",
-           "decoder.layers.1.mamba_mixer.A_log", "decoder.layers.1.mamba_mixer.out_proj.weight"]
-
-
-def gradient_worker(rank: int, root: str, tp: int) -> dict[str, torch.Tensor] | None:
-    """Gradients of the summed next-token loss, full tensors on rank 0."""
-    from megatron.core import parallel_state as ps
-
-    provider, it_dir = provider_from_checkpoint(root, tp=tp)
-    device = init_distributed(rank, tp, tp, 1)
-    try:
-        model = load_model(provider, it_dir, device, parallel_output=True)  # vocab-parallel loss
-        b, s = TOKENS.shape
-        labels = torch.roll(TOKENS, -1, dims=1)
-        loss = model(TOKENS, torch.arange(s).expand(b, s), None, labels=labels).sum()
-        loss.backward()
-        params = dict(model.named_parameters())
-        grads = {}
-        for name in REPLICATED + SHARDED:
-            g = params[name].grad.contiguous()
-            if name in SHARDED:
-                dim = 1 if name.endswith("out_proj.weight") else 0
-                parts = [torch.empty_like(g) for _ in range(tp)]
-                torch.distributed.all_gather(parts, g, group=ps.get_tensor_model_parallel_group())
-                g = torch.cat(parts, dim=dim)
-            grads[name] = g
-        grads["loss"] = loss.detach()
-        return grads if rank == 0 else None
-    finally:
-        shutdown_distributed()
+# TP-replicated parameters (their gradient is complete on every rank: None) and TP-sharded ones (their TP dim)
+PARAMETERS = {"decoder.layers.0.norm.weight": None, "decoder.layers.3.mlp.linear_fc1.layer_norm_weight": None,
+              "decoder.final_norm.weight": None, "decoder.layers.0.mamba_mixer.norm.weight": 0,
+              "decoder.layers.2.mamba_mixer.norm.weight": 0, "decoder.layers.1.mamba_mixer.A_log": 0,
+              "decoder.layers.1.mamba_mixer.out_proj.weight": 1}
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +30,12 @@ def checkpoints(tiny_hf, tmp_path_factory):
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_gated_norm_spanning_ranks_gives_tp1_gradients(checkpoints, tp):
-    """Same checkpoint at TP=1 and TP=tp (the padded vocabulary, part of the loss's softmax, is the checkpoint's)."""
+    """Same checkpoint at TP=1 and TP=tp."""
     root = str(checkpoints / f"tp{tp}")
-    reference = launch(gradient_worker, 1, root, 1)
-    grads = launch(gradient_worker, tp, root, tp)
+    reference = launch(loss_and_gradients, 1, root, 1, TOKENS, PARAMETERS)
+    grads = launch(loss_and_gradients, tp, root, tp, TOKENS, PARAMETERS)
     assert torch.allclose(grads["loss"], reference["loss"], rtol=1e-5)
-    for name in REPLICATED + SHARDED:
+    for name in PARAMETERS:
         ref, got = reference[name], grads[name]
         rel = (got - ref).abs().max() / ref.abs().max()
         assert rel <= 1e-4, f"TP={tp} {name}: relative gradient error {rel:.2e}"

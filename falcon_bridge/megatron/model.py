@@ -321,12 +321,13 @@ class FalconH1Model(LanguageModule):
                  max_sequence_length: int, stage_layers: int, layer_offset: int, pre_process: bool = True,
                  post_process: bool = True, parallel_output: bool = True,
                  share_embeddings_and_output_weights: bool = False, rotary_base: float = 1e11,
-                 pg_collection=None):
+                 unpadded_vocab_size: int | None = None, pg_collection=None):
         super().__init__(config=config, pg_collection=pg_collection)
         self.pre_process, self.post_process = pre_process, post_process
         self.parallel_output = parallel_output
         self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
-        self.vocab_size = vocab_size
+        self.vocab_size = vocab_size  # padded for TP
+        self.unpadded_vocab_size = unpadded_vocab_size or vocab_size
         self.model_type = None
         if pre_process:
             self.embedding = LanguageModelEmbedding(config=config, vocab_size=vocab_size,
@@ -368,4 +369,15 @@ class FalconH1Model(LanguageModule):
         logits = _scale(logits, c.lm_head_multiplier)
         if labels is None:
             return logits.transpose(0, 1).contiguous()
-        return self.compute_language_model_loss(labels, logits)
+        return self.compute_language_model_loss(labels, self._without_vocab_padding(logits))
+
+    def _without_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        """The loss's softmax over the real vocabulary only, as HF's: the columns megatron pads the vocabulary
+        with for TP have zero logits, which would add to the softmax denominator (a loss unlike HF's) and be
+        trained. Masked to -inf they weigh nothing and get no gradient. `logits` is this rank's vocab shard."""
+        local = logits.shape[-1]
+        first = self.pg_collection.tp.rank() * local if self.parallel_output else 0
+        if first + local <= self.unpadded_vocab_size:
+            return logits
+        padded = torch.arange(first, first + local, device=logits.device) >= self.unpadded_vocab_size
+        return logits.masked_fill(padded, float("-inf"))

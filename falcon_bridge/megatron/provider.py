@@ -183,4 +183,4 @@ class FalconH1ModelProvider:
             layer_offset=lay.stage_offset(a.num_layers, pp_rank), pre_process=pp_rank == 0,
             post_process=pp_rank == lay.pp - 1, parallel_output=parallel_output,
             share_embeddings_and_output_weights=a.tie_word_embeddings, rotary_base=a.rope_theta,
-            pg_collection=pg_collection)
+            unpadded_vocab_size=a.vocab_size, pg_collection=pg_collection)
