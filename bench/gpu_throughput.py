@@ -15,7 +15,7 @@ Variants, each in its own process:
   megatron-unfused   our model with use_mamba_mem_eff_path=False (only when the fused path is available)
 
     python bench/gpu_throughput.py [--cards falcon-h1-0.5b,falcon-h1-1.5b] [--seq 4096] [--batch 1] [--steps 10]
-                                   [--workdir DIR] [--json FILE]
+                                   [--variants a,b] [--workdir DIR] [--json FILE]
 Runs on CPU too (for a smoke test on a tiny card); the numbers mean something only on a GPU.
 """
 
@@ -160,6 +160,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--workdir", default="/tmp/fb-gpu")
+    ap.add_argument("--variants", help="a subset, e.g. hf-kernels,megatron (default: all that can run)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     conv_built = importlib.util.find_spec("causal_conv1d_cuda") is not None
@@ -174,7 +175,8 @@ def main(argv=None) -> list[dict]:
         variants["megatron"] = (megatron_worker, str(mg_dir), None)
         if conv_built:
             variants["megatron-unfused"] = (megatron_worker, str(mg_dir), False)
-        for variant, (worker, path, option) in variants.items():
+        chosen = args.variants.split(",") if args.variants else list(variants)
+        for variant, (worker, path, option) in ((v, variants[v]) for v in chosen if v in variants):
             r = launch(worker, 1, path, tokens, args.steps, args.warmup, option)
             rows.append({"card": card_name, "variant": variant, "seq": args.seq, "batch": args.batch,
                          "tokens_per_s": args.batch * args.seq / r["step_seconds"], **r})
