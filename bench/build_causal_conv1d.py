@@ -40,7 +40,7 @@ def main(sdist: str, target: str) -> None:
         build = Path(tmp) / "build"
         build.mkdir()
         load(name="causal_conv1d_cuda", sources=[str(src / "csrc" / f) for f in SOURCES],
-             extra_cflags=["-O3"], extra_include_paths=[str(src / "csrc")], build_directory=str(build),
+             extra_cflags=["-O3"], extra_include_paths=[str(src / "csrc")], build_directory=str(build), verbose=True,
              extra_cuda_cflags=[*NVCC_FLAGS, f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"])
         shutil.copy(build / "causal_conv1d_cuda.so", target_dir / "causal_conv1d_cuda.so")
         shutil.copytree(src / "causal_conv1d", target_dir / "causal_conv1d", dirs_exist_ok=True)
