@@ -17,7 +17,7 @@ from falcon_bridge.core.transforms import all_finite
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.hf import HFCheckpoint, copy_tokenizer, resolve_source
-from falcon_bridge.formats.manifest import sha256_file
+from falcon_bridge.formats.manifest import hash_files_in_background
 from falcon_bridge.formats.output import atomic_output_dir
 
 Progress = Callable[[int, int, str], None]  # (done, total, current tensor)
@@ -88,7 +88,7 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
             hf = [mup.fold(arch, n, t, torch.float64) for n, t in zip(e.hf, hf)]  # rounded once, when written
         return hf
 
-    sources = {str(f): sha256_file(f) for f in ckpt.files()}
+    sources = hash_files_in_background(ckpt.files())
     options = {"source": str(src), "tp": layout.tp, "pp": layout.pp, "pp_layers": layout.pp_layers,
                "dtype": str(store_dtype), "mup": mup_mode, "allow_extra": allow_extra, "bitnet": bitnet}
     with atomic_output_dir(out, overwrite, sink.total_bytes, {"name": "import-hf", "argv": argv, "options": options},
@@ -98,7 +98,7 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
         tokenizer = copy_tokenizer(ckpt.tokenizer_files(), it_dir)
         run_config = mg.run_config(
             arch, layout, store_dtype, hf_dtype=str(hf_dtype).removeprefix("torch."), hf_odd_dtypes=odd_dtypes,
-            tokenizer_files=tokenizer, source={"path": str(src), "sha256": sources}, mup=mup_record,
+            tokenizer_files=tokenizer, source={"path": str(src), "sha256": sources.result()}, mup=mup_record,
             bitnet=bitnet)
         mg.write_run_config(it_dir, run_config)
         mg.write_tracker(tmp, 0)

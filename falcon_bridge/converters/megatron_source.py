@@ -8,6 +8,7 @@ told.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.cards import load_card
 from falcon_bridge.formats.hf import TOKENIZER_FILES, read_json
-from falcon_bridge.formats.manifest import sha256_file
+from falcon_bridge.formats.manifest import hash_files_in_background
 
 
 @dataclass
@@ -63,10 +64,11 @@ class MegatronSource:
     def mup_mode(self) -> str:
         return (self.run_config or {}).get("mup", {}).get("mode", "preserve")
 
-    def file_hashes(self) -> dict[str, str]:
-        """sha256 of every file of the checkpoint read (tracker and iteration folder)."""
+    def file_hashes(self) -> Future:
+        """sha256 of every file of the checkpoint read (tracker and iteration folder), computed in the background
+        while the conversion reads them: a Future of file → sha256."""
         files = [self.root / mg.TRACKER_FILE] + sorted(p for p in self.it_dir.rglob("*") if p.is_file())
-        return {str(f): sha256_file(f) for f in files}
+        return hash_files_in_background(files)
 
     def tokenizer_files(self) -> list[Path]:
         return [self.it_dir / f for f in TOKENIZER_FILES if (self.it_dir / f).exists()]

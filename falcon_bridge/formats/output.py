@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,14 +18,14 @@ DISK_MARGIN_BYTES = 64 * 1024**2  # metadata, configs, filesystem slack
 
 @contextmanager
 def atomic_output_dir(out: Path, overwrite: bool = False, expected_bytes: int = 0, command: dict | None = None,
-                      sources: dict[str, str] | None = None):
+                      sources: dict[str, str] | Future | None = None):
     """Yield a fresh temporary directory beside `out`; on success a manifest is written into it and it replaces
     `out`; on any failure (an exception, a full disk) it is removed.
 
     An existing `out` is refused unless overwrite, and even then it is replaced only after the new output is
     complete. The free space beside `out` is checked against `expected_bytes` first. A leftover of an interrupted
     earlier run for the same target (named `.falcon-bridge-partial-<name>.<pid>`) is removed first. `sources`
-    (file → sha256) may be filled in by the caller while writing.
+    (file → sha256, or a Future of it from manifest.hash_files_in_background) go into the manifest.
     """
     out = Path(out).absolute()
     if out.exists() and not overwrite:
