@@ -1,5 +1,6 @@
 """Each transform on a hand-checkable example, and each pair as an exact inverse."""
 
+import pytest
 import torch
 
 from falcon_bridge.core import transforms as T
@@ -57,15 +58,16 @@ def test_collapse_groups_averages_diverged_replicas_and_reports_it():
     assert back.squeeze(1).tolist() == [2, 3] and divergence == 2.0
 
 
-def test_all_finite():
-    t = torch.randn(100)
-    assert T.all_finite(t) and T.all_finite(torch.arange(3))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite(dtype):
+    t = torch.randn(4, 1000).to(dtype)
+    assert T.all_finite(t) and T.all_finite(torch.arange(3)) and T.all_finite(t[:0])
     for bad in (float("nan"), float("inf"), -float("inf")):
-        u = t.clone()
-        u[17] = bad
-        assert not T.all_finite(u)
-    big = torch.full((4,), 3e38)  # the fp32 sum overflows, the values are finite
-    assert T.all_finite(big)
+        for where in ((0, 0), (2, 517), (3, 999)):
+            u = t.clone()
+            u[where] = bad
+            assert not T.all_finite(u), (bad, where)
+    assert T.all_finite(torch.full((4,), torch.finfo(dtype).max, dtype=dtype))  # extreme but finite
 
 
 def test_vocab_padding():

@@ -1,5 +1,10 @@
-"""GPU: the 0.5B card through import, reshard (TP 1/2/4), µP fold and export, logits against HF on the same GPUs.
-Run on the device machine (see docs/VALIDATION.md)."""
+"""GPU: the 0.5B card through import, reshard (TP 1/2/4), µP fold and export, logits against HF on the same GPUs;
+a bf16 training step on mamba-ssm's fused kernel against transformers'; BitNet. Run on the device machine (see
+docs/VALIDATION.md)."""
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,3 +36,19 @@ def test_bitnet_half_billion_card_trains_and_exports_packed():
     from validate_bitnet import main
 
     assert main(["--card", "falcon-h1-0.5b", "--tp", "2", "--steps", "6", "--seq-len", "256"])["passed"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("causal_conv1d_cuda") is None, reason="needs causal-conv1d's CUDA "
+                    "extension (bench/build_causal_conv1d.py)")
+def test_fused_training_step_loss_equals_transformers(tmp_path):
+    """Same checkpoint and tokens, bf16, both on mamba-ssm's fused conv+scan training kernel: the loss of the first
+    forward+backward step agrees (the 2026-11-28 bench run: 10.3980 on both sides). No timing is asserted."""
+    sys.path.insert(0, str(Path(__file__).parents[2] / "bench"))
+    from gpu_throughput import main
+
+    rows = main(["--cards", "falcon-h1-0.5b", "--seq", "1024", "--steps", "1", "--warmup", "1",
+                 "--variants", "hf-kernels,megatron", "--workdir", str(tmp_path)])
+    by_variant = {r["variant"]: r for r in rows}
+    ours, theirs = by_variant["megatron"], by_variant["hf-kernels"]
+    assert ours["mamba_fused_path"]
+    assert abs(ours["first_loss"] - theirs["first_loss"]) <= 1e-3 * theirs["first_loss"]
