@@ -13,6 +13,7 @@ Variants, each in its own process:
   megatron     our model, local spec: SDPA core attention, mamba-ssm's fused kernel when causal_conv1d_cuda is
                built (use_mamba_mem_eff_path), else its Triton scan with F.conv1d
   megatron-unfused   our model with use_mamba_mem_eff_path=False (only when the fused path is available)
+  megatron-folded    our model on an `import-hf --mup fold` checkpoint: no multiplier is applied at run time
 
     python bench/gpu_throughput.py [--cards falcon-h1-0.5b,falcon-h1-1.5b] [--seq 4096] [--batch 1] [--steps 10]
                                    [--variants a,b] [--workdir DIR] [--json FILE]
@@ -142,14 +143,20 @@ def _backward(loss: torch.Tensor) -> torch.Tensor:
     return loss.detach()
 
 
-def prepare(card_name: str, work: Path) -> tuple[Path, Path]:
-    """The card's random bf16 HF checkpoint and its TP=1 import (reused when present, e.g. from gpu_roundtrip)."""
-    hf_dir, mg_dir = work / card_name / "hf", work / card_name / "tp1"
+def hf_checkpoint(card_name: str, work: Path) -> Path:
+    """The card's random bf16 HF checkpoint (reused when present, e.g. from gpu_roundtrip)."""
+    hf_dir = work / card_name / "hf"
     if not (hf_dir / "config.json").exists():
         create_random(load_card(card_name), hf_dir, seed=0, dtype=torch.bfloat16)
+    return hf_dir
+
+
+def megatron_checkpoint(hf_dir: Path, mup_mode: str) -> Path:
+    """Its TP=1 import, µP preserved (the model applies the multipliers) or folded into the weights."""
+    mg_dir = hf_dir.parent / ("tp1" if mup_mode == "preserve" else "tp1-fold")
     if not mg_dir.exists():
-        import_hf(str(hf_dir), mg_dir, MegatronLayout(tp=1))
-    return hf_dir, mg_dir
+        import_hf(str(hf_dir), mg_dir, MegatronLayout(tp=1), mup_mode=mup_mode)
+    return mg_dir
 
 
 def main(argv=None) -> list[dict]:
@@ -166,18 +173,21 @@ def main(argv=None) -> list[dict]:
     conv_built = importlib.util.find_spec("causal_conv1d_cuda") is not None
     rows = []
     for card_name in args.cards.split(","):
-        hf_dir, mg_dir = prepare(card_name, Path(args.workdir))
+        hf_dir = hf_checkpoint(card_name, Path(args.workdir))
         vocab = load_card(card_name).arch.vocab_size
         tokens = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-        variants = {"hf-torch": (hf_worker, str(hf_dir), False)}
+        # variant → (worker, the checkpoint it loads: "hf" or the µP mode of the import, worker option)
+        variants = {"hf-torch": (hf_worker, "hf", False)}
         if conv_built:
-            variants["hf-kernels"] = (hf_worker, str(hf_dir), True)
-        variants["megatron"] = (megatron_worker, str(mg_dir), None)
+            variants["hf-kernels"] = (hf_worker, "hf", True)
+        variants["megatron"] = (megatron_worker, "preserve", None)
         if conv_built:
-            variants["megatron-unfused"] = (megatron_worker, str(mg_dir), False)
+            variants["megatron-unfused"] = (megatron_worker, "preserve", False)
+        variants["megatron-folded"] = (megatron_worker, "fold", None)
         chosen = args.variants.split(",") if args.variants else list(variants)
-        for variant, (worker, path, option) in ((v, variants[v]) for v in chosen if v in variants):
-            r = launch(worker, 1, path, tokens, args.steps, args.warmup, option)
+        for variant, (worker, source, option) in ((v, variants[v]) for v in chosen if v in variants):
+            path = hf_dir if source == "hf" else megatron_checkpoint(hf_dir, source)  # imported when first needed
+            r = launch(worker, 1, str(path), tokens, args.steps, args.warmup, option)
             rows.append({"card": card_name, "variant": variant, "seq": args.seq, "batch": args.batch,
                          "tokens_per_s": args.batch * args.seq / r["step_seconds"], **r})
             print(json.dumps(rows[-1]), flush=True)  # partial results survive a run cut short
