@@ -4,9 +4,9 @@
 
 For each card: create-random (bf16), then the I/O floor (bench/io_floor.py), import-hf --tp 2, reshard --tp 1
 --pp 2, export-hf, each as its own process under /usr/bin/time (wall time, peak RSS), the whole sequence repeated
---repeat times (default 3) with each step's best wall time kept (these machines are noisy: a single floor run
-varied between 5.5 and 8.2 s). Prints each command's wall time and peak RSS, the ratio to the floor, and the RSS
-bound 2 × largest tensor + 1 GiB. Ratios only: compare numbers from one run.
+--repeat times (default 3) keeping each step's best wall time and highest peak RSS (these machines are noisy: the
+0.5B floor varied between 5.0 and 8.2 s within an hour). Prints each command's wall time and peak RSS, the
+ratio to the floor, and the RSS bound 2 × largest tensor + 1 GiB. Ratios only: compare numbers from one run.
 """
 
 import argparse
@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/fb-bench")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     rows = []

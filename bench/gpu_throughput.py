@@ -43,7 +43,7 @@ KERNEL_KINDS = [  # (kind, pattern on the CUDA kernel name), first match wins (f
     ("norm", r"norm|rms"),
     ("loss/softmax", r"softmax|cross_entropy|nll|logsumexp"),
     ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|sm90_"),
-    ("copy/cast", r"copy|cast|memcpy|memset|fill|cat_"),
+    ("copy/cast", r"direct_copy|copy_kernel|memcpy|memset|CatArray|(?<!no)cast"),  # not `gpu_kernel_impl_nocast`
 ]
 
 
@@ -60,11 +60,20 @@ def kernel_breakdown(prof) -> dict[str, float]:
     return {k: round(100 * v / total, 1) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
 
 
-def top_kernels(prof, n: int = 12) -> list[tuple[str, float]]:
+def kernel_shares(prof) -> list[tuple[str, float]]:
+    """Every CUDA kernel of the profiled step with its share of the kernel time (%), largest first."""
     events = [(e.key, getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0))
               for e in prof.key_averages()]
     total = sum(t for _, t in events) or 1.0
-    return [(k[:90], round(100 * t / total, 1)) for k, t in sorted(events, key=lambda kv: -kv[1])[:n]]
+    return [(k, round(100 * t / total, 2)) for k, t in sorted(events, key=lambda kv: -kv[1]) if t > 0]
+
+
+def mamba_kernels(kernels: list[tuple[str, float]]) -> str:
+    """Which Mamba implementation ran, read off the kernel names."""
+    names = " ".join(k for k, _ in kernels)
+    scan = "mamba-ssm" if "_chunk_scan" in names else "torch"
+    conv = "causal-conv1d" if "causal_conv1d" in names else "torch conv"
+    return f"{scan} + {conv}"
 
 
 def timed_training_steps(step, params, steps: int, warmup: int, device: torch.device) -> dict:
@@ -95,7 +104,8 @@ def timed_training_steps(step, params, steps: int, warmup: int, device: torch.de
             run()
             sync()
         result["kernels"] = kernel_breakdown(prof)
-        result["top_kernels"] = top_kernels(prof)
+        result["all_kernels"] = kernel_shares(prof)
+        result["mamba_kernels"] = mamba_kernels(result["all_kernels"])
     return result
 
 
@@ -189,6 +199,7 @@ def main(argv=None) -> list[dict]:
             path = hf_dir if source == "hf" else megatron_checkpoint(hf_dir, source)  # imported when first needed
             r = launch(worker, 1, str(path), tokens, args.steps, args.warmup, option)
             rows.append({"card": card_name, "variant": variant, "seq": args.seq, "batch": args.batch,
+                         "steps": args.steps, "warmup": args.warmup,
                          "tokens_per_s": args.batch * args.seq / r["step_seconds"], **r})
             print(json.dumps(rows[-1]), flush=True)  # partial results survive a run cut short
             if args.json:

@@ -16,18 +16,20 @@ def loss_and_gradients(rank: int, root: str, tp: int, tokens: torch.Tensor, gath
     device = init_distributed(rank, tp, tp, 1)
     try:
         model = load_model(provider, it_dir, device, parallel_output=True).train()
+        tokens = tokens.to(device)
         b, s = tokens.shape
-        loss = model(tokens, torch.arange(s).expand(b, s), None, labels=torch.roll(tokens, -1, dims=1))[:, :-1]
+        positions = torch.arange(s, device=device).expand(b, s)
+        loss = model(tokens, positions, None, labels=torch.roll(tokens, -1, dims=1))[:, :-1]
         loss.sum().backward()
         params = dict(model.named_parameters())
-        out = {"loss": loss.detach()}
+        out = {"loss": loss.detach().cpu()}
         for name, dim in gather_dims.items():
             g = params[name].grad.contiguous()
             if dim is not None:
                 parts = [torch.empty_like(g) for _ in range(tp)]
                 torch.distributed.all_gather(parts, g, group=ps.get_tensor_model_parallel_group())
                 g = torch.cat(parts, dim=dim)
-            out[name] = g
+            out[name] = g.cpu()
         return out if rank == 0 else None
     finally:
         shutdown_distributed()

@@ -1,6 +1,7 @@
 """Atomic outputs, the bad-input matrix, interruption safety, provenance manifest and `check`."""
 
 import errno
+import hashlib
 import json
 import shutil
 import signal
@@ -21,7 +22,7 @@ from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import hf as hf_format
 from falcon_bridge.formats.cards import load_card
-from falcon_bridge.formats.manifest import MANIFEST_FILE, check_manifest
+from falcon_bridge.formats.manifest import MANIFEST_FILE, BackgroundHashes, HashingCancelled, check_manifest
 from falcon_bridge.formats.output import TMP_MARK
 
 CARD = "tiny-one-group"
@@ -197,3 +198,18 @@ def test_kill_minus_nine_leaves_nothing_at_the_output(tmp_path):
     assert leftovers, "the interrupted run's partial output is named clearly"
     create_random(load_card(CARD), out, dtype=torch.float32)  # the next run for the same target cleans it
     assert not list(tmp_path.glob(f"{TMP_MARK}big.*")) and check_manifest(out) == []
+
+
+def test_background_hashes_give_sha256_and_stop_when_cancelled(tmp_path):
+    """Sources are hashed beside the conversion; a failed conversion cancels that instead of waiting for it."""
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"part{i}")
+        files[-1].write_bytes(bytes(range(256)) * (1000 * (i + 1)))
+    assert BackgroundHashes(files).result() == {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    big = tmp_path / "big"
+    big.write_bytes(bytes(64 << 20))
+    job = BackgroundHashes([big] * 16)  # 1 GiB to hash: seconds of work, cancelled at once
+    job.cancel()
+    with pytest.raises(HashingCancelled):
+        job.result()

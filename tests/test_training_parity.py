@@ -48,6 +48,7 @@ def test_loss_and_gradients_equal_hf(tiny_hf, tmp_path, card, tp):
         (ours["loss"] - reference["loss"]).abs().max()
     for name, (hf_name, _) in PARAMETERS.items():
         ref = reference[hf_name]
-        got = ours[name][:ref.shape[0]]
+        got, padding = ours[name][:ref.shape[0]], ours[name][ref.shape[0]:]
         rel = (got - ref).abs().max() / ref.abs().max()
         assert rel <= 1e-4, f"TP={tp} {name}: relative gradient error {rel:.2e} against HF's {hf_name}"
+        assert padding.numel() == 0 or padding.abs().max() == 0, f"{name}: the vocabulary padding was trained"

@@ -17,7 +17,7 @@ from falcon_bridge.core.transforms import all_finite
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.hf import HFCheckpoint, copy_tokenizer, resolve_source
-from falcon_bridge.formats.manifest import hash_files_in_background
+from falcon_bridge.formats.manifest import BackgroundHashes
 from falcon_bridge.formats.output import atomic_output_dir
 
 Progress = Callable[[int, int, str], None]  # (done, total, current tensor)
@@ -88,7 +88,7 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
             hf = [mup.fold(arch, n, t, torch.float64) for n, t in zip(e.hf, hf)]  # rounded once, when written
         return hf
 
-    sources = hash_files_in_background(ckpt.files())
+    sources = BackgroundHashes(ckpt.files())
     options = {"source": str(src), "tp": layout.tp, "pp": layout.pp, "pp_layers": layout.pp_layers,
                "dtype": str(store_dtype), "mup": mup_mode, "allow_extra": allow_extra, "bitnet": bitnet}
     with atomic_output_dir(out, overwrite, sink.total_bytes, {"name": "import-hf", "argv": argv, "options": options},

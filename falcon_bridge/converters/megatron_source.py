@@ -8,7 +8,6 @@ told.
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.cards import load_card
 from falcon_bridge.formats.hf import TOKENIZER_FILES, read_json
-from falcon_bridge.formats.manifest import hash_files_in_background
+from falcon_bridge.formats.manifest import BackgroundHashes
 
 
 @dataclass
@@ -64,11 +63,10 @@ class MegatronSource:
     def mup_mode(self) -> str:
         return (self.run_config or {}).get("mup", {}).get("mode", "preserve")
 
-    def file_hashes(self) -> Future:
-        """sha256 of every file of the checkpoint read (tracker and iteration folder), computed in the background
-        while the conversion reads them: a Future of file → sha256."""
+    def start_file_hashes(self) -> BackgroundHashes:
+        """Start hashing every file of the checkpoint read (tracker and iteration folder) in the background."""
         files = [self.root / mg.TRACKER_FILE] + sorted(p for p in self.it_dir.rglob("*") if p.is_file())
-        return hash_files_in_background(files)
+        return BackgroundHashes(files)
 
     def tokenizer_files(self) -> list[Path]:
         return [self.it_dir / f for f in TOKENIZER_FILES if (self.it_dir / f).exists()]

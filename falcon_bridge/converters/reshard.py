@@ -55,7 +55,7 @@ def reshard(src: Path, out: Path, layout: MegatronLayout, card: str | None = Non
     options = {"source": str(src), "tp": layout.tp, "pp": layout.pp, "pp_layers": layout.pp_layers, "card": card,
                "hf_config": str(hf_config) if hf_config else None}
     with atomic_output_dir(out, overwrite, sum(math.prod(s) * d.itemsize for s, d in shapes.values()),
-                           {"name": "reshard", "argv": argv, "options": options}, source.file_hashes()) as tmp:
+                           {"name": "reshard", "argv": argv, "options": options}, source.start_file_hashes()) as tmp:
         it_dir = tmp / mg.iteration_dir_name(0)
         mg.write_torch_dist(it_dir, shapes, produce, objects=dict.fromkeys(megatron_extra_state_keys(arch)))
         current["pieces"] = {}

@@ -7,8 +7,9 @@ import datetime
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from falcon_bridge import __version__
@@ -17,29 +18,47 @@ from falcon_bridge.errors import BadInput
 MANIFEST_FILE = "falcon_bridge_manifest.json"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+HASH_WORKERS = min(8, os.cpu_count() or 2)  # each holds one 16 MiB block
+
+
+class HashingCancelled(Exception):
+    pass
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24, stop: threading.Event | None = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
+            if stop is not None and stop.is_set():
+                raise HashingCancelled(str(path))
             h.update(block)
     return h.hexdigest()
 
 
-def hash_files(paths: Iterable[Path]) -> dict[str, str]:
-    """path → sha256, one file per worker thread (hashlib releases the GIL on large blocks: all cores hash)."""
+def hash_files(paths: Iterable[Path], stop: threading.Event | None = None) -> dict[str, str]:
+    """path → sha256, a file per worker thread (hashlib releases the GIL on large blocks: the cores hash in
+    parallel)."""
     paths = list(paths)
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        return dict(zip(map(str, paths), pool.map(sha256_file, paths)))
+    with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
+        return dict(zip(map(str, paths), pool.map(lambda p: sha256_file(p, stop=stop), paths)))
 
 
-def hash_files_in_background(paths: Iterable[Path]) -> Future:
-    """Start hash_files(paths) and return at once (a Future of its dict): a conversion hashes its sources while
-    it converts them, instead of in a second pass over them."""
-    starter = ThreadPoolExecutor(max_workers=1)
-    try:
-        return starter.submit(hash_files, list(paths))
-    finally:
+class BackgroundHashes:
+    """The sha256 of a conversion's source files, computed on a background pool while the conversion reads them
+    (instead of a second pass over them). result() waits for them; cancel() stops the hashing at its next block,
+    so a failed or interrupted conversion does not wait for it before exiting."""
+
+    def __init__(self, paths: Iterable[Path]):
+        self._stop = threading.Event()
+        starter = ThreadPoolExecutor(max_workers=1)
+        self._future = starter.submit(hash_files, list(paths), self._stop)
         starter.shutdown(wait=False)
+
+    def result(self) -> dict[str, str]:
+        return self._future.result()
+
+    def cancel(self) -> None:
+        self._stop.set()
 
 
 def hash_tree(root: Path) -> dict[str, dict]:
@@ -49,13 +68,13 @@ def hash_tree(root: Path) -> dict[str, dict]:
     return {str(p.relative_to(root)): {"sha256": digests[str(p)], "bytes": p.stat().st_size} for p in files}
 
 
-def write_manifest(out_dir: Path, command: dict, sources: dict[str, str] | Future) -> None:
+def write_manifest(out_dir: Path, command: dict, sources: dict[str, str] | BackgroundHashes) -> None:
     manifest = {
         "tool": "falcon-bridge",
         "version": __version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command,
-        "sources": sources.result() if isinstance(sources, Future) else sources,  # file read → sha256
+        "sources": sources.result() if isinstance(sources, BackgroundHashes) else sources,  # file read → sha256
         "outputs": hash_tree(out_dir),
     }
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
 from falcon_bridge.errors import BadInput
-from falcon_bridge.formats.manifest import write_manifest
+from falcon_bridge.formats.manifest import BackgroundHashes, write_manifest
 
 TMP_MARK = ".falcon-bridge-partial-"
 DISK_MARGIN_BYTES = 64 * 1024**2  # metadata, configs, filesystem slack
@@ -18,43 +17,49 @@ DISK_MARGIN_BYTES = 64 * 1024**2  # metadata, configs, filesystem slack
 
 @contextmanager
 def atomic_output_dir(out: Path, overwrite: bool = False, expected_bytes: int = 0, command: dict | None = None,
-                      sources: dict[str, str] | Future | None = None):
+                      sources: dict[str, str] | BackgroundHashes | None = None):
     """Yield a fresh temporary directory beside `out`; on success a manifest is written into it and it replaces
     `out`; on any failure (an exception, a full disk) it is removed.
 
     An existing `out` is refused unless overwrite, and even then it is replaced only after the new output is
     complete. The free space beside `out` is checked against `expected_bytes` first. A leftover of an interrupted
     earlier run for the same target (named `.falcon-bridge-partial-<name>.<pid>`) is removed first. `sources`
-    (file → sha256, or a Future of it from manifest.hash_files_in_background) go into the manifest.
+    (file → sha256, or BackgroundHashes still running) go into the manifest; on failure their hashing is
+    cancelled.
     """
     out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise BadInput(f"{out}: already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f"{TMP_MARK}{out.name}.*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    free = shutil.disk_usage(out.parent).free
-    if expected_bytes + DISK_MARGIN_BYTES > free:
-        raise BadInput(f"{out.parent}: not enough disk space: the output needs about "
-                       f"{(expected_bytes + DISK_MARGIN_BYTES) / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
-    tmp = out.parent / f"{TMP_MARK}{out.name}.{os.getpid()}"
-    tmp.mkdir()
     try:
+        if out.exists() and not overwrite:
+            raise BadInput(f"{out}: already exists (pass --overwrite to replace it)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob(f"{TMP_MARK}{out.name}.*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        free = shutil.disk_usage(out.parent).free
+        if expected_bytes + DISK_MARGIN_BYTES > free:
+            raise BadInput(f"{out.parent}: not enough disk space: the output needs about "
+                           f"{(expected_bytes + DISK_MARGIN_BYTES) / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+        tmp = out.parent / f"{TMP_MARK}{out.name}.{os.getpid()}"
+        tmp.mkdir()
         try:
-            yield tmp
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise BadInput(f"{out.parent}: disk full while writing the output (nothing was left at {out})") \
-                    from None
+            try:
+                yield tmp
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise BadInput(f"{out.parent}: disk full while writing the output (nothing was left at "
+                                   f"{out})") from None
+                raise
+            write_manifest(tmp, command or {}, sources if sources is not None else {})
+            if out.exists():
+                old = out.parent / f"{TMP_MARK}{out.name}.old.{os.getpid()}"
+                out.rename(old)
+                tmp.rename(out)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
-        write_manifest(tmp, command or {}, sources if sources is not None else {})
-        if out.exists():
-            old = out.parent / f"{TMP_MARK}{out.name}.old.{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(sources, BackgroundHashes):
+            sources.cancel()  # a failed or interrupted conversion does not wait for its sources' hashes
         raise

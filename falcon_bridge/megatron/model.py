@@ -77,8 +77,9 @@ class FalconH1SelfAttention(SelfAttention):
 class SDPAttention(MegatronModule):
     """Core attention through torch's scaled_dot_product_attention: megatron's DotProductAttention without
     Transformer Engine materializes the [b, heads, s, s] scores and softmax (and keeps them for backward); SDPA
-    picks flash / memory-efficient kernels on GPU. Falcon-H1 attention is causal and unpadded; GQA maps query head
-    i to KV head i // (heads / kv_heads), as megatron's query groups do. No parameters, no checkpoint keys."""
+    picks flash kernels for bf16/fp16 on GPU (fp32 may take its math path, which does build the scores).
+    Falcon-H1 attention is causal over the whole sequence (no KV cache, no padding); GQA maps query head i to KV
+    head i // (heads / kv_heads), as megatron's query groups do. No parameters, no checkpoint keys."""
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                  softmax_scale=None, cp_comm_type=None, pg_collection=None):
@@ -92,9 +93,15 @@ class SDPAttention(MegatronModule):
                 packed_seq_params=None):
         """query [s, b, heads, d], key/value [s, b, kv_heads, d] → [s, b, heads · d]."""
         assert attention_bias is None and packed_seq_params is None, "SDPAttention: no bias, no packed sequences"
-        causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
+        mask_type = attn_mask_type or self.attn_mask_type
+        causal = mask_type == AttnMaskType.causal
+        if causal:
+            assert attention_mask is None and query.shape[0] == key.shape[0], \
+                "SDPAttention: causal attention takes no mask and no KV cache"
+        else:
+            assert mask_type in (AttnMaskType.no_mask, AttnMaskType.padding, AttnMaskType.arbitrary), mask_type
         # megatron masks are True where attention is not allowed; SDPA's boolean masks are True where it is.
-        mask = None if causal or attention_mask is None else ~attention_mask
+        mask = None if attention_mask is None else ~attention_mask
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                              dropout_p=self.dropout if self.training else 0.0,
@@ -197,6 +204,8 @@ class FalconH1RMSNorm(torch.nn.Module):
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5):
         super().__init__()
+        assert not config.sequence_parallel, "FalconH1RMSNorm: no sequence parallelism (its weight grads would " \
+            "need an all-reduce)"
         self.eps = eps
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
@@ -374,9 +383,12 @@ class FalconH1Model(LanguageModule):
     def _without_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
         """The loss's softmax over the real vocabulary only, as HF's: the columns megatron pads the vocabulary
         with for TP have zero logits, which would add to the softmax denominator (a loss unlike HF's) and be
-        trained. Masked to -inf they weigh nothing and get no gradient. `logits` is this rank's vocab shard."""
+        trained. Masked to -inf they weigh nothing and get no gradient. `logits` is this rank's vocab shard
+        (megatron's vocab-parallel loss needs parallel_output at TP > 1)."""
+        tp = self.pg_collection.tp
+        assert self.parallel_output or tp.size() == 1, "a loss at TP > 1 needs parallel_output=True"
         local = logits.shape[-1]
-        first = self.pg_collection.tp.rank() * local if self.parallel_output else 0
+        first = tp.rank() * local
         if first + local <= self.unpadded_vocab_size:
             return logits
         padded = torch.arange(first, first + local, device=logits.device) >= self.unpadded_vocab_size

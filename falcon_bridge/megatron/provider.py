@@ -75,7 +75,7 @@ class FalconH1ModelProvider:
             attention_dropout=0.0,
             bias_dropout_fusion=False,
             bias_activation_fusion=False,
-            masked_softmax_fusion=False,
+            masked_softmax_fusion=False,  # this and the softmax setting below matter to TE's attention only
             apply_rope_fusion=False,
             gradient_accumulation_fusion=False,
             attention_softmax_in_fp32=True,

@@ -42,7 +42,8 @@ def test_bitnet_half_billion_card_trains_and_exports_packed():
                     "extension (bench/build_causal_conv1d.py)")
 def test_fused_training_step_loss_equals_transformers(tmp_path):
     """Same checkpoint and tokens, bf16, both on mamba-ssm's fused conv+scan training kernel: the loss of the first
-    forward+backward step agrees (the 2026-11-28 bench run: 10.3980 on both sides). No timing is asserted."""
+    forward+backward step agrees to 1e-4 (bf16 noise was 1e-6 to 4e-5 in the bench runs; the TP vocabulary padding
+    left in the softmax would shift it by 3e-4). No timing is asserted."""
     sys.path.insert(0, str(Path(__file__).parents[2] / "bench"))
     from gpu_throughput import main
 
@@ -50,5 +51,5 @@ def test_fused_training_step_loss_equals_transformers(tmp_path):
                  "--variants", "hf-kernels,megatron", "--workdir", str(tmp_path)])
     by_variant = {r["variant"]: r for r in rows}
     ours, theirs = by_variant["megatron"], by_variant["hf-kernels"]
-    assert ours["mamba_fused_path"]
-    assert abs(ours["first_loss"] - theirs["first_loss"]) <= 1e-3 * theirs["first_loss"]
+    assert ours["mamba_fused_path"] and theirs["mamba_kernels"] == "mamba-ssm + causal-conv1d"
+    assert abs(ours["first_loss"] - theirs["first_loss"]) <= 1e-4 * theirs["first_loss"]
