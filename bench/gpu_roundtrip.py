@@ -17,8 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
+from falcon_bridge.formats.hf import ulp_differences
 
 CLI = [sys.executable, "-m", "falcon_bridge.cli.app"]
 
@@ -31,26 +30,6 @@ def run(*args: str) -> tuple[float, str]:
     if proc.returncode and not (args[0] == "verify" and proc.returncode == 1 and proc.stdout.lstrip().startswith("{")):
         raise SystemExit(f"falcon-bridge {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return seconds, proc.stdout
-
-
-def tensors(directory: Path) -> dict[str, tuple[Path, str]]:
-    found = {}
-    for f in directory.glob("*.safetensors"):
-        with safe_open(f, "pt") as s:
-            found.update({k: (f, k) for k in s.keys()})
-    return found
-
-
-def differing_tensors(source: Path, exported: Path) -> list[str]:
-    """Names of tensors whose bytes differ between two HF directories (or that one of them lacks)."""
-    a, b = tensors(source), tensors(exported)
-    differ = sorted(set(a) ^ set(b))
-    for name in sorted(set(a) & set(b)):
-        with safe_open(a[name][0], "pt") as fa, safe_open(b[name][0], "pt") as fb:
-            x, y = fa.get_tensor(name), fb.get_tensor(name)
-        if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x.view(torch.uint8), y.view(torch.uint8)):
-            differ.append(name)
-    return differ
 
 
 def main(argv=None) -> list[dict]:
@@ -82,10 +61,11 @@ def main(argv=None) -> list[dict]:
                              "worst_block_relative": max(r["relative"] for r in v["layers"]),
                              "first_divergence": v["first_divergence"]})
             export_s, _ = run("export-hf", str(mg), str(back), "--json")
-            differ = differing_tensors(hf, back)
+            ulps = ulp_differences(hf, back)
+            differ = [name for name, d in ulps.items() if d != 0]
             for r in rows:
                 if r["card"] == card and r["tp"] == tp:
-                    r.update(export_s=export_s, export_differing_tensors=len(differ), tensors=len(tensors(hf)))
+                    r.update(export_s=export_s, export_differing_tensors=len(differ), tensors=len(ulps))
                     r["passed"] = r["passed"] and not differ
                     print(json.dumps(r), flush=True)  # partial results survive a run cut short
             if args.json:

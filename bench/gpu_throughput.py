@@ -47,25 +47,21 @@ KERNEL_KINDS = [  # (kind, pattern on the CUDA kernel name), first match wins (f
 ]
 
 
-def kernel_breakdown(prof) -> dict[str, float]:
-    """Share of CUDA kernel time per kind, from one profiled step."""
-    times: dict[str, float] = {}
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-        if t <= 0:
-            continue
-        kind = next((k for k, p in KERNEL_KINDS if re.search(p, e.key, re.I)), "elementwise/other")
-        times[kind] = times.get(kind, 0.0) + t
-    total = sum(times.values()) or 1.0
-    return {k: round(100 * v / total, 1) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
-
-
 def kernel_shares(prof) -> list[tuple[str, float]]:
     """Every CUDA kernel of the profiled step with its share of the kernel time (%), largest first."""
     events = [(e.key, getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0))
               for e in prof.key_averages()]
     total = sum(t for _, t in events) or 1.0
     return [(k, round(100 * t / total, 2)) for k, t in sorted(events, key=lambda kv: -kv[1]) if t > 0]
+
+
+def kernel_breakdown(kernels: list[tuple[str, float]]) -> dict[str, float]:
+    """The shares of kernel_shares summed per kind (KERNEL_KINDS)."""
+    kinds: dict[str, float] = {}
+    for name, share in kernels:
+        kind = next((k for k, p in KERNEL_KINDS if re.search(p, name, re.I)), "elementwise/other")
+        kinds[kind] = kinds.get(kind, 0.0) + share
+    return {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
 
 
 def mamba_kernels(kernels: list[tuple[str, float]]) -> str:
@@ -103,8 +99,8 @@ def timed_training_steps(step, params, steps: int, warmup: int, device: torch.de
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             run()
             sync()
-        result["kernels"] = kernel_breakdown(prof)
         result["all_kernels"] = kernel_shares(prof)
+        result["kernels"] = kernel_breakdown(result["all_kernels"])
         result["mamba_kernels"] = mamba_kernels(result["all_kernels"])
     return result
 
@@ -127,25 +123,28 @@ def hf_worker(rank: int, hf_dir: str, tokens: torch.Tensor, steps: int, warmup: 
 
 def megatron_worker(rank: int, mg_root: str, tokens: torch.Tensor, steps: int, warmup: int, fused: bool | None
                     ) -> dict:
-    from falcon_bridge.megatron.runtime import init_distributed, load_model, provider_from_checkpoint
+    from falcon_bridge.megatron.runtime import (
+        init_distributed,
+        load_model,
+        next_token_loss,
+        provider_from_checkpoint,
+        shutdown_distributed,
+    )
 
     device = init_distributed(rank, 1, 1, 1)
-    provider, it_dir = provider_from_checkpoint(Path(mg_root), torch.bfloat16)
-    if fused is not None:
-        provider.use_mamba_mem_eff_path = fused
-    model = load_model(provider, it_dir, device).train()
-    tokens = tokens.to(device)
-    b, s = tokens.shape
-    positions = torch.arange(s, device=device).expand(b, s)
-    labels = torch.roll(tokens, -1, dims=1)  # next token; the last position is dropped from the mean, as in HF
-
-    def step():
-        return _backward(model(tokens, positions, None, labels=labels)[:, :-1].mean())
-
-    result = timed_training_steps(step, list(model.parameters()), steps, warmup, device)
-    mixer = model.decoder.layers[0].mamba_mixer
-    return {**result, "mamba_fused_path": bool(mixer.use_mem_eff_path),
-            "attention": type(model.decoder.layers[0].self_attention.core_attention).__name__}
+    try:
+        provider, it_dir = provider_from_checkpoint(Path(mg_root), torch.bfloat16)
+        if fused is not None:
+            provider.use_mamba_mem_eff_path = fused
+        model = load_model(provider, it_dir, device).train()
+        tokens = tokens.to(device)
+        result = timed_training_steps(lambda: _backward(next_token_loss(model, tokens).mean()),
+                                      list(model.parameters()), steps, warmup, device)
+        mixer = model.decoder.layers[0].mamba_mixer
+        return {**result, "mamba_fused_path": bool(mixer.use_mem_eff_path),
+                "attention": type(model.decoder.layers[0].self_attention.core_attention).__name__}
+    finally:
+        shutdown_distributed()
 
 
 def _backward(loss: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,13 @@
 
 import torch
 
-from falcon_bridge.megatron.runtime import init_distributed, load_model, provider_from_checkpoint, shutdown_distributed
+from falcon_bridge.megatron.runtime import (
+    init_distributed,
+    load_model,
+    next_token_loss,
+    provider_from_checkpoint,
+    shutdown_distributed,
+)
 
 
 def loss_and_gradients(rank: int, root: str, tp: int, tokens: torch.Tensor, gather_dims: dict[str, int | None]
@@ -16,10 +22,7 @@ def loss_and_gradients(rank: int, root: str, tp: int, tokens: torch.Tensor, gath
     device = init_distributed(rank, tp, tp, 1)
     try:
         model = load_model(provider, it_dir, device, parallel_output=True).train()
-        tokens = tokens.to(device)
-        b, s = tokens.shape
-        positions = torch.arange(s, device=device).expand(b, s)
-        loss = model(tokens, positions, None, labels=torch.roll(tokens, -1, dims=1))[:, :-1]
+        loss = next_token_loss(model, tokens.to(device))
         loss.sum().backward()
         params = dict(model.named_parameters())
         out = {"loss": loss.detach().cpu()}

@@ -87,9 +87,9 @@ def test_import_bad_input_matrix(case, src, tmp_path):
     damage, kwargs, message = HF_BAD_INPUTS[case]
     damage(src)
     before = snapshot(src)
-    layout = kwargs.pop("layout", MegatronLayout())
+    options = {k: v for k, v in kwargs.items() if k != "layout"}  # the shared table is left as it is
     with pytest.raises(BadInput, match=message):
-        import_hf(str(src), tmp_path / "out", layout, **kwargs)
+        import_hf(str(src), tmp_path / "out", kwargs.get("layout", MegatronLayout()), **options)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing at OUT, no partial output left
     assert snapshot(src) == before  # the source is never modified
 

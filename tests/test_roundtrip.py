@@ -20,6 +20,7 @@ from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.cards import Card, load_card
+from falcon_bridge.formats.hf import ulp_differences
 
 
 def hf_tensors(path):
@@ -32,11 +33,10 @@ def hf_tensors(path):
 
 
 def assert_bit_identical(source, result):
-    a, b = hf_tensors(source), hf_tensors(result)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
-        assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), name
+    """Same tensor names, dtypes, shapes and bytes (ulp_differences: None = missing or dtype/shape differ), and the
+    same config.json."""
+    differing = {name: d for name, d in ulp_differences(source, result).items() if d != 0}
+    assert not differing, differing
     assert json.loads((source / "config.json").read_text()) == json.loads((result / "config.json").read_text())
 
 
@@ -85,6 +85,8 @@ def test_diverged_group_replicas_are_averaged_and_reported(tiny_hf, tmp_path):
     trained = edited_megatron_checkpoint(tmp_path / "mg", tmp_path / "trained", train)
     summary = export_hf(trained, tmp_path / "hf")
     assert summary["diverged_group_replicas"] == {"model.layers.1.mamba.in_proj.weight": pytest.approx(0.5)}
+    (warning,) = summary["warnings"]  # printed by the CLI on stderr
+    assert warning.startswith("model.layers.1.mamba.in_proj.weight: the replicated Mamba B/C groups diverged")
     with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
         in_proj = f.get_tensor("model.layers.1.mamba.in_proj.weight")
     arch = load_card("tiny-one-group").arch
@@ -179,3 +181,20 @@ def test_half_billion_card_round_trip_is_bit_identical(tmp_path):
     reshard(tmp_path / "a", tmp_path / "b", MegatronLayout(tp=1, pp=2))
     export_hf(tmp_path / "b", tmp_path / "hf")
     assert_bit_identical(tmp_path / "src", tmp_path / "hf")
+
+
+def test_ulp_differences_name_what_differs(tiny_hf, tmp_path):
+    """The comparison behind assert_bit_identical: 0 for the same bytes, the ulp distance otherwise, None for a
+    tensor missing on one side or stored with another dtype."""
+    from safetensors.torch import save_file
+
+    source = tiny_hf["tiny-mup"]
+    tensors = hf_tensors(source)
+    norm, conv = "model.final_layernorm.weight", "model.layers.0.mamba.conv1d.weight"
+    tensors[norm] = (tensors[norm].view(torch.int32) + 3).view(torch.float32)  # 3 ulps away
+    tensors[conv] = tensors[conv].double()
+    del tensors["model.embed_tokens.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    ulps = ulp_differences(source, tmp_path)
+    assert ulps[norm] == 3 and ulps[conv] is None and ulps["model.embed_tokens.weight"] is None
+    assert all(d == 0 for name, d in ulps.items() if name not in (norm, conv, "model.embed_tokens.weight"))

@@ -45,7 +45,7 @@ def export_hf(src: Path, out: Path, card: str | None = None, hf_config: Path | N
 
     def written(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         if fmt == "packed" and is_bitnet_linear(name):
-            return [(name, (shape[0] // 4, *shape[1:]), torch.uint8),
+            return [(name, (shape[0] // ternary.VALUES_PER_BYTE, *shape[1:]), torch.uint8),
                     (bitnet_scale_name(name), (1,), dtype_of(name))]
         return [(name, shape, dtype_of(name))]
 
@@ -58,9 +58,9 @@ def export_hf(src: Path, out: Path, card: str | None = None, hf_config: Path | N
         writer = ShardedSafetensorsWriter(tmp, layout, max_shard_bytes)
         for i, entry in enumerate(plan):
             for name, tensor in source.hf_tensors(entry, check_finite).items():
-                if unfolding:
-                    tensor = mup.unfold(arch, name, tensor, torch.float32)
-                if fmt == "packed" and is_bitnet_linear(name):
+                if unfolding:  # never with BitNet: import refuses --mup fold with --bitnet
+                    writer.put(name, mup.unfold(arch, name, tensor, dtype_of(name)))  # one rounding
+                elif fmt == "packed" and is_bitnet_linear(name):
                     packed, scale = ternary.pack_checkpoint_tensor(tensor.float())
                     writer.put(name, packed)
                     writer.put(bitnet_scale_name(name), scale.to(dtype_of(name)))
@@ -80,4 +80,5 @@ def export_hf(src: Path, out: Path, card: str | None = None, hf_config: Path | N
             "bytes": writer.total_bytes,
             "tokenizer_files": tokenizer,
             "mamba_groups_collapsed": source.layout.group_factor(arch) > 1,
-            "diverged_group_replicas": source.divergence, "seconds": round(time.perf_counter() - t0, 2)}
+            "diverged_group_replicas": source.divergence, "seconds": round(time.perf_counter() - t0, 2),
+            "warnings": source.divergence_warnings()}

@@ -13,6 +13,7 @@ from falcon_bridge.converters.megatron_sink import MegatronSink
 from falcon_bridge.core import mup
 from falcon_bridge.core.mapping import Ctx, Entry, entries, hf_tensor_shapes, is_bitnet_linear
 from falcon_bridge.core.parallel import MegatronLayout
+from falcon_bridge.core.ternary import VALUES_PER_BYTE
 from falcon_bridge.core.transforms import all_finite
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
@@ -69,8 +70,9 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
             raise BadInput("--mup fold with --bitnet: folding the non-uniform ssm_multipliers before ternarizing "
                            "changes which weights round to 0 and ±1; use --mup preserve")
         for name, shape in hf_tensor_shapes(arch).items():
-            if is_bitnet_linear(name) and shape[0] % 4:
-                raise BadInput(f"--bitnet: {name} has {shape[0]} rows; the HF packed format needs a multiple of 4")
+            if is_bitnet_linear(name) and shape[0] % VALUES_PER_BYTE:
+                raise BadInput(f"--bitnet: {name} has {shape[0]} rows; the HF packed format needs a multiple of "
+                               f"{VALUES_PER_BYTE}")
     check_tensors(ckpt, allow_extra)
     hf_dtype = ckpt.tensors["model.embed_tokens.weight"].dtype
     store_dtype = dtype or hf_dtype

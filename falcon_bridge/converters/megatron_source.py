@@ -55,6 +55,11 @@ class MegatronSource:
             self.divergence[entry.hf[0]] = divergence
         return dict(zip(entry.hf, tensors))
 
+    def divergence_warnings(self) -> list[str]:
+        """One line per tensor whose replicated Mamba B/C groups had drifted apart (read so far)."""
+        return [f"{name}: the replicated Mamba B/C groups diverged during training (max |Δ| {delta:.3e}); their "
+                "average was written" for name, delta in self.divergence.items()]
+
     @property
     def bitnet(self) -> bool:
         return bool((self.run_config or {}).get("bitnet", False))

@@ -6,15 +6,13 @@ groups) and the run config's layout: each map entry goes Megatron(old) → HF te
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
+from falcon_bridge.converters.megatron_sink import MegatronSink
 from falcon_bridge.converters.megatron_source import open_megatron_checkpoint
-from falcon_bridge.core.mapping import Ctx, megatron_extra_state_keys
+from falcon_bridge.core.mapping import Ctx
 from falcon_bridge.core.mup import run_config_entry
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.formats import megatron as mg
@@ -29,36 +27,16 @@ def reshard(src: Path, out: Path, layout: MegatronLayout, card: str | None = Non
     source = open_megatron_checkpoint(src, card, hf_config)
     arch = source.arch.validate_for_megatron()
     layout.validate(arch)
-    ctx, plan = Ctx(arch, layout), source.entries()
-    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    owner = {}
-    for e in plan:
-        stored_dtype = source.reader.tensors[next(iter(e.megatron_keys(source.ctx)))][1]  # keep each entry's dtype
-        for key, shape in e.megatron_keys(ctx).items():
-            shapes[key], owner[key] = (shape, stored_dtype), e
-
-    current: dict = {"entry": None, "pieces": {}}
-    done = 0
-
-    def produce(key: str) -> torch.Tensor:
-        nonlocal done
-        e = owner[key]
-        if current["entry"] is not e:
-            current["entry"] = e
-            current["pieces"] = e.transform.to_megatron(ctx, *source.hf_tensors(e).values())
-            done += 1
-            if progress:
-                progress(done, len(plan), e.megatron)
-        return current["pieces"][key[len(e.megatron):]].to(shapes[key][1]).contiguous()
-
-    stored_dtype = shapes["embedding.word_embeddings.weight"][1]
+    # each entry keeps the dtype it is stored in
+    sink = MegatronSink(Ctx(arch, layout), source.entries(),
+                        lambda e: source.reader.tensors[next(iter(e.megatron_keys(source.ctx)))][1])
+    stored_dtype = sink.shapes["embedding.word_embeddings.weight"][1]
     options = {"source": str(src), "tp": layout.tp, "pp": layout.pp, "pp_layers": layout.pp_layers, "card": card,
                "hf_config": str(hf_config) if hf_config else None}
-    with atomic_output_dir(out, overwrite, sum(math.prod(s) * d.itemsize for s, d in shapes.values()),
-                           {"name": "reshard", "argv": argv, "options": options}, source.start_file_hashes()) as tmp:
+    with atomic_output_dir(out, overwrite, sink.total_bytes, {"name": "reshard", "argv": argv, "options": options},
+                           source.start_file_hashes()) as tmp:
         it_dir = tmp / mg.iteration_dir_name(0)
-        mg.write_torch_dist(it_dir, shapes, produce, objects=dict.fromkeys(megatron_extra_state_keys(arch)))
-        current["pieces"] = {}
+        sink.write(it_dir, lambda e: list(source.hf_tensors(e).values()), progress)
         tokenizer = copy_tokenizer(source.tokenizer_files(), it_dir)
         previous = source.run_config or {}
         mg.write_run_config(it_dir, mg.run_config(
@@ -67,8 +45,9 @@ def reshard(src: Path, out: Path, layout: MegatronLayout, card: str | None = Non
             hf_odd_dtypes=previous.get("hf_odd_dtypes", {}), tokenizer_files=tokenizer,
             mup=previous.get("mup") or run_config_entry(arch, "preserve"),
             source={"path": str(src), "resharded_from": previous.get("layout")},
-            bitnet=previous.get("bitnet", False)))
+            bitnet=source.bitnet))
         mg.write_tracker(tmp, 0)
     return {"command": "reshard", "source": str(src), "output": str(out), "tp": layout.tp, "pp": layout.pp,
             "pp_layers": list(layout.stage_layers(arch.num_layers)), "mamba_groups": layout.mamba_groups(arch),
-            "diverged_group_replicas": source.divergence, "seconds": round(time.perf_counter() - t0, 2)}
+            "diverged_group_replicas": source.divergence, "seconds": round(time.perf_counter() - t0, 2),
+            "warnings": source.divergence_warnings()}

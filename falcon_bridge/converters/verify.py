@@ -18,7 +18,6 @@ from falcon_bridge.errors import BadInput
 
 # max |Δ| / max |reference| accepted per compute dtype (fp32: the CPU suite's bar; bf16: a few ulps of the logits)
 DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
-COMPONENTS = ("embedding", "mamba", "attention", "mlp", "final_norm", "logits")
 
 
 @dataclass
@@ -29,7 +28,7 @@ class LogitComparison:
     relative: float  # max_abs_diff / max_abs_logit
     argmax_agreement: float
     tolerance: float
-    cosine: float = 1.0
+    cosine: float
 
     @property
     def passed(self) -> bool:
@@ -39,16 +38,22 @@ class LogitComparison:
         return {**asdict(self), "passed": self.passed}
 
 
-def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, tolerance: float) -> LogitComparison:
+def difference(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+    """max and mean |Δ|, max |reference|, max |Δ| / max |reference| and cosine of two same-shaped tensors."""
     ref, cand = reference.float(), candidate.float()
     diff = (ref - cand).abs()
     scale = ref.abs().max().item()
-    cosine = torch.nn.functional.cosine_similarity(ref.flatten(), cand.flatten(), dim=0).item()
+    return {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(), "max_abs_reference": scale,
+            "relative": diff.max().item() / max(scale, 1e-30),
+            "cosine": torch.nn.functional.cosine_similarity(ref.flatten(), cand.flatten(), dim=0).item()}
+
+
+def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, tolerance: float) -> LogitComparison:
+    d = difference(reference, candidate)
     return LogitComparison(
-        max_abs_diff=diff.max().item(), mean_abs_diff=diff.mean().item(), max_abs_logit=scale,
-        relative=diff.max().item() / max(scale, 1e-30),
-        argmax_agreement=(ref.argmax(-1) == cand.argmax(-1)).float().mean().item(), tolerance=tolerance,
-        cosine=cosine)
+        max_abs_diff=d["max_abs_diff"], mean_abs_diff=d["mean_abs_diff"], max_abs_logit=d["max_abs_reference"],
+        relative=d["relative"], cosine=d["cosine"], tolerance=tolerance,
+        argmax_agreement=(reference.argmax(-1) == candidate.argmax(-1)).float().mean().item())
 
 
 @dataclass
@@ -123,12 +128,9 @@ def compare_branches(reference: dict, candidate: dict, num_layers: int, toleranc
     names = [("embedding", None)] + [(f"{i}.{c}", i) for i in range(num_layers) for c in ("mamba", "attention",
                                                                                             "mlp")]
     for name, layer in names + [("final_norm", None)]:
-        ref, cand = reference[name], candidate[name]
-        diff = (ref - cand).abs()
-        rows.append({"layer": layer, "component": name.split(".")[-1], "max_abs_diff": diff.max().item(),
-                     "mean_abs_diff": diff.mean().item(),
-                     "cosine": torch.nn.functional.cosine_similarity(ref.flatten(), cand.flatten(), dim=0).item(),
-                     "relative": diff.max().item() / max(ref.abs().max().item(), 1e-30)})
+        d = difference(reference[name], candidate[name])
+        rows.append({"layer": layer, "component": name.split(".")[-1], "max_abs_diff": d["max_abs_diff"],
+                     "mean_abs_diff": d["mean_abs_diff"], "cosine": d["cosine"], "relative": d["relative"]})
     return rows
 
 
@@ -189,6 +191,8 @@ def verify(hf_dir: Path, megatron_dir: Path, tp: int = 1, pp: int = 1, dtype: to
     from falcon_bridge.formats.hf import HFCheckpoint
     from falcon_bridge.megatron.runtime import launch, megatron_logits_worker, provider_from_checkpoint
 
+    if device not in (None, "cpu", "cuda"):
+        raise BadInput(f"--device {device}: expected cpu or cuda")
     arch = HFCheckpoint(Path(hf_dir)).arch
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():

@@ -114,9 +114,6 @@ class MambaSegments(Transform):
             parts[s] = T.replicate_groups(parts[s], ctx.arch.mamba_n_groups, ctx.group_factor)
         return {f".{s}": p for s, p in parts.items()}
 
-    def to_hf(self, ctx, mg):
-        return self.to_hf_reporting(ctx, mg)[0]
-
     def to_hf_reporting(self, ctx, mg):
         parts = {s: mg[f".{s}"] for s in self.segments}
         divergence = 0.0

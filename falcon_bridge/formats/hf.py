@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from falcon_bridge.core.config import FalconH1Arch
 from falcon_bridge.core.mapping import bitnet_scale_name
+from falcon_bridge.core.ternary import VALUES_PER_BYTE, unpack_checkpoint_tensor
 from falcon_bridge.errors import BadInput
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -125,7 +126,8 @@ class HFCheckpoint:
             if scale is None:
                 raise BadInput(f"{self.tensors[name].file}: tensor {scale_name} is missing (packed {name} needs it)")
             info = self.tensors[name]
-            self.tensors[name] = TensorInfo(info.file, (info.shape[0] * 4, *info.shape[1:]), scale.dtype)
+            self.tensors[name] = TensorInfo(info.file, (info.shape[0] * VALUES_PER_BYTE, *info.shape[1:]),
+                                            scale.dtype)
             self.packed[name] = scale
 
     def get(self, name: str) -> torch.Tensor:
@@ -136,8 +138,6 @@ class HFCheckpoint:
             raise BadInput(f"{self.path}: tensor {name} is missing")
         try:
             if name in self.packed:
-                from falcon_bridge.core.ternary import unpack_checkpoint_tensor
-
                 scale = self.packed[name]
                 with safe_open(str(scale.file), framework="pt") as h:
                     weight_scale = h.get_tensor(bitnet_scale_name(name))
@@ -243,3 +243,29 @@ def copy_tokenizer(files: list[Path], out_dir: Path) -> list[str]:
     for f in files:
         shutil.copy2(f, out_dir / f.name)
     return [f.name for f in files]
+
+
+def _stored_tensors(directory: Path) -> dict[str, Path]:
+    """name → file, for every tensor stored in a directory's safetensors files (as stored: packed uint8 stays)."""
+    found = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            found.update(dict.fromkeys(h.keys(), f))
+    return found
+
+
+def ulp_differences(a_dir: Path, b_dir: Path) -> dict[str, int | None]:
+    """For every tensor stored in either directory: the largest difference between the two stored copies in units
+    in the last place (0: the same bytes), or None when one directory lacks it or its dtype or shape differs.
+    One pair of tensors in memory at a time."""
+    a, b = _stored_tensors(a_dir), _stored_tensors(b_dir)
+    out: dict[str, int | None] = dict.fromkeys(sorted(set(a) ^ set(b)))
+    for name in sorted(set(a) & set(b)):
+        with safe_open(str(a[name]), framework="pt") as fa, safe_open(str(b[name]), framework="pt") as fb:
+            x, y = fa.get_tensor(name), fb.get_tensor(name)
+        if x.dtype != y.dtype or x.shape != y.shape:
+            out[name] = None
+            continue
+        bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+        out[name] = int((x.view(bits).long() - y.view(bits).long()).abs().max()) if x.numel() else 0
+    return out

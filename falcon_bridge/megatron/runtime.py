@@ -76,6 +76,14 @@ def load_model(provider: FalconH1ModelProvider, it_dir: Path, device: torch.devi
     return model.to(device).eval()
 
 
+def next_token_loss(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token loss [b, s-1] of predicting each next token, as HF's labels=input_ids loss (one stage, TP
+    vocab-parallel): the last position has no next token and is left out."""
+    b, s = tokens.shape
+    positions = torch.arange(s, device=tokens.device).expand(b, s)
+    return model(tokens, positions, None, labels=torch.roll(tokens, -1, dims=1))[:, :-1]
+
+
 @torch.no_grad()
 def pipeline_forward(model, tokens: torch.Tensor, hidden_size: int, dtype: torch.dtype):
     """One forward pass through all pipeline stages (send/recv of the hidden states between stages).

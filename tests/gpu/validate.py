@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from falcon_bridge.converters.create_random import create_random
 from falcon_bridge.converters.export_hf import export_hf
@@ -24,24 +23,13 @@ from falcon_bridge.converters.reshard import reshard
 from falcon_bridge.converters.verify import DEFAULT_TOLERANCE, compare_logits, hf_logits, sample_tokens
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.formats.cards import load_card
+from falcon_bridge.formats.hf import ulp_differences
 from falcon_bridge.megatron.runtime import launch, megatron_logits_worker
 
 
-def max_ulps(a_dir: Path, b_dir: Path) -> int:
-    """Largest difference, in units in the last place, between same-named tensors of two HF directories."""
-    b_tensors = {}
-    for f in b_dir.glob("*.safetensors"):
-        with safe_open(f, "pt") as b:
-            b_tensors.update({k: (f, k) for k in b.keys()})
-    worst = 0
-    for f in a_dir.glob("*.safetensors"):
-        with safe_open(f, "pt") as a:
-            for k in a.keys():
-                with safe_open(b_tensors[k][0], "pt") as b:
-                    x, y = a.get_tensor(k), b.get_tensor(k)
-                view = torch.int32 if x.dtype == torch.float32 else torch.int16
-                worst = max(worst, (x.view(view).int() - y.view(view).int()).abs().max().item())
-    return worst
+def max_ulps(a_dir: Path, b_dir: Path) -> float:
+    """Largest difference in units in the last place between same-named tensors (inf: a tensor missing or reshaped)."""
+    return max((float("inf") if d is None else d for d in ulp_differences(a_dir, b_dir).values()), default=0)
 
 
 def main(argv=None) -> list[dict]:

@@ -25,6 +25,7 @@ from falcon_bridge.megatron.runtime import (
     init_distributed,
     launch,
     load_model,
+    next_token_loss,
     pipeline_forward,
     provider_from_checkpoint,
     shutdown_distributed,
@@ -41,13 +42,10 @@ def train_worker(rank: int, root: str, out: str, tp: int, steps: int, batch: tor
         model = load_model(provider, it_dir, device, parallel_output=True).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
         tokens = batch.to(device)
-        b, s = tokens.shape
-        positions = torch.arange(s, device=device).expand(b, s)
-        labels = torch.roll(tokens, -1, dims=1)
         losses = []
         for _ in range(steps):
             optimizer.zero_grad()
-            loss = model(tokens, positions, None, labels=labels).mean()
+            loss = next_token_loss(model, tokens).mean()
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
