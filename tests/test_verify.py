@@ -8,7 +8,7 @@ import torch
 from conftest import edited_megatron_checkpoint
 
 from falcon_bridge.converters.import_hf import import_hf
-from falcon_bridge.converters.verify import verify
+from falcon_bridge.converters.verify import default_tolerance, difference, verify
 from falcon_bridge.core.parallel import MegatronLayout
 
 
@@ -42,3 +42,17 @@ def test_prompt_is_tokenized_with_the_checkpoints_tokenizer_carried_through_impo
     assert (tmp_path / "mg" / "iter_0000000" / "tokenizer.json").exists()
     report = verify(hf, tmp_path / "mg", prompt="Falcon-H1 runs attention and Mamba side by side")
     assert report.passed and summary["tensors"] > 0
+
+
+def test_default_tolerance_follows_the_precision_the_kernels_compute_in(monkeypatch):
+    monkeypatch.delenv("TRITON_F32_DEFAULT", raising=False)
+    assert default_tolerance(torch.float32, "cpu") == 1e-4
+    assert default_tolerance(torch.float32, "cuda") == 1e-3  # Triton's TF32 dots in mamba-ssm's SSD kernels
+    assert default_tolerance(torch.bfloat16, "cuda") == default_tolerance(torch.bfloat16, "cpu") == 3e-2
+    monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
+    assert default_tolerance(torch.float32, "cuda") == 1e-4
+
+
+def test_cosine_of_a_large_tensor_with_itself_is_one():
+    x = torch.randn(4, 512, 8192)  # summed in fp32, this cosine comes out as 1.0013
+    assert abs(difference(x, x)["cosine"] - 1.0) < 1e-12

@@ -18,6 +18,17 @@ from falcon_bridge.errors import BadInput
 
 # max |Δ| / max |reference| accepted per compute dtype (fp32: the CPU suite's bar; bf16: a few ulps of the logits)
 DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
+# fp32 on cuda: Triton computes fp32 dot products in TF32 unless TRITON_F32_DEFAULT=ieee, and mamba-ssm's SSD
+# kernels (which both models run there) do not ask otherwise, so the Mamba branch is only as exact as TF32's 10-bit
+# mantissa: 2^-10. bench/ssd_precision.py measured the kernel alone at 5.8e-4–7.0e-4 of the fp32 reference
+# (6e-6 with ieee).
+TF32_TOLERANCE = 1e-3
+
+
+def default_tolerance(dtype: torch.dtype, device: str) -> float:
+    if dtype == torch.float32 and device == "cuda" and os.environ.get("TRITON_F32_DEFAULT", "tf32") != "ieee":
+        return TF32_TOLERANCE
+    return DEFAULT_TOLERANCE[str(dtype).removeprefix("torch.")]
 
 
 @dataclass
@@ -40,7 +51,7 @@ class LogitComparison:
 
 def difference(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
     """max and mean |Δ|, max |reference|, max |Δ| / max |reference| and cosine of two same-shaped tensors."""
-    ref, cand = reference.float(), candidate.float()
+    ref, cand = reference.double(), candidate.double()  # fp32 sums over millions of values drift past cosine 1
     diff = (ref - cand).abs()
     scale = ref.abs().max().item()
     return {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(), "max_abs_reference": scale,
@@ -208,6 +219,6 @@ def verify(hf_dir: Path, megatron_dir: Path, tp: int = 1, pp: int = 1, dtype: to
         (candidate,) = launch(megatron_logits_worker, tp * pp, [str(megatron_dir)], tp, pp, tokens,
                               str(dtype).removeprefix("torch."), True)
     if tolerance is None:
-        tolerance = DEFAULT_TOLERANCE[str(dtype).removeprefix("torch.")]
+        tolerance = default_tolerance(dtype, device)
     return VerifyReport(tolerance, compare_logits(reference["logits"], candidate["logits"], tolerance),
                         compare_branches(reference, candidate, arch.num_layers, tolerance))
