@@ -112,23 +112,18 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor, dtype: torch.dtype, device: st
 
 def hf_capture(hf_dir: Path, tokens: torch.Tensor, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
     """The HF side of capture_branches (falcon_bridge.megatron.runtime): same names, same quantities."""
+    from falcon_bridge.megatron.runtime import record_scaled_outputs
+
     model = hf_model(hf_dir, dtype, device)
-    c = model.config
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(name, multiplier):
-        def record(module, inputs, output):
-            out = output[0] if isinstance(output, tuple) else output
-            captured[name] = (out * multiplier).float().cpu()
-        return record
-
-    inner = model.model
-    inner.embed_tokens.register_forward_hook(hook("embedding", c.embedding_multiplier))
+    c, inner = model.config, model.model
+    modules = {"embedding": (inner.embed_tokens, c.embedding_multiplier)}
     for i, layer in enumerate(inner.layers):
-        layer.mamba.register_forward_hook(hook(f"{i}.mamba", c.ssm_out_multiplier))
-        layer.self_attn.register_forward_hook(hook(f"{i}.attention", c.attention_out_multiplier))
-        layer.feed_forward.register_forward_hook(hook(f"{i}.mlp", 1.0))  # FalconH1MLP applies its down multiplier
-    inner.final_layernorm.register_forward_hook(hook("final_norm", 1.0))
+        modules |= {f"{i}.mamba": (layer.mamba, c.ssm_out_multiplier),
+                    f"{i}.attention": (layer.self_attn, c.attention_out_multiplier),
+                    f"{i}.mlp": (layer.feed_forward, 1.0)}  # FalconH1MLP applies its down multiplier
+    modules["final_norm"] = (inner.final_layernorm, 1.0)
+    captured: dict[str, torch.Tensor] = {}
+    record_scaled_outputs(modules, captured, megatron=False)
     with torch.no_grad():
         captured["logits"] = model(tokens.to(device)).logits.float().cpu()
     return captured

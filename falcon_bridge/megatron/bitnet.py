@@ -17,6 +17,7 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from falcon_bridge.core import ternary
+from falcon_bridge.core.transforms import qkv_interleave
 from falcon_bridge.megatron.model import NormColumnParallelLinear
 
 
@@ -104,24 +105,24 @@ def assign_segments(layer, config, tp_rank: int, tp_size: int) -> None:
     attn.linear_proj.set_segments(*whole_tensor_segment(h, h * q_width))
     hf_groups = config.mamba_hf_num_groups or mixer.ngroups
     hf_rows = 2 * mixer.d_inner + 2 * hf_groups * mixer.d_state + mixer.nheads
-    mixer.in_proj.set_segments(*in_proj_segments(mixer.d_inner, mixer.ngroups, mixer.d_state, mixer.nheads,
-                                                 mixer.ngroups // hf_groups, h, tp_size, hf_rows))
+    mixer.in_proj.set_segments(*in_proj_segments(mixer.in_proj_local_sizes(), mixer.ngroups // hf_groups, h,
+                                                 hf_rows))
     mixer.out_proj.set_segments(*whole_tensor_segment(h, h * mixer.d_inner))
     mlp.linear_fc1.set_segments(*gate_up_segments(config.ffn_hidden_size, h, tp_size))
     mlp.linear_fc2.set_segments(*whole_tensor_segment(h, h * config.ffn_hidden_size))
 
 
 def qkv_segments(num_heads: int, num_groups: int, head_dim: int, hidden: int, tp_rank: int, tp_size: int):
-    """linear_qkv: global rows interleave [q of group g | k_g | v_g]; ranks hold contiguous slices."""
-    per_group = (num_heads // num_groups + 2) * head_dim
-    total = per_group * num_groups
-    rows = torch.arange(tp_rank * total // tp_size, (tp_rank + 1) * total // tp_size)
-    offset = rows % per_group
-    q_rows = num_heads // num_groups * head_dim
-    segment = (offset >= q_rows).long() + (offset >= q_rows + head_dim).long()  # 0 q, 1 k, 2 v
+    """linear_qkv: rows in Megatron's fused q|k|v order (transforms.qkv_interleave), labelled 0 q, 1 k, 2 v;
+    ranks hold contiguous slices."""
+    def label(value: int, heads: int) -> torch.Tensor:
+        return torch.full((heads * head_dim,), value, dtype=torch.long)
+
+    rows = qkv_interleave(label(0, num_heads), label(1, num_groups), label(2, num_groups), num_groups, head_dim)
+    segment = rows.chunk(tp_size)[tp_rank]
     numel = torch.tensor([num_heads * head_dim * hidden, num_groups * head_dim * hidden,
                           num_groups * head_dim * hidden])
-    return segment, torch.ones(len(rows)), numel
+    return segment, torch.ones(len(segment)), numel
 
 
 def gate_up_segments(ffn: int, hidden: int, tp_size: int):
@@ -131,10 +132,9 @@ def gate_up_segments(ffn: int, hidden: int, tp_size: int):
         torch.tensor([ffn * hidden, ffn * hidden])
 
 
-def in_proj_segments(d_inner: int, groups: int, state: int, heads: int, replicas: int, hidden: int, tp_size: int,
-                     hf_rows: int):
-    """Mamba in_proj: one HF tensor; each rank holds [z_r|x_r|B_r|C_r|dt_r], B/C rows replicated `replicas` times."""
-    sizes = [d_inner // tp_size] * 2 + [groups * state // tp_size] * 2 + [heads // tp_size]
+def in_proj_segments(sizes: tuple[int, ...], replicas: int, hidden: int, hf_rows: int):
+    """Mamba in_proj: one HF tensor; each rank holds [z_r|x_r|B_r|C_r|dt_r] (`sizes`), B/C rows replicated
+    `replicas` times."""
     weight = torch.cat([torch.full((n,), 1.0 / replicas if i in (2, 3) else 1.0) for i, n in enumerate(sizes)])
     return torch.zeros(sum(sizes)).long(), weight, torch.tensor([hf_rows * hidden])
 

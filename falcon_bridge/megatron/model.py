@@ -50,7 +50,6 @@ class FalconH1TransformerConfig(TransformerConfig):
     # B/C groups of the HF model; megatron's mamba_num_groups is larger when they were replicated to reach a TP
     # beyond them (the gated norm's groups and BitNet's weight scales still follow HF's).
     mamba_hf_num_groups: int | None = None
-    bitnet: bool = False  # BitNet b1.58 linears (falcon_bridge.megatron.bitnet) in attention, Mamba and MLP
 
 
 def scaled_silu(x: torch.Tensor, gate_multiplier: float) -> torch.Tensor:
@@ -181,12 +180,15 @@ class FalconH1MambaMixer(MambaMixer):
                                               config.params_dtype)
         if all(m == 1.0 for m in config.ssm_multipliers):
             return
-        # TP-local segment sizes (each rank holds its slice of every segment).
-        gn = self.ngroups_local_tp * self.d_state
-        sizes = (self.d_inner_local_tp, self.d_inner_local_tp, gn, gn, self.nheads_local_tp)
-        vector = torch.cat([torch.full((n,), m, dtype=torch.float32) for n, m in zip(sizes, config.ssm_multipliers)])
+        vector = torch.cat([torch.full((n,), m, dtype=torch.float32)
+                            for n, m in zip(self.in_proj_local_sizes(), config.ssm_multipliers)])
         self.register_buffer("mup_vector", vector.to(self.in_proj.weight.device), persistent=False)
         self.in_proj.register_forward_hook(self._scale_zxbcdt)
+
+    def in_proj_local_sizes(self) -> tuple[int, int, int, int, int]:
+        """This rank's in_proj output rows per segment z|x|B|C|dt (each rank holds its slice of every segment)."""
+        gn = self.ngroups_local_tp * self.d_state
+        return self.d_inner_local_tp, self.d_inner_local_tp, gn, gn, self.nheads_local_tp
 
     def _scale_zxbcdt(self, module, inputs, output):
         zxbcdt, bias = output
@@ -256,7 +258,7 @@ class FalconH1Layer(MegatronModule):
         self.self_attention = build_module(submodules.self_attention, config=config, layer_number=layer_number,
                                            pg_collection=pg_collection, pp_layer_offset=pp_layer_offset)
         self.mlp = build_module(submodules.mlp, config=config, tp_group=pg_collection.tp)
-        if config.bitnet:
+        if hasattr(self.mlp.linear_fc1, "set_segments"):  # BitNet linears (the spec's choice) scale per HF tensor
             from falcon_bridge.megatron.bitnet import assign_segments
 
             assign_segments(self, config, pg_collection.tp.rank(), pg_collection.tp.size())

@@ -95,7 +95,6 @@ class FalconH1ModelProvider:
             mamba_chunk_size=a.mamba_chunk_size,
             mamba_rms_norm=a.mamba_rms_norm,
             mamba_hf_num_groups=a.mamba_n_groups,
-            bitnet=self.bitnet,
             embedding_multiplier=m.embedding,
             lm_head_multiplier=m.lm_head,
             attention_in_multiplier=m.attention_in,

@@ -141,31 +141,39 @@ def launch(fn, world_size: int, *args):
         return torch.load(result_file, weights_only=True)
 
 
+def record_scaled_outputs(modules: dict[str, tuple[torch.nn.Module, float]], captured: dict[str, torch.Tensor],
+                          megatron: bool) -> list:
+    """Forward hooks storing each module's output × its multiplier in captured[name] as [b, s, h] fp32 on CPU.
+    megatron: outputs are (output, bias) pairs in [s, b, h] (the bias is added); else HF's [b, s, h] outputs,
+    whose tuple extras (attention weights) are dropped."""
+    def hook(name, multiplier):
+        def record(module, inputs, output):
+            if isinstance(output, tuple):
+                out, extra = output[0], output[1] if len(output) > 1 else None
+            else:
+                out, extra = output, None
+            if megatron:
+                out = (out if extra is None else out + extra).transpose(0, 1)
+            captured[name] = (out * multiplier).float().cpu()
+        return record
+
+    return [module.register_forward_hook(hook(name, multiplier)) for name, (module, multiplier) in modules.items()]
+
+
 def capture_branches(model, captured: dict[str, torch.Tensor]) -> list:
     """Forward hooks recording what each block adds to the residual stream, as HF's module outputs × multipliers:
     `embedding`, `{layer}.mamba`, `{layer}.attention`, `{layer}.mlp`, `final_norm` ([b, s, h], fp32, CPU).
     With µP folded the model's multipliers are 1.0 and the folded weights carry them, so both compare alike."""
     c = model.config
-
-    def hook(name, multiplier):
-        def record(module, inputs, output):
-            out, bias = output if isinstance(output, tuple) else (output, None)
-            if bias is not None:
-                out = out + bias
-            captured[name] = (out * multiplier).transpose(0, 1).float().cpu()
-        return record
-
-    handles = []
-    if model.pre_process:
-        handles.append(model.embedding.register_forward_hook(hook("embedding", c.embedding_multiplier)))
+    modules = {"embedding": (model.embedding, c.embedding_multiplier)} if model.pre_process else {}
     for layer in model.decoder.layers:
         i = layer.layer_number - 1
-        handles += [layer.mamba_mixer.register_forward_hook(hook(f"{i}.mamba", c.ssm_out_multiplier)),
-                    layer.self_attention.register_forward_hook(hook(f"{i}.attention", c.attention_out_multiplier)),
-                    layer.mlp.register_forward_hook(hook(f"{i}.mlp", c.mlp_multipliers[1]))]
+        modules |= {f"{i}.mamba": (layer.mamba_mixer, c.ssm_out_multiplier),
+                    f"{i}.attention": (layer.self_attention, c.attention_out_multiplier),
+                    f"{i}.mlp": (layer.mlp, c.mlp_multipliers[1])}
     if model.post_process:
-        handles.append(model.decoder.final_norm.register_forward_hook(hook("final_norm", 1.0)))
-    return handles
+        modules["final_norm"] = (model.decoder.final_norm, 1.0)
+    return record_scaled_outputs(modules, captured, megatron=True)
 
 
 def megatron_logits_worker(rank: int, roots: list[str], tp: int, pp: int, tokens: torch.Tensor,
