@@ -20,7 +20,7 @@ from falcon_bridge.converters.create_random import create_random
 from falcon_bridge.converters.export_hf import export_hf
 from falcon_bridge.converters.import_hf import import_hf
 from falcon_bridge.converters.reshard import reshard
-from falcon_bridge.converters.verify import compare_logits, default_tolerance, hf_logits, sample_tokens
+from falcon_bridge.converters.verify import DEFAULT_TOLERANCE, compare_logits, hf_logits, sample_tokens
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.formats.cards import load_card
 from falcon_bridge.formats.hf import ulp_differences
@@ -75,7 +75,7 @@ def main(argv=None) -> list[dict]:
                 if not args.no_export:
                     export_hf(Path(root), tmp / f"{route}-{name}-export")
                     ulps = max_ulps(hf_dir, tmp / f"{route}-{name}-export")
-                r = compare_logits(reference[name], logits, default_tolerance(getattr(torch, name), "cuda"))
+                r = compare_logits(reference[name], logits, DEFAULT_TOLERANCE[name])
                 rows.append({"card": card.name, "route": route, "tp": tp, "dtype": name, "seq_len": args.seq_len,
                              "export_max_ulps": None if args.no_export else ulps,
                              "megatron_seconds": round(seconds, 1), **r.to_dict()})
