@@ -35,27 +35,20 @@ def sha256_file(path: Path, chunk: int = 1 << 24, stop: threading.Event | None =
     return h.hexdigest()
 
 
-def hash_files(paths: Iterable[Path], stop: threading.Event | None = None) -> dict[str, str]:
-    """path → sha256, a file per worker thread (hashlib releases the GIL on large blocks: the cores hash in
-    parallel)."""
-    paths = list(paths)
-    with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
-        return dict(zip(map(str, paths), pool.map(lambda p: sha256_file(p, stop=stop), paths)))
-
-
 class BackgroundHashes:
-    """The sha256 of a conversion's source files, computed on a background pool while the conversion reads them
-    (instead of a second pass over them). result() waits for them; cancel() stops the hashing at its next block,
-    so a failed or interrupted conversion does not wait for it before exiting."""
+    """path → sha256 of files, hashed on a thread pool while the caller goes on (a file per thread: hashlib releases
+    the GIL on large blocks, so the cores hash in parallel) — a conversion's sources are hashed while it reads
+    them, instead of in a second pass. result() waits for them; cancel() stops the hashing at its next block, so a
+    failed or interrupted conversion does not wait for it before exiting."""
 
     def __init__(self, paths: Iterable[Path]):
         self._stop = threading.Event()
-        starter = ThreadPoolExecutor(max_workers=1)
-        self._future = starter.submit(hash_files, list(paths), self._stop)
-        starter.shutdown(wait=False)
+        pool = ThreadPoolExecutor(max_workers=HASH_WORKERS)
+        self._futures = [(str(p), pool.submit(sha256_file, p, stop=self._stop)) for p in paths]
+        pool.shutdown(wait=False)
 
     def result(self) -> dict[str, str]:
-        return self._future.result()
+        return {path: future.result() for path, future in self._futures}
 
     def cancel(self) -> None:
         self._stop.set()
@@ -64,17 +57,17 @@ class BackgroundHashes:
 def hash_tree(root: Path) -> dict[str, dict]:
     """relative path → {sha256, bytes} for every file under root (the manifest itself excluded)."""
     files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE]
-    digests = hash_files(files)
+    digests = BackgroundHashes(files).result()
     return {str(p.relative_to(root)): {"sha256": digests[str(p)], "bytes": p.stat().st_size} for p in files}
 
 
-def write_manifest(out_dir: Path, command: dict, sources: dict[str, str] | BackgroundHashes) -> None:
+def write_manifest(out_dir: Path, command: dict, sources: dict[str, str]) -> None:
     manifest = {
         "tool": "falcon-bridge",
         "version": __version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command,
-        "sources": sources.result() if isinstance(sources, BackgroundHashes) else sources,  # file read → sha256
+        "sources": sources,  # file read → sha256
         "outputs": hash_tree(out_dir),
     }
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")

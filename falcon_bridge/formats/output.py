@@ -17,15 +17,14 @@ DISK_MARGIN_BYTES = 64 * 1024**2  # metadata, configs, filesystem slack
 
 @contextmanager
 def atomic_output_dir(out: Path, overwrite: bool = False, expected_bytes: int = 0, command: dict | None = None,
-                      sources: dict[str, str] | BackgroundHashes | None = None):
+                      sources: BackgroundHashes | None = None):
     """Yield a fresh temporary directory beside `out`; on success a manifest is written into it and it replaces
     `out`; on any failure (an exception, a full disk) it is removed.
 
     An existing `out` is refused unless overwrite, and even then it is replaced only after the new output is
     complete. The free space beside `out` is checked against `expected_bytes` first. A leftover of an interrupted
     earlier run for the same target (named `.falcon-bridge-partial-<name>.<pid>`) is removed first. `sources`
-    (file → sha256, or BackgroundHashes still running) go into the manifest; on failure their hashing is
-    cancelled.
+    (their hashes, still being computed) go into the manifest; on failure their hashing is cancelled.
     """
     out = Path(out).absolute()
     try:
@@ -48,7 +47,7 @@ def atomic_output_dir(out: Path, overwrite: bool = False, expected_bytes: int = 
                     raise BadInput(f"{out.parent}: disk full while writing the output (nothing was left at "
                                    f"{out})") from None
                 raise
-            write_manifest(tmp, command or {}, sources if sources is not None else {})
+            write_manifest(tmp, command or {}, sources.result() if sources is not None else {})
             if out.exists():
                 old = out.parent / f"{TMP_MARK}{out.name}.old.{os.getpid()}"
                 out.rename(old)
@@ -60,6 +59,6 @@ def atomic_output_dir(out: Path, overwrite: bool = False, expected_bytes: int = 
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     except BaseException:
-        if isinstance(sources, BackgroundHashes):
+        if sources is not None:
             sources.cancel()  # a failed or interrupted conversion does not wait for its sources' hashes
         raise
