@@ -14,6 +14,16 @@ Variants, each in its own process:
                built (use_mamba_mem_eff_path), else its Triton scan with F.conv1d
   megatron-unfused   our model with use_mamba_mem_eff_path=False (only when the fused path is available)
   megatron-folded    our model on an `import-hf --mup fold` checkpoint: no multiplier is applied at run time
+  megatron-graph, megatron-folded-graph   the two above trained as Megatron does with
+               cuda_graph_impl="full_iteration": megatron-core's schedule (get_forward_backward_func) wrapped in its
+               FullCudaGraphWrapper, which runs the first step eagerly, captures the second and replays it after
+  hf-kernels-graph   hf-kernels with its whole forward + backward captured by torch.cuda.graph (transformers has
+               no training CUDA-graph option of its own), for a like-for-like comparison with the graphed variants
+
+Graphed steps accumulate into the gradients they captured (a replay cannot hand out new .grad tensors, as
+Megatron's DDP buffers are not reallocated either); eager steps set them to None first. Each row also gives the
+profiled step's total kernel time and its share of the step's wall time ("GPU busy"): what launches and Python
+leave idle is what a CUDA graph can recover.
 
     python bench/gpu_throughput.py [--cards falcon-h1-0.5b,falcon-h1-1.5b] [--seq 4096] [--batch 1] [--steps 10]
                                    [--variants a,b] [--workdir DIR] [--json FILE]
@@ -47,10 +57,20 @@ KERNEL_KINDS = [  # (kind, pattern on the CUDA kernel name), first match wins (f
 ]
 
 
+def _kernel_times(prof) -> list[tuple[str, float]]:
+    """(kernel name, its CUDA time in µs) for every kernel of a profile."""
+    return [(e.key, getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0))
+            for e in prof.key_averages()]
+
+
+def kernel_seconds(prof) -> float:
+    """The profiled step's total CUDA kernel time."""
+    return sum(t for _, t in _kernel_times(prof)) / 1e6
+
+
 def kernel_shares(prof) -> list[tuple[str, float]]:
     """Every CUDA kernel of the profiled step with its share of the kernel time (%), largest first."""
-    events = [(e.key, getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0))
-              for e in prof.key_averages()]
+    events = _kernel_times(prof)
     total = sum(t for _, t in events) or 1.0
     return [(k, round(100 * t / total, 2)) for k, t in sorted(events, key=lambda kv: -kv[1]) if t > 0]
 
@@ -72,11 +92,14 @@ def mamba_kernels(kernels: list[tuple[str, float]]) -> str:
     return f"{scan} + {conv}"
 
 
-def timed_training_steps(step, params, steps: int, warmup: int, device: torch.device) -> dict:
-    """Run step() (forward + backward, returns the loss) warmup + steps times; then once under the profiler."""
+def timed_training_steps(step, params, steps: int, warmup: int, device: torch.device, graphed: bool = False
+                         ) -> dict:
+    """Run step() (forward + backward, returns the loss) warmup + steps times; then once under the profiler.
+    `graphed`: step() replays a CUDA graph, which accumulates into the gradients it captured (not reset)."""
     def run():
-        for p in params:
-            p.grad = None
+        if not graphed:
+            for p in params:
+                p.grad = None
         return step()
 
     first_loss = run().item()
@@ -88,24 +111,49 @@ def timed_training_steps(step, params, steps: int, warmup: int, device: torch.de
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
-        run()
+        last = run()
     sync()
     seconds = (time.perf_counter() - t0) / steps
-    result = {"first_loss": first_loss, "step_seconds": seconds,
-              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    result = {"first_loss": first_loss, "last_loss": last.item(), "step_seconds": seconds,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+              # a graph's private pool is reserved, not allocated, between replays: compare reserved for graphs
+              "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None}
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             run()
             sync()
+        result["kernel_seconds"] = kernel_seconds(prof)
+        result["gpu_busy"] = result["kernel_seconds"] / seconds
         result["all_kernels"] = kernel_shares(prof)
         result["kernels"] = kernel_breakdown(result["all_kernels"])
         result["mamba_kernels"] = mamba_kernels(result["all_kernels"])
     return result
 
 
-def hf_worker(rank: int, hf_dir: str, tokens: torch.Tensor, steps: int, warmup: int, kernels: bool) -> dict:
+def cuda_graphed(step, warmup: int = 3):
+    """step() captured once by torch.cuda.graph (after warm-up on a side stream, as capture requires) and replayed
+    on every call of the returned function, which returns the captured step's loss."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+
+    def replay():
+        graph.replay()
+        return loss
+    return replay
+
+
+def hf_worker(rank: int, hf_dir: str, tokens: torch.Tensor, steps: int, warmup: int, option: str) -> dict:
+    """option: "torch" (no mamba-ssm / causal-conv1d), "kernels", or "kernels-graph"."""
+    kernels = option != "torch"
     if not kernels:  # make transformers take its PyTorch fallbacks, as on a machine without these packages
         sys.modules.update({"mamba_ssm": None, "causal_conv1d": None})
     import transformers
@@ -116,13 +164,15 @@ def hf_worker(rank: int, hf_dir: str, tokens: torch.Tensor, steps: int, warmup: 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.to(device).train()
     tokens = tokens.to(device)
-    result = timed_training_steps(lambda: _backward(model(input_ids=tokens, labels=tokens).loss),
-                                  list(model.parameters()), steps, warmup, device)
+    step = lambda: _backward(model(input_ids=tokens, labels=tokens).loss)  # noqa: E731
+    graphed = option == "kernels-graph"
+    result = timed_training_steps(cuda_graphed(step) if graphed else step, list(model.parameters()), steps, warmup,
+                                  device, graphed)
     return {**result, "transformers": transformers.__version__, "attention": model.config._attn_implementation}
 
 
-def megatron_worker(rank: int, mg_root: str, tokens: torch.Tensor, steps: int, warmup: int, fused: bool | None
-                    ) -> dict:
+def megatron_worker(rank: int, mg_root: str, tokens: torch.Tensor, steps: int, warmup: int, option: str) -> dict:
+    """option: "default" (the fused Mamba path when available), "unfused", or "graph" (full-iteration CUDA graph)."""
     from falcon_bridge.megatron.runtime import (
         init_distributed,
         load_model,
@@ -134,17 +184,51 @@ def megatron_worker(rank: int, mg_root: str, tokens: torch.Tensor, steps: int, w
     device = init_distributed(rank, 1, 1, 1)
     try:
         provider, it_dir = provider_from_checkpoint(Path(mg_root), torch.bfloat16)
-        if fused is not None:
-            provider.use_mamba_mem_eff_path = fused
+        if option == "unfused":
+            provider.use_mamba_mem_eff_path = False
         model = load_model(provider, it_dir, device).train()
         tokens = tokens.to(device)
-        result = timed_training_steps(lambda: _backward(next_token_loss(model, tokens).mean()),
-                                      list(model.parameters()), steps, warmup, device)
+        graphed = option == "graph"
+        step = (megatron_graphed_step(model, tokens) if graphed
+                else lambda: _backward(next_token_loss(model, tokens).mean()))
+        result = timed_training_steps(step, list(model.parameters()), steps, warmup, device, graphed)
         mixer = model.decoder.layers[0].mamba_mixer
         return {**result, "mamba_fused_path": bool(mixer.use_mem_eff_path),
                 "attention": type(model.decoder.layers[0].self_attention.core_attention).__name__}
     finally:
         shutdown_distributed()
+
+
+def megatron_graphed_step(model, tokens: torch.Tensor):
+    """A training step as Megatron-LM runs it with cuda_graph_impl="full_iteration": megatron-core's schedule
+    (get_forward_backward_func) wrapped in its FullCudaGraphWrapper. The loss is the mean next-token loss, as in
+    the eager variants; the count is a device tensor made here because nothing may copy from the host during
+    capture."""
+    from megatron.core.full_cuda_graph import FullCudaGraphWrapper
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from falcon_bridge.megatron.runtime import next_token_loss
+
+    # The wrapper registers the RNG tracker's generators with the graph: they must be graph-safe ones, as Megatron-LM
+    # makes them when CUDA graphs are on.
+    model_parallel_cuda_manual_seed(1234, use_cudagraphable_rng=True, force_reset_rng=True)
+    forward_backward = FullCudaGraphWrapper(get_forward_backward_func(), cuda_graph_warmup_steps=1)
+    count = torch.tensor(tokens.shape[0] * (tokens.shape[1] - 1), dtype=torch.int, device=tokens.device)
+
+    def loss_func(per_token: torch.Tensor):
+        total = per_token.float().sum()
+        return total, count, {"loss": total.detach() / count}  # the schedule divides `total` by `count` in place
+
+    def forward_step(data_iterator, model):
+        return next_token_loss(model, next(data_iterator)["tokens"]), loss_func
+
+    def step() -> torch.Tensor:
+        store = forward_backward(forward_step_func=forward_step, data_iterator=iter([{"tokens": tokens}]),
+                                 model=[model], num_microbatches=1, seq_length=tokens.shape[1],
+                                 micro_batch_size=tokens.shape[0], forward_only=False)
+        return store[0]["loss"]
+    return step
 
 
 def _backward(loss: torch.Tensor) -> torch.Tensor:
@@ -186,20 +270,27 @@ def main(argv=None) -> list[dict]:
         vocab = load_card(card_name).arch.vocab_size
         tokens = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
         # variant → (worker, the checkpoint it loads: "hf" or the µP mode of the import, worker option)
-        variants = {"hf-torch": (hf_worker, "hf", False)}
+        variants = {"hf-torch": (hf_worker, "hf", "torch")}
         if conv_built:
-            variants["hf-kernels"] = (hf_worker, "hf", True)
-        variants["megatron"] = (megatron_worker, "preserve", None)
+            variants["hf-kernels"] = (hf_worker, "hf", "kernels")
+            variants["hf-kernels-graph"] = (hf_worker, "hf", "kernels-graph")
+        variants["megatron"] = (megatron_worker, "preserve", "default")
         if conv_built:
-            variants["megatron-unfused"] = (megatron_worker, "preserve", False)
-        variants["megatron-folded"] = (megatron_worker, "fold", None)
+            variants["megatron-unfused"] = (megatron_worker, "preserve", "unfused")
+        variants["megatron-folded"] = (megatron_worker, "fold", "default")
+        if torch.cuda.is_available():
+            variants["megatron-graph"] = (megatron_worker, "preserve", "graph")
+            variants["megatron-folded-graph"] = (megatron_worker, "fold", "graph")
         chosen = args.variants.split(",") if args.variants else list(variants)
         for variant, (worker, source, option) in ((v, variants[v]) for v in chosen if v in variants):
             path = hf_dir if source == "hf" else megatron_checkpoint(hf_dir, source)  # imported when first needed
-            r = launch(worker, 1, str(path), tokens, args.steps, args.warmup, option)
-            rows.append({"card": card_name, "variant": variant, "seq": args.seq, "batch": args.batch,
-                         "steps": args.steps, "warmup": args.warmup,
-                         "tokens_per_s": args.batch * args.seq / r["step_seconds"], **r})
+            row = {"card": card_name, "variant": variant, "seq": args.seq, "batch": args.batch, "steps": args.steps,
+                   "warmup": args.warmup}
+            try:
+                r = launch(worker, 1, str(path), tokens, args.steps, args.warmup, option)
+                rows.append({**row, "tokens_per_s": args.batch * args.seq / r["step_seconds"], **r})
+            except Exception as e:  # noqa: BLE001 - one variant that cannot run (e.g. a capture error) is a result too
+                rows.append({**row, "error": str(e).strip().splitlines()[-1]})
             print(json.dumps(rows[-1]), flush=True)  # partial results survive a run cut short
             if args.json:
                 Path(args.json).write_text(json.dumps(rows, indent=2))
@@ -208,14 +299,18 @@ def main(argv=None) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'card':16} {'variant':17} {'tokens/s':>10} {'× hf-torch':>10} {'× hf-kernels':>12} {'peak GiB':>9} "
-          f"{'loss':>8}")
+    print(f"\n{'card':16} {'variant':21} {'tokens/s':>10} {'× hf-torch':>10} {'× hf-kernels':>12} {'GPU busy':>8} "
+          f"{'peak GiB':>9} {'loss 1st':>8} {'last':>8}")
     for r in rows:
-        base = {v["variant"]: v["tokens_per_s"] for v in rows if v["card"] == r["card"]}
+        if "error" in r:
+            print(f"{r['card']:16} {r['variant']:21} failed: {r['error']}")
+            continue
+        base = {v["variant"]: v["tokens_per_s"] for v in rows if v["card"] == r["card"] and "error" not in v}
         ratio = {k: f"{r['tokens_per_s'] / base[k]:.2f}" if k in base else "-" for k in ("hf-torch", "hf-kernels")}
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-        print(f"{r['card']:16} {r['variant']:17} {r['tokens_per_s']:10.0f} {ratio['hf-torch']:>10} "
-              f"{ratio['hf-kernels']:>12} {peak:>9} {r['first_loss']:8.4f}")
+        busy = f"{100 * r['gpu_busy']:.0f} %" if "gpu_busy" in r else "-"
+        print(f"{r['card']:16} {r['variant']:21} {r['tokens_per_s']:10.0f} {ratio['hf-torch']:>10} "
+              f"{ratio['hf-kernels']:>12} {busy:>8} {peak:>9} {r['first_loss']:8.4f} {r['last_loss']:8.4f}")
     for r in rows:
         if "kernels" in r:
             shares = ", ".join(f"{k} {v}%" for k, v in r["kernels"].items())
