@@ -181,14 +181,14 @@ def megatron_worker(rank: int, mg_root: str, tokens: torch.Tensor, steps: int, w
         shutdown_distributed,
     )
 
-    device = init_distributed(rank, 1, 1, 1)
+    graphed = option == "graph"
+    device = init_distributed(rank, 1, 1, 1, cuda_graphs=graphed)
     try:
         provider, it_dir = provider_from_checkpoint(Path(mg_root), torch.bfloat16)
         if option == "unfused":
             provider.use_mamba_mem_eff_path = False
         model = load_model(provider, it_dir, device).train()
         tokens = tokens.to(device)
-        graphed = option == "graph"
         step = (megatron_graphed_step(model, tokens) if graphed
                 else lambda: _backward(next_token_loss(model, tokens).mean()))
         result = timed_training_steps(step, list(model.parameters()), steps, warmup, device, graphed)
@@ -203,16 +203,13 @@ def megatron_graphed_step(model, tokens: torch.Tensor):
     """A training step as Megatron-LM runs it with cuda_graph_impl="full_iteration": megatron-core's schedule
     (get_forward_backward_func) wrapped in its FullCudaGraphWrapper. The loss is the mean next-token loss, as in
     the eager variants; the count is a device tensor made here because nothing may copy from the host during
-    capture."""
+    capture. Needs init_distributed(..., cuda_graphs=True): the wrapper registers the RNG tracker's generators with
+    the graph."""
     from megatron.core.full_cuda_graph import FullCudaGraphWrapper
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from falcon_bridge.megatron.runtime import next_token_loss
 
-    # The wrapper registers the RNG tracker's generators with the graph: they must be graph-safe ones, as Megatron-LM
-    # makes them when CUDA graphs are on.
-    model_parallel_cuda_manual_seed(1234, use_cudagraphable_rng=True, force_reset_rng=True)
     forward_backward = FullCudaGraphWrapper(get_forward_backward_func(), cuda_graph_warmup_steps=1)
     count = torch.tensor(tokens.shape[0] * (tokens.shape[1] - 1), dtype=torch.int, device=tokens.device)
 

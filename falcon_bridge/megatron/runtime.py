@@ -39,8 +39,10 @@ def provider_from_checkpoint(root: Path, params_dtype: torch.dtype | None = None
                                  bitnet=rc.get("bitnet", False)), it_dir
 
 
-def init_distributed(rank: int, world_size: int, tp: int, pp: int) -> torch.device:
-    """Process group + megatron model-parallel state; CPU support patches when no GPU is present."""
+def init_distributed(rank: int, world_size: int, tp: int, pp: int, cuda_graphs: bool = False) -> torch.device:
+    """Process group + megatron model-parallel state; CPU support patches when no GPU is present. cuda_graphs: the
+    RNG tracker holds graph-safe generators, which megatron-core's CUDA graph wrappers register with their graphs
+    (Megatron-LM seeds it so when CUDA graphs are on)."""
     from falcon_bridge.megatron import cpu_support
 
     on_gpu = torch.cuda.is_available()
@@ -54,7 +56,7 @@ def init_distributed(rank: int, world_size: int, tp: int, pp: int) -> torch.devi
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     if on_gpu:
-        model_parallel_cuda_manual_seed(1234)
+        model_parallel_cuda_manual_seed(1234, use_cudagraphable_rng=cuda_graphs, force_reset_rng=True)
     return torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
 
 
