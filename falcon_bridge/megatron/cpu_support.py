@@ -396,6 +396,8 @@ def install() -> bool:
     torch.cuda.current_device = _cpu_current_device
     # dist_checkpointing calls torch.cuda.synchronize() before writing a checkpoint; it raises without CUDA.
     torch.cuda.synchronize = _no_synchronize
+    # megatron's DDP orders its gradient reduction after CUDA-graph replays by waiting on the current stream.
+    torch.cuda.current_stream = _CpuStream
 
     # MambaMixer.__init__ (and the TP linears' init) run under get_cuda_rng_tracker().fork(), which raises
     # "cuda rng state model-parallel-rng is not added" unless model_parallel_cuda_manual_seed (CUDA-only)
@@ -412,5 +414,34 @@ def install() -> bool:
     language_module.LanguageModule.setup_embeddings_and_output_layer = _without_tensor_cuda(
         language_module.LanguageModule.setup_embeddings_and_output_layer)
 
+    # megatron's training schedules, optimizers and gradient clipping create small bookkeeping tensors (token
+    # counts, loss scale, found-inf flag, norm) with device='cuda': give those modules a torch whose factories
+    # put them on the CPU.
+    for name in ("megatron.core.pipeline_parallel.schedules", "megatron.core.pipeline_parallel.utils",
+                 "megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads", "megatron.core.utils"):
+        importlib.import_module(name).torch = _TorchWithCudaFactoriesOnCpu()
+
     _installed = True
     return True
+
+
+class _CpuStream:
+    """What megatron asks of torch.cuda.current_stream() on a CPU machine: waits with nothing to wait for."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+
+class _TorchWithCudaFactoriesOnCpu:
+    """`torch`, except that tensor factories asked for device='cuda' build the tensor on the CPU."""
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in ("tensor", "zeros", "ones", "empty", "full"):
+            def on_cpu(*args, device=None, **kwargs):
+                return attr(*args, device="cpu" if str(device).startswith("cuda") else device, **kwargs)
+            return on_cpu
+        return attr

@@ -14,6 +14,7 @@ Module names follow Megatron-Bridge's Falcon-H1 model so checkpoints interoperat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -174,16 +175,54 @@ class FalconH1MambaMixer(MambaMixer):
 
     def __init__(self, config: FalconH1TransformerConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        group = self.d_inner // (config.mamba_hf_num_groups or self.ngroups)
+        hf_groups = config.mamba_hf_num_groups or self.ngroups
+        group = self.d_inner // hf_groups
         if self.rmsnorm and group != self.d_inner_local_tp // self.ngroups_local_tp:
             self.norm = HFGroupedGatedRMSNorm(self.d_inner_local_tp, group, self.pg_collection.tp, self.norm.eps,
                                               config.params_dtype)
+        if self.ngroups > hf_groups:
+            self._sum_replica_gradients(hf_groups)
         if all(m == 1.0 for m in config.ssm_multipliers):
             return
         vector = torch.cat([torch.full((n,), m, dtype=torch.float32)
                             for n, m in zip(self.in_proj_local_sizes(), config.ssm_multipliers)])
         self.register_buffer("mup_vector", vector.to(self.in_proj.weight.device), persistent=False)
         self.in_proj.register_forward_hook(self._scale_zxbcdt)
+
+    def _sum_replica_gradients(self, hf_groups: int) -> None:
+        """B/C groups replicated for TP (more Megatron groups than HF groups) are copies of one HF parameter, used
+        by the heads of different ranks: each copy's gradient holds only its own heads' part, and the HF group's
+        gradient is their sum. Hooks on in_proj's weight and conv1d's weight and bias replace each copy's B/C
+        gradient by that sum (one all-reduce over TP) before it is accumulated, so every copy gets the same,
+        complete gradient and optimizer steps keep the copies identical. Being inside the backward, this holds
+        for megatron's DDP, distributed optimizer and CUDA graphs alike; wgrad fused into main_grad would bypass
+        the hooks, hence the assert."""
+        assert not self.config.gradient_accumulation_fusion, \
+            "replicated Mamba groups need gradient_accumulation_fusion=False (their gradients are summed in a hook)"
+        replicas = self.ngroups // hf_groups
+        first = self.pg_collection.tp.rank() * self.ngroups_local_tp
+        hf_group = torch.arange(first, first + self.ngroups_local_tp) // replicas  # HF group of each local group
+        self.register_buffer("hf_group_of_local", hf_group.to(self.in_proj.weight.device), persistent=False)
+        bc_rows = self.ngroups_local_tp * self.d_state
+        in_proj_b = 2 * self.d_inner_local_tp
+        conv_b = self.d_inner_local_tp
+        self.in_proj.weight.register_hook(partial(self._replica_gradient_sum, hf_groups, (in_proj_b,
+                                                                                        in_proj_b + bc_rows)))
+        for param in (self.conv1d_weight, self.conv1d_bias):
+            if param is not None:
+                param.register_hook(partial(self._replica_gradient_sum, hf_groups, (conv_b, conv_b + bc_rows)))
+
+    def _replica_gradient_sum(self, hf_groups: int, starts: tuple[int, int], grad: torch.Tensor) -> torch.Tensor:
+        """grad with its B and C rows (local groups starting at `starts`) replaced by the sum, over every copy on
+        every TP rank, of the gradient of the HF group each local group copies."""
+        rows = self.ngroups_local_tp * self.d_state
+        copies = torch.stack([grad[s:s + rows] for s in starts]).unflatten(1, (self.ngroups_local_tp, self.d_state))
+        total = copies.new_zeros(2, hf_groups, *copies.shape[2:]).index_add_(1, self.hf_group_of_local, copies)
+        torch.distributed.all_reduce(total, group=self.pg_collection.tp)
+        grad = grad.clone()
+        for i, s in enumerate(starts):
+            grad[s:s + rows] = total[i, self.hf_group_of_local].flatten(0, 1)
+        return grad
 
     def in_proj_local_sizes(self) -> tuple[int, int, int, int, int]:
         """This rank's in_proj output rows per segment z|x|B|C|dt (each rank holds its slice of every segment)."""
