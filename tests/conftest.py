@@ -41,3 +41,22 @@ def edited_megatron_checkpoint(src: Path, dst: Path, edit) -> Path:
     mg.write_run_config(dst / "iter_0000000", run_config)
     mg.write_tracker(dst)
     return dst
+
+
+def legacy_layout_checkpoint(src: Path, dst: Path, tp: int) -> Path:
+    """A copy of a falcon-bridge checkpoint in the layout written before checkpoints became TP-agnostic: the
+    vocabulary padded for `tp` and the Mamba B/C groups replicated up to it."""
+    from falcon_bridge.core import transforms as T
+    from falcon_bridge.core.parallel import MegatronLayout
+    from falcon_bridge.formats import megatron as mg
+
+    arch = FalconH1Arch.from_dict(mg.read_run_config(src / "iter_0000000")["architecture"])
+    layout = MegatronLayout(tp=tp)
+
+    def edit(tensors):
+        for key in list(tensors):
+            if key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                tensors[key] = T.pad_vocab(tensors[key], layout.padded_vocab(arch))
+            elif key.endswith((".B", ".C")):
+                tensors[key] = T.replicate_groups(tensors[key], arch.mamba_n_groups, layout.group_factor(arch))
+    return edited_megatron_checkpoint(src, dst, edit)

@@ -42,7 +42,7 @@ def test_bitnet_logits_are_the_same_at_every_tp_and_equal_transformers_packed(bi
         r = compare_logits(a, b, tolerance=1e-2)
         return r.passed and r.mean_abs_diff <= 1e-3 * r.max_abs_logit and r.argmax_agreement >= 0.95, r
 
-    def roots(layout):  # TP=4 needs the Mamba groups replicated to 4
+    def roots(layout):  # the tp4 checkpoint was imported with --tp 4 (any import loads at any TP)
         return [str(bitnet_checkpoints / f"{name}-{layout}") for name in CARDS]
 
     by_tp = {tp: launch(megatron_logits_worker, tp, roots("tp4" if tp == 4 else "tp2"), tp, 1, TOKENS, "float32")

@@ -8,15 +8,15 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import legacy_layout_checkpoint
 from safetensors.torch import load_file, save_file
 
 from falcon_bridge.converters.create_random import create_random
 from falcon_bridge.converters.import_hf import import_hf
-from falcon_bridge.converters.reshard import reshard
 from falcon_bridge.converters.verify import compare_logits, hf_logits, sample_tokens
 from falcon_bridge.core.config import FalconH1Arch
 from falcon_bridge.core.mapping import megatron_extra_state_keys, megatron_tensor_shapes
-from falcon_bridge.core.parallel import MegatronLayout
+from falcon_bridge.core.parallel import MegatronLayout, stored_as_hf
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats.cards import load_card
 from falcon_bridge.formats.megatron import TorchDistReader, find_iteration_dir
@@ -30,10 +30,11 @@ def reference_logits(tiny_hf):
     return {name: hf_logits(path, TOKENS, torch.float32) for name, path in tiny_hf.items()}
 
 
-# (TP, PP) the model runs at, the layout import-hf prepares (resharded to the run layout when different), µP mode
+# (TP, PP) the model runs at, the layout import-hf was told, µP mode. The checkpoint is the same for every TP/PP
+# (HF's vocabulary rows and Mamba groups): megatron's dist_checkpointing.load alone opens it at another layout.
 LAYOUTS = {"tp1": ((1, 1), (1, 1), "preserve"), "tp2": ((2, 1), (2, 1), "preserve"),
-           "pp2-resharded": ((1, 2), (2, 1), "preserve"), "tp4-resharded": ((4, 1), (1, 1), "preserve"),
-           "tp2-mup-folded": ((2, 1), (2, 1), "fold")}
+           "pp2-from-tp2-import": ((1, 2), (2, 1), "preserve"), "tp4-from-tp1-import": ((4, 1), (1, 1), "preserve"),
+           "tp2pp2-from-tp1-import": ((2, 2), (1, 1), "preserve"), "tp2-mup-folded": ((2, 1), (2, 1), "fold")}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -48,18 +49,28 @@ def test_megatron_logits_equal_hf(layout, tiny_hf, reference_logits, tmp_path):
         reference["tied-exact"] = hf_logits(hf_dirs["tied-exact"], TOKENS, torch.float32)
     cards = [c for c in hf_dirs if fits(FalconH1Arch.from_hf(json.loads((hf_dirs[c] / "config.json").read_text())),
                                         tp, pp)]
-    roots = []
     for name in cards:
         import_hf(str(hf_dirs[name]), tmp_path / name, MegatronLayout(*imported_as), mup_mode=mup_mode)
-        if imported_as != (tp, pp):
-            reshard(tmp_path / name, tmp_path / f"{name}-resharded", MegatronLayout(tp=tp, pp=pp))
-        roots.append(str(tmp_path / (name if imported_as == (tp, pp) else f"{name}-resharded")))
     assert len(cards) >= 4
-    results = launch(megatron_logits_worker, tp * pp, roots, tp, pp, TOKENS, "float32")
+    results = launch(megatron_logits_worker, tp * pp, [str(tmp_path / c) for c in cards], tp, pp, TOKENS, "float32")
     for name, logits in zip(cards, results):
         r = compare_logits(reference[name], logits, tolerance=1e-5)
         assert r.passed, f"{name} {layout}: {r}"
         assert r.argmax_agreement == 1.0
+
+
+@pytest.mark.parametrize("tp", [1, 4])
+def test_checkpoints_that_stored_a_tp_layout_still_load(tiny_hf, reference_logits, tmp_path, tp):
+    """Checkpoints written before the TP-agnostic layout stored TP=2's padded vocabulary and replicated Mamba
+    groups; they still load at any TP (each local group reads its HF group's first stored copy) and export."""
+    roots = []
+    for name in ("tiny-vocab-pad", "tiny-one-group-gated-norm", "tiny-tied"):
+        import_hf(str(tiny_hf[name]), tmp_path / f"{name}-new", MegatronLayout())
+        roots.append(legacy_layout_checkpoint(tmp_path / f"{name}-new", tmp_path / name, tp=2))
+    tokens = sample_tokens(vocab_size=256, batch=2, seq_len=24)
+    for name, logits in zip(("tiny-vocab-pad", "tiny-one-group-gated-norm", "tiny-tied"),
+                            launch(megatron_logits_worker, tp, [str(r) for r in roots], tp, 1, tokens, "float32")):
+        assert compare_logits(hf_logits(tiny_hf[name], tokens, torch.float32), logits, tolerance=1e-5).passed, name
 
 
 _tied = load_card("tiny-tied")
@@ -81,16 +92,17 @@ def test_checkpoint_holds_exactly_the_model_keys(tiny_hf, tmp_path):
     arch = load_card("tiny-vocab-pad").arch
     import_hf(str(tiny_hf["tiny-vocab-pad"]), tmp_path / "ckpt", MegatronLayout(tp=2))
     reader = TorchDistReader(find_iteration_dir(tmp_path / "ckpt"))
-    expected = megatron_tensor_shapes(arch, MegatronLayout(tp=2))
+    expected = megatron_tensor_shapes(arch, stored_as_hf(arch))
     assert {k: v[0] for k, v in reader.tensors.items()} == expected
-    assert expected["embedding.word_embeddings.weight"] == (1024, 64)  # 1001 padded to a multiple of 128·TP
-    assert expected["decoder.layers.0.mamba_mixer.in_proj.weight.B"] == (32, 64)  # 1 group replicated to 2
+    # stored as HF has them, although TP=2 pads 1001 ids to 1024 and replicates the one B/C group to 2
+    assert expected["embedding.word_embeddings.weight"] == (1001, 64)
+    assert expected["decoder.layers.0.mamba_mixer.in_proj.weight.B"] == (16, 64)
     run_config = json.loads((find_iteration_dir(tmp_path / "ckpt") / "falcon_bridge_run_config.json").read_text())
-    assert run_config["layout"]["mamba_groups"] == 2 and run_config["mup"]["mode"] == "preserve"
+    assert run_config["layout"]["tp"] == 2 and run_config["mup"]["mode"] == "preserve"
     assert len(megatron_extra_state_keys(arch)) == 6 * arch.num_layers + 1
     embed = reader.get("embedding.word_embeddings.weight")
     source = load_file(tiny_hf["tiny-vocab-pad"] / "model.safetensors")["model.embed_tokens.weight"]
-    assert torch.equal(embed[:1001], source) and not embed[1001:].any()
+    assert torch.equal(embed, source)
 
 
 def _copy(src, dst, edit=None, config_edit=None):

@@ -111,20 +111,23 @@ STEPS = [sample_tokens(256, batch=2, seq_len=24, seed=s) for s in range(5)]
 def trained(tiny_hf, tmp_path_factory):
     """5 AdamW steps of TRAIN_CARD at each layout, saved and exported: {layout: (megatron dir, HF dir, summary)}."""
     tmp = tmp_path_factory.mktemp("trained")
+    import_hf(str(tiny_hf[TRAIN_CARD]), tmp / "mg", MegatronLayout())  # one import serves every layout
     out = {}
     for tp, pp in [(1, 1), (2, 1), (4, 1), (2, 2)]:
         name = f"tp{tp}pp{pp}"
-        import_hf(str(tiny_hf[TRAIN_CARD]), tmp / f"{name}-start", MegatronLayout(tp=tp, pp=pp))
-        launch(train_and_save, tp * pp, str(tmp / f"{name}-start"), tp, pp, STEPS, str(tmp / name))
+        launch(train_and_save, tp * pp, str(tmp / "mg"), tp, pp, STEPS, str(tmp / name))
         out[(tp, pp)] = (tmp / name, tmp / f"{name}-hf", export_hf(tmp / name, tmp / f"{name}-hf"))
     return out
 
 
-def test_trained_model_exports_exactly(trained):
-    """Trained at TP=2 (replicated group): export-hf's model computes the trained Megatron model's logits."""
+@pytest.mark.parametrize("tp", [2, 1])
+def test_trained_model_exports_exactly(trained, tp):
+    """Trained at TP=2 (replicated group) and saved: export-hf's model computes the trained Megatron model's
+    logits, loaded at TP=2 and at TP=1 (the saved checkpoint holds HF's one group, not TP=2's copies)."""
     megatron_dir, hf_dir, summary = trained[(2, 1)]
     assert summary["diverged_group_replicas"] == {} and summary["warnings"] == []
-    ours = launch(megatron_logits_worker, 2, [str(megatron_dir)], 2, 1, TOKENS, None)[0]
+    assert summary["mamba_groups_collapsed"] is False
+    ours = launch(megatron_logits_worker, tp, [str(megatron_dir)], tp, 1, TOKENS, None)[0]
     with torch.no_grad():
         reference = hf_model(hf_dir, torch.float32, "cpu")(TOKENS).logits
     assert relative_error(ours, reference) <= 1e-5

@@ -12,7 +12,7 @@ import torch
 from falcon_bridge.converters.megatron_sink import MegatronSink
 from falcon_bridge.core import mup
 from falcon_bridge.core.mapping import Ctx, Entry, entries, hf_tensor_shapes, is_bitnet_linear
-from falcon_bridge.core.parallel import MegatronLayout
+from falcon_bridge.core.parallel import MegatronLayout, stored_as_hf
 from falcon_bridge.core.ternary import VALUES_PER_BYTE
 from falcon_bridge.core.transforms import all_finite
 from falcon_bridge.errors import BadInput
@@ -76,7 +76,7 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
     check_tensors(ckpt, allow_extra)
     hf_dtype = ckpt.tensors["model.embed_tokens.weight"].dtype
     store_dtype = dtype or hf_dtype
-    sink = MegatronSink(Ctx(arch, layout), entries(arch), lambda e: store_dtype)
+    sink = MegatronSink(Ctx(arch, stored_as_hf(arch)), entries(arch), lambda e: store_dtype)
     # The HF dtype of every tensor whose dtype differs from the embedding's, so export restores it exactly.
     odd_dtypes = {n: str(i.dtype).removeprefix("torch.") for n, i in ckpt.tensors.items() if i.dtype != hf_dtype}
 
@@ -108,6 +108,6 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
         "command": "import-hf", "source": str(src), "output": str(out), "tp": layout.tp, "pp": layout.pp,
         "dtype": run_config["dtype"], "mup": mup_mode, "bitnet": bitnet, "tensors": len(sink.shapes),
         "parameters": sum(math.prod(s) for s, _ in sink.shapes.values()),
-        "mamba_groups": layout.mamba_groups(arch), "seconds": round(time.perf_counter() - t0, 2),
+        "mamba_groups": arch.mamba_n_groups, "seconds": round(time.perf_counter() - t0, 2),
         "warnings": warnings,
     }

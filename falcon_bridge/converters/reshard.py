@@ -1,7 +1,9 @@
 """reshard: Megatron torch_dist → Megatron torch_dist at another TP/PP, offline on CPU, streaming.
 
-Tensors are global, so resharding rewrites only what TP fixes in the file (padded vocabulary, replicated Mamba
-groups) and the run config's layout: each map entry goes Megatron(old) → HF tensors → Megatron(new).
+Tensors are global and stored as HF has them, so a checkpoint we wrote loads at any TP/PP without resharding;
+reshard records another default TP/PP and rewrites older checkpoints that stored a TP's padded vocabulary and
+replicated Mamba groups (ours before, Megatron-LM's padding) as HF's: each map entry goes Megatron(old) → HF
+tensors → Megatron(HF-shaped).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from falcon_bridge.converters.megatron_sink import MegatronSink
 from falcon_bridge.converters.megatron_source import open_megatron_checkpoint
 from falcon_bridge.core.mapping import Ctx
 from falcon_bridge.core.mup import run_config_entry
-from falcon_bridge.core.parallel import MegatronLayout
+from falcon_bridge.core.parallel import MegatronLayout, stored_as_hf
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.hf import copy_tokenizer
 from falcon_bridge.formats.output import atomic_output_dir
@@ -28,7 +30,7 @@ def reshard(src: Path, out: Path, layout: MegatronLayout, card: str | None = Non
     arch = source.arch.validate_for_megatron()
     layout.validate(arch)
     # each entry keeps the dtype it is stored in
-    sink = MegatronSink(Ctx(arch, layout), source.entries(),
+    sink = MegatronSink(Ctx(arch, stored_as_hf(arch)), source.entries(),
                         lambda e: source.reader.tensors[next(iter(e.megatron_keys(source.ctx)))][1])
     stored_dtype = sink.shapes["embedding.word_embeddings.weight"][1]
     options = {"source": str(src), "tp": layout.tp, "pp": layout.pp, "pp_layers": layout.pp_layers, "card": card,
@@ -48,6 +50,6 @@ def reshard(src: Path, out: Path, layout: MegatronLayout, card: str | None = Non
             bitnet=source.bitnet))
         mg.write_tracker(tmp, 0)
     return {"command": "reshard", "source": str(src), "output": str(out), "tp": layout.tp, "pp": layout.pp,
-            "pp_layers": list(layout.stage_layers(arch.num_layers)), "mamba_groups": layout.mamba_groups(arch),
+            "pp_layers": list(layout.stage_layers(arch.num_layers)), "mamba_groups": arch.mamba_n_groups,
             "diverged_group_replicas": source.divergence, "seconds": round(time.perf_counter() - t0, 2),
             "warnings": source.divergence_warnings()}

@@ -1,7 +1,10 @@
-"""How a Megatron checkpoint is laid out for a given TP/PP: vocab padding, Mamba group replication, PP stages.
+"""How a Megatron model is laid out for a given TP/PP (vocab padding, Mamba group replication, PP stages), and how
+its checkpoint stores the two things TP pads or replicates.
 
-Checkpoint tensors are global (TP-independent): megatron's dist_checkpointing reshards at load time. What TP does
-change is the padded vocabulary and, when TP exceeds the number of Mamba B/C groups, the replicated group count.
+Checkpoint tensors are global and TP-independent: they hold HF's vocabulary rows and HF's B/C groups
+(`stored_as_hf`), and the model's sharded_state_dict maps each rank's padded vocabulary shard and replicated groups
+onto them. Checkpoints written before that stored their TP's padded vocabulary and replicated groups; the stored_*
+fields describe such a file when it is read.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ class MegatronLayout:
     pp_layers: tuple[int, ...] | None = None  # layers per pipeline stage; None = even split
     vocab_divisible_by: int = VOCAB_DIVISIBLE_BY
     allow_group_replication: bool = True
-    # What an existing checkpoint stores (its run config); None = derived from TP for a new checkpoint.
+    # What a checkpoint file stores (read off its shapes, or stored_as_hf); None = what this TP runs with.
     stored_padded_vocab: int | None = None
     stored_mamba_groups: int | None = None
 
@@ -66,13 +69,7 @@ class MegatronLayout:
         elif arch.num_layers % pp:
             raise BadInput(f"--pp {pp} does not divide num_hidden_layers ({arch.num_layers}); "
                            "pass --pp-layers for an uneven split")
-        if self.padded_vocab(arch) % tp:
-            raise BadInput(f"--tp {tp} does not divide the checkpoint's padded vocabulary "
-                           f"({self.padded_vocab(arch)}); reshard it to this TP first")
         groups = self.mamba_groups(arch)
-        if groups % tp:
-            raise BadInput(f"--tp {tp} does not divide the checkpoint's Mamba groups ({groups}); "
-                           "reshard it to this TP first")
         if groups != arch.mamba_n_groups:
             if not self.allow_group_replication:
                 raise BadInput(f"--tp {tp} exceeds mamba_n_groups ({arch.mamba_n_groups}); megatron-core needs "
@@ -85,3 +82,8 @@ class MegatronLayout:
                 raise BadInput(f"--tp {tp}: the gated Mamba norm (mamba_rms_norm) needs mamba_n_groups "
                                f"({arch.mamba_n_groups}) to divide the TP size when TP exceeds it")
         return self
+
+
+def stored_as_hf(arch: FalconH1Arch) -> MegatronLayout:
+    """What every checkpoint we write stores, whatever TP it is for: HF's vocabulary rows and B/C groups."""
+    return MegatronLayout(stored_padded_vocab=arch.vocab_size, stored_mamba_groups=arch.mamba_n_groups)

@@ -145,9 +145,9 @@ def run_config(arch: FalconH1Arch, layout: MegatronLayout, dtype: torch.dtype, h
         "architecture": arch.to_dict(),
         "mup": mup,  # falcon_bridge.core.mup.run_config_entry
         "bitnet": bitnet,  # the model's attention/Mamba/MLP linears are BitNet b1.58 (weights stored latent)
+        # the parallelism the checkpoint was prepared for (any other loads too: tensors are stored as HF has them)
         "layout": {"tp": layout.tp, "pp": layout.pp, "pp_layers": list(layout.stage_layers(arch.num_layers)),
-                   "vocab_divisible_by": layout.vocab_divisible_by, "padded_vocab_size": layout.padded_vocab(arch),
-                   "mamba_groups": layout.mamba_groups(arch)},
+                   "vocab_divisible_by": layout.vocab_divisible_by},
         "dtype": str(dtype).removeprefix("torch."),
         "hf_dtype": hf_dtype,
         "hf_odd_dtypes": hf_odd_dtypes,  # HF tensors whose dtype differs from hf_dtype
@@ -165,3 +165,12 @@ def read_run_config(it_dir: Path) -> dict:
     if not path.exists():
         raise BadInput(f"{it_dir}: no {RUN_CONFIG_FILE} (pass the architecture with --card or --hf-config)")
     return json.loads(path.read_text())
+
+
+def stored_mamba_groups(it_dir: Path, arch: FalconH1Arch) -> int:
+    """The B/C group count a checkpoint stores, read off its first in_proj B piece: HF's, or a multiple of it in
+    checkpoints that stored the groups replicated for a TP."""
+    shape = TorchDistReader(it_dir).tensors.get("decoder.layers.0.mamba_mixer.in_proj.weight.B")
+    if shape is None:
+        raise BadInput(f"{it_dir}: no decoder.layers.0.mamba_mixer.in_proj.weight.B (not a Falcon-H1 checkpoint)")
+    return shape[0][0] // arch.mamba_d_state

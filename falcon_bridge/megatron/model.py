@@ -13,12 +13,13 @@ Module names follow Megatron-Bridge's Falcon-H1 model so checkpoints interoperat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -51,6 +52,12 @@ class FalconH1TransformerConfig(TransformerConfig):
     # B/C groups of the HF model; megatron's mamba_num_groups is larger when they were replicated to reach a TP
     # beyond them (the gated norm's groups and BitNet's weight scales still follow HF's).
     mamba_hf_num_groups: int | None = None
+
+
+# sharded_state_dict metadata: the B/C group count a checkpoint stores, when it is not the HF count (checkpoints
+# written before group replication moved out of the file stored their TP's replicated groups).
+STORED_MAMBA_GROUPS = "falcon_h1_stored_mamba_groups"
+VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 def scaled_silu(x: torch.Tensor, gate_multiplier: float) -> torch.Tensor:
@@ -175,7 +182,7 @@ class FalconH1MambaMixer(MambaMixer):
 
     def __init__(self, config: FalconH1TransformerConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        hf_groups = config.mamba_hf_num_groups or self.ngroups
+        hf_groups = self.hf_groups = config.mamba_hf_num_groups or self.ngroups
         group = self.d_inner // hf_groups
         if self.rmsnorm and group != self.d_inner_local_tp // self.ngroups_local_tp:
             self.norm = HFGroupedGatedRMSNorm(self.d_inner_local_tp, group, self.pg_collection.tp, self.norm.eps,
@@ -223,6 +230,45 @@ class FalconH1MambaMixer(MambaMixer):
         for i, s in enumerate(starts):
             grad[s:s + rows] = total[i, self.hf_group_of_local].flatten(0, 1)
         return grad
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Checkpoint B/C pieces hold the HF groups (or, for checkpoints written that way, `metadata`'s
+        STORED_MAMBA_GROUPS copies of them), whatever this run replicated them to: each local group is read from,
+        and saved as, the first stored copy of its HF group, with a replica id per run copy (only the first is
+        written). So one checkpoint loads at any TP, and a model trained at TP > groups saves what HF has."""
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        stored = (metadata or {}).get(STORED_MAMBA_GROUPS) or self.hf_groups
+        if stored == self.ngroups:  # megatron's own sharding already says it
+            return sd
+        assert not sharded_offsets, "FalconH1Stack passes no sharded offsets"
+        for name in ("in_proj.weight", "conv1d_weight", "conv1d_bias"):
+            factory = sd.get(f"{prefix}{name}")
+            if factory is not None:
+                sd[f"{prefix}{name}"] = replace(factory, build_fn=partial(self._build_onto_stored_groups,
+                                                                          factory.build_fn, stored))
+        return sd
+
+    def _build_onto_stored_groups(self, build_fn, stored: int, key, data, replica_id, flattened_range):
+        """megatron's z|x|B|C|dt (or x|B|C) pieces, with each B/C piece cut into its local groups and each group
+        placed on its HF group's first copy among the `stored` groups of the checkpoint."""
+        replicas, stored_copies = self.ngroups // self.hf_groups, stored // self.hf_groups
+        first = self.pg_collection.tp.rank() * self.ngroups_local_tp
+        pieces = []
+        for piece in build_fn(key, data, replica_id, flattened_range):
+            if not piece.key.endswith((".B", ".C")):
+                pieces.append(piece)
+                continue
+            rest = piece.local_shape[1:]
+            for j in range(self.ngroups_local_tp):
+                hf_group, copy = divmod(first + j, replicas)
+                rid = piece.replica_id
+                pieces.append(replace(
+                    piece, data=piece.data.narrow(0, j * self.d_state, self.d_state),
+                    local_shape=(self.d_state, *rest), global_shape=(stored * self.d_state, *rest),
+                    global_offset=(hf_group * stored_copies * self.d_state, *(0 for _ in rest)),
+                    axis_fragmentations=(stored, *(1 for _ in rest)),
+                    replica_id=(rid[0], copy, *rid[2:]) if isinstance(rid, tuple) else (rid, copy)))
+        return pieces
 
     def in_proj_local_sizes(self) -> tuple[int, int, int, int, int]:
         """This rank's in_proj output rows per segment z|x|B|C|dt (each rank holds its slice of every segment)."""
@@ -420,6 +466,40 @@ class FalconH1Model(LanguageModule):
         if labels is None:
             return logits.transpose(0, 1).contiguous()
         return self.compute_language_model_loss(labels, self._without_vocab_padding(logits))
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """As LanguageModule's, but the vocabulary tensors hold the real vocabulary only: TP pads it to a multiple
+        of 128·TP, and a padding stored in the file would tie the checkpoint to a TP. On load, megatron's
+        allow_shape_mismatch reads the real rows of whatever is stored (padded or not) and zeroes the rest."""
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.vocab_size == self.unpadded_vocab_size:
+            return sd
+        for name, value in sd.items():
+            if isinstance(value, ShardedTensor) and value.key.removeprefix(prefix) in VOCAB_KEYS:
+                sd[name] = self._real_vocab_rows(value)
+        return sd
+
+    def _real_vocab_rows(self, padded: ShardedTensor) -> ShardedTensorFactory:
+        rows, rest = padded.local_shape[0], padded.local_shape[1:]
+        first = padded.global_offset[0]
+        real = max(0, min(rows, self.unpadded_vocab_size - first))
+
+        def build(key, data, replica_id, flattened_range):
+            if real == 0:  # padding only: a placeholder on the last real row, never written (not a main replica)
+                copy = (1, *replica_id[1:]) if isinstance(replica_id, tuple) else 1
+                return [ShardedTensor(key, data[:1], data.dtype, (1, *rest), (self.unpadded_vocab_size, *rest),
+                                      (self.unpadded_vocab_size - 1, *(0 for _ in rest)), None, copy,
+                                      allow_shape_mismatch=True)]
+            return [ShardedTensor(key, data[:real], data.dtype, (real, *rest), (self.unpadded_vocab_size, *rest),
+                                  (first, *(0 for _ in rest)), None, replica_id, allow_shape_mismatch=True)]
+
+        def merge(loaded):
+            out = torch.zeros(rows, *rest, dtype=padded.dtype, device=padded.data.device)
+            if real:
+                out[:real] = loaded[0]
+            return out
+
+        return ShardedTensorFactory(padded.key, padded.data, build, merge, padded.replica_id)
 
     def _without_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
         """The loss's softmax over the real vocabulary only, as HF's: the columns megatron pads the vocabulary

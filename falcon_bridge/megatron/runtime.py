@@ -31,8 +31,7 @@ def provider_from_checkpoint(root: Path, params_dtype: torch.dtype | None = None
     lay = rc["layout"]
     tp, pp = tp or lay["tp"], pp or lay["pp"]
     pp_layers = tuple(lay["pp_layers"]) if pp == lay["pp"] else None
-    layout = MegatronLayout(tp=tp, pp=pp, pp_layers=pp_layers, vocab_divisible_by=lay["vocab_divisible_by"],
-                            stored_padded_vocab=lay["padded_vocab_size"], stored_mamba_groups=lay["mamba_groups"])
+    layout = MegatronLayout(tp=tp, pp=pp, pp_layers=pp_layers, vocab_divisible_by=lay["vocab_divisible_by"])
     dtype = params_dtype or getattr(torch, rc["dtype"])
     multipliers = Multipliers.from_hf(rc["mup"]["applied_multipliers"])
     return FalconH1ModelProvider(arch, layout.validate(arch), params_dtype=dtype, multipliers=multipliers,
@@ -69,11 +68,19 @@ def shutdown_distributed() -> None:
 
 
 def load_model(provider: FalconH1ModelProvider, it_dir: Path, device: torch.device, parallel_output: bool = False):
-    """Build this rank's stage and load the checkpoint into it through megatron's own dist_checkpointing."""
+    """Build this rank's stage and load the checkpoint into it through megatron's own dist_checkpointing, at any
+    TP/PP (older checkpoints that stored replicated Mamba groups included)."""
     from megatron.core import dist_checkpointing
 
+    from falcon_bridge.megatron.model import STORED_MAMBA_GROUPS
+
     model = provider.provide(parallel_output=parallel_output)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(it_dir))
+    stored_groups = mg.stored_mamba_groups(it_dir, provider.arch)
+    # a file storing replicated groups has copies this model never reads, which megatron's access check (made for
+    # saving: every chunk exactly once) would call an error
+    as_hf = stored_groups == provider.arch.mamba_n_groups
+    state = dist_checkpointing.load(model.sharded_state_dict(metadata={STORED_MAMBA_GROUPS: stored_groups}),
+                                    str(it_dir), validate_access_integrity=as_hf)
     model.load_state_dict(state)
     return model.to(device).eval()
 
