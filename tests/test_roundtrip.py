@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import TINY_CARDS, edited_megatron_checkpoint
+from conftest import TINY_CARDS, edited_megatron_checkpoint, legacy_layout_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -73,7 +73,10 @@ def test_exported_checkpoint_loads_in_transformers_without_remote_code(tiny_hf, 
 
 
 def test_diverged_group_replicas_are_averaged_and_reported(tiny_hf, tmp_path):
-    import_hf(str(tiny_hf["tiny-one-group"]), tmp_path / "mg", MegatronLayout(tp=2))  # 1 group → 2 replicas
+    """An older checkpoint, which stored TP=2's two copies of the one group, trained by a version that did not
+    keep them in sync."""
+    import_hf(str(tiny_hf["tiny-one-group"]), tmp_path / "new", MegatronLayout(tp=2))
+    legacy_layout_checkpoint(tmp_path / "new", tmp_path / "mg", tp=2)  # 1 group stored as 2 copies
     key = "decoder.layers.1.mamba_mixer.in_proj.weight.B"
     original = {}
 
