@@ -183,6 +183,10 @@ class FalconH1MambaMixer(MambaMixer):
     def __init__(self, config: FalconH1TransformerConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         hf_groups = self.hf_groups = config.mamba_hf_num_groups or self.ngroups
+        # (HF group, copy index) of each local B/C group: groups are replicated in place, copies of one HF group
+        # being consecutive Megatron groups
+        first = self.pg_collection.tp.rank() * self.ngroups_local_tp
+        self.local_group_copies = [divmod(first + j, self.ngroups // hf_groups) for j in range(self.ngroups_local_tp)]
         group = self.d_inner // hf_groups
         if self.rmsnorm and group != self.d_inner_local_tp // self.ngroups_local_tp:
             self.norm = HFGroupedGatedRMSNorm(self.d_inner_local_tp, group, self.pg_collection.tp, self.norm.eps,
@@ -206,9 +210,7 @@ class FalconH1MambaMixer(MambaMixer):
         the hooks, hence the assert."""
         assert not self.config.gradient_accumulation_fusion, \
             "replicated Mamba groups need gradient_accumulation_fusion=False (their gradients are summed in a hook)"
-        replicas = self.ngroups // hf_groups
-        first = self.pg_collection.tp.rank() * self.ngroups_local_tp
-        hf_group = torch.arange(first, first + self.ngroups_local_tp) // replicas  # HF group of each local group
+        hf_group = torch.tensor([g for g, _ in self.local_group_copies])
         self.register_buffer("hf_group_of_local", hf_group.to(self.in_proj.weight.device), persistent=False)
         bc_rows = self.ngroups_local_tp * self.d_state
         in_proj_b = 2 * self.d_inner_local_tp
@@ -251,16 +253,14 @@ class FalconH1MambaMixer(MambaMixer):
     def _build_onto_stored_groups(self, build_fn, stored: int, key, data, replica_id, flattened_range):
         """megatron's z|x|B|C|dt (or x|B|C) pieces, with each B/C piece cut into its local groups and each group
         placed on its HF group's first copy among the `stored` groups of the checkpoint."""
-        replicas, stored_copies = self.ngroups // self.hf_groups, stored // self.hf_groups
-        first = self.pg_collection.tp.rank() * self.ngroups_local_tp
+        stored_copies = stored // self.hf_groups
         pieces = []
         for piece in build_fn(key, data, replica_id, flattened_range):
             if not piece.key.endswith((".B", ".C")):
                 pieces.append(piece)
                 continue
             rest = piece.local_shape[1:]
-            for j in range(self.ngroups_local_tp):
-                hf_group, copy = divmod(first + j, replicas)
+            for j, (hf_group, copy) in enumerate(self.local_group_copies):
                 rid = piece.replica_id
                 pieces.append(replace(
                     piece, data=piece.data.narrow(0, j * self.d_state, self.d_state),
