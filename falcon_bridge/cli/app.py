@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import traceback
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from falcon_bridge.errors import BadInput
+from falcon_bridge.errors import BadInput, Interrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Move Falcon-H1 checkpoints between Hugging Face and Megatron Core, and prove nothing changed.")
@@ -295,7 +296,13 @@ def demo(
     raise typer.Exit(0 if result.passed else 1)
 
 
+def _interrupt(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def main() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     try:
         app()
     except BadInput as e:
@@ -303,6 +310,12 @@ def main() -> None:
             traceback.print_exc()
         err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except Interrupted as e:
+        if STATE["debug"]:
+            traceback.print_exc()
+        err.print(f"[red]error:[/] interrupted ({e.signal_name}); no partial output was left", highlight=False,
+                  soft_wrap=True)
+        sys.exit(128 + signal.Signals[e.signal_name])
 
 
 if __name__ == "__main__":

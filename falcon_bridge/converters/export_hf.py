@@ -54,7 +54,7 @@ def export_hf(src: Path, out: Path, card: str | None = None, hf_config: Path | N
     options = {"source": str(src), "card": card, "hf_config": str(hf_config) if hf_config else None,
                "dtype": str(dtype) if dtype else None, "max_shard_bytes": max_shard_bytes, "mup": mup_export}
     with atomic_output_dir(out, overwrite, expected, {"name": "export-hf", "argv": argv, "options": options},
-                           source.start_file_hashes()) as tmp:
+                           source.start_file_hashes(), source.inputs) as tmp:
         writer = ShardedSafetensorsWriter(tmp, layout, max_shard_bytes)
         for i, entry in enumerate(plan):
             for name, tensor in source.hf_tensors(entry, check_finite).items():

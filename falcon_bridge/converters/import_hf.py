@@ -94,7 +94,7 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
     options = {"source": str(src), "tp": layout.tp, "pp": layout.pp, "pp_layers": layout.pp_layers,
                "dtype": str(store_dtype), "mup": mup_mode, "allow_extra": allow_extra, "bitnet": bitnet}
     with atomic_output_dir(out, overwrite, sink.total_bytes, {"name": "import-hf", "argv": argv, "options": options},
-                           sources) as tmp:
+                           sources, inputs=[path]) as tmp:
         it_dir = tmp / mg.iteration_dir_name(0)
         sink.write(it_dir, hf_tensors, progress)
         tokenizer = copy_tokenizer(ckpt.tokenizer_files(), it_dir)

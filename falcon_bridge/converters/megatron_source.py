@@ -20,8 +20,9 @@ from falcon_bridge.core.transforms import all_finite
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.cards import load_card
-from falcon_bridge.formats.hf import TOKENIZER_FILES, read_json
+from falcon_bridge.formats.hf import existing_tokenizer_files
 from falcon_bridge.formats.manifest import BackgroundHashes
+from falcon_bridge.formats.untrusted import read_json
 
 
 @dataclass
@@ -32,7 +33,13 @@ class MegatronSource:
     layout: MegatronLayout  # as stored: padded vocab and Mamba groups read from the checkpoint
     run_config: dict | None
     reader: mg.TorchDistReader
+    arch_file: Path | None = None  # --hf-config, when the architecture came from there
     divergence: dict[str, float] = field(default_factory=dict)  # HF tensor → max |Δ| between its group replicas
+
+    @property
+    def inputs(self) -> list[Path]:
+        """What a conversion from this checkpoint reads: no output may overlap it."""
+        return [self.root] + ([self.arch_file] if self.arch_file else [])
 
     @property
     def ctx(self) -> Ctx:
@@ -70,11 +77,12 @@ class MegatronSource:
 
     def start_file_hashes(self) -> BackgroundHashes:
         """Start hashing every file of the checkpoint read (tracker and iteration folder) in the background."""
-        files = [self.root / mg.TRACKER_FILE] + sorted(p for p in self.it_dir.rglob("*") if p.is_file())
+        files = [self.root / mg.TRACKER_FILE] + sorted(p for p in self.it_dir.rglob("*")
+                                                        if p.is_file() and not p.is_symlink())
         return BackgroundHashes(files)
 
     def tokenizer_files(self) -> list[Path]:
-        return [self.it_dir / f for f in TOKENIZER_FILES if (self.it_dir / f).exists()]
+        return existing_tokenizer_files(self.it_dir)
 
     def hf_dtype(self, name: str) -> torch.dtype:
         """The dtype the HF source had for this tensor (falcon-bridge checkpoints), else the embedding's stored
@@ -95,8 +103,10 @@ def open_megatron_checkpoint(src: Path, card: str | None = None, hf_config: Path
                        "(Megatron-LM: --ckpt-convert-format torch_dist)")
     reader = mg.TorchDistReader(it_dir)
     run_config = mg.read_run_config(it_dir) if (it_dir / mg.RUN_CONFIG_FILE).exists() else None
-    if card or hf_config:
-        arch = load_card(card).arch if card else FalconH1Arch.from_hf(read_json(Path(hf_config)), str(hf_config))
+    if card:
+        arch = load_card(card).arch
+    elif hf_config:
+        arch = FalconH1Arch.from_hf(read_json(Path(hf_config), "config.json"), str(hf_config))
     elif run_config is not None:
         arch = FalconH1Arch.from_dict(run_config["architecture"], f"{it_dir / mg.RUN_CONFIG_FILE}")
     else:
@@ -104,7 +114,7 @@ def open_megatron_checkpoint(src: Path, card: str | None = None, hf_config: Path
                        "with --card NAME or --hf-config config.json")
     layout = _stored_layout(arch, reader, it_dir)
     _check_keys(arch, layout, reader, it_dir)
-    return MegatronSource(root, it_dir, arch, layout, run_config, reader)
+    return MegatronSource(root, it_dir, arch, layout, run_config, reader, Path(hf_config) if hf_config else None)
 
 
 def _stored_layout(arch: FalconH1Arch, reader: mg.TorchDistReader, it_dir: Path) -> MegatronLayout:

@@ -36,7 +36,7 @@ def reshard(src: Path, out: Path, layout: MegatronLayout, card: str | None = Non
     options = {"source": str(src), "tp": layout.tp, "pp": layout.pp, "pp_layers": layout.pp_layers, "card": card,
                "hf_config": str(hf_config) if hf_config else None}
     with atomic_output_dir(out, overwrite, sink.total_bytes, {"name": "reshard", "argv": argv, "options": options},
-                           source.start_file_hashes()) as tmp:
+                           source.start_file_hashes(), source.inputs) as tmp:
         it_dir = tmp / mg.iteration_dir_name(0)
         sink.write(it_dir, lambda e: list(source.hf_tensors(e).values()), progress)
         tokenizer = copy_tokenizer(source.tokenizer_files(), it_dir)

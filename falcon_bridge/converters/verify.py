@@ -23,6 +23,7 @@ DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
 # mantissa: 2^-10. bench/ssd_precision.py measured the kernel alone at 5.8e-4–7.0e-4 of the fp32 reference
 # (6e-6 with ieee).
 TF32_TOLERANCE = 1e-3
+MAX_VERIFY_TOKENS = 4096  # both models' logits (vocab × tokens, in fp64 for the comparison) stay in memory
 
 
 def default_tolerance(dtype: torch.dtype, device: str) -> float:
@@ -141,19 +142,25 @@ def compare_branches(reference: dict, candidate: dict, num_layers: int, toleranc
 
 
 def read_tokens(path: Path) -> torch.Tensor:
-    """Token ids from a file: a JSON list (or list of lists), or whitespace-separated integers (one row)."""
+    """Token ids from a file: a JSON list (or list of equally long lists), or whitespace-separated integers."""
     import json
 
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise BadInput(f"{path}: file not found") from None
+    from falcon_bridge.formats.untrusted import read_text
+
+    text = read_text(Path(path), 8 * MAX_VERIFY_TOKENS + 4096, "token file")
+    problem = BadInput(f"{path}: expected token ids (a JSON list of integers, a list of equally long lists of them, "
+                       "or whitespace-separated integers)")
     try:
         ids = json.loads(text) if text.lstrip().startswith("[") else [int(t) for t in text.split()]
     except ValueError:
-        raise BadInput(f"{path}: expected token ids (a JSON list or whitespace-separated integers)") from None
-    t = torch.tensor(ids, dtype=torch.long)
-    return t.unsqueeze(0) if t.dim() == 1 else t
+        raise problem from None
+    rows = ids if ids and all(isinstance(r, list) for r in ids) else [ids]
+    if not rows or any(not r or len(r) != len(rows[0]) or any(type(i) is not int for i in r) for r in rows):
+        raise problem
+    if len(rows) * len(rows[0]) > MAX_VERIFY_TOKENS:
+        raise BadInput(f"{path}: {len(rows) * len(rows[0]):,} token ids; verify compares at most "
+                       f"{MAX_VERIFY_TOKENS:,} (the logits of both models are held in memory)")
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def choose_tokens(hf_dir: Path, vocab_size: int, tokens_file: Path | None, prompt: str | None,
@@ -168,6 +175,8 @@ def choose_tokens(hf_dir: Path, vocab_size: int, tokens_file: Path | None, promp
         except Exception:  # noqa: BLE001 - any tokenizer failure means the same thing to the user
             raise BadInput(f"{hf_dir}: --prompt needs a tokenizer in the checkpoint; pass --tokens instead") from None
         tokens = tokenizer(prompt, return_tensors="pt").input_ids
+        if tokens.numel() > MAX_VERIFY_TOKENS:
+            raise BadInput(f"--prompt: {tokens.numel():,} tokens; verify compares at most {MAX_VERIFY_TOKENS:,}")
     else:
         return sample_tokens(vocab_size, 2, seq_len)
     if tokens.numel() == 0 or tokens.min() < 0 or tokens.max() >= vocab_size:
@@ -194,16 +203,25 @@ def gpus_hidden(hide: bool):
 def verify(hf_dir: Path, megatron_dir: Path, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32,
            tolerance: float | None = None, seq_len: int = 32, device: str | None = None,
            tokens_file: Path | None = None, prompt: str | None = None) -> VerifyReport:
+    from falcon_bridge.converters.megatron_source import open_megatron_checkpoint
     from falcon_bridge.formats.hf import HFCheckpoint
     from falcon_bridge.megatron.runtime import launch, megatron_logits_worker, provider_from_checkpoint
 
     if device not in (None, "cpu", "cuda"):
         raise BadInput(f"--device {device}: expected cpu or cuda")
+    for flag, value in (("--tp", tp), ("--pp", pp)):
+        if value < 1:
+            raise BadInput(f"{flag} {value}: expected a positive integer")
+    if not 1 <= seq_len <= MAX_VERIFY_TOKENS // 2:  # two rows of fixed random ids
+        raise BadInput(f"--seq-len {seq_len}: expected 1 to {MAX_VERIFY_TOKENS // 2}")
+    if tolerance is not None and not (0 < tolerance < float("inf")):
+        raise BadInput(f"--tolerance {tolerance}: expected a positive number")
     arch = HFCheckpoint(Path(hf_dir)).arch
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda: no GPU is visible")
     provider, _ = provider_from_checkpoint(Path(megatron_dir), dtype, tp, pp)  # validates TP/PP before any spawn
+    open_megatron_checkpoint(Path(megatron_dir))  # every file checked before the HF forward and the spawn
     if provider.arch.to_hf() != arch.to_hf():
         raise BadInput(f"{megatron_dir}: its architecture differs from {hf_dir}/config.json")
     if device == "cuda" and tp * pp > torch.cuda.device_count():

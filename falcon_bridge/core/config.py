@@ -40,21 +40,21 @@ class Multipliers:
     }
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> Multipliers:
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> Multipliers:
         kw: dict[str, Any] = {}
         for name, key in cls.SCALAR_KEYS.items():
             if hf.get(key) is not None:
-                kw[name] = float(hf[key])
-        if hf.get("ssm_multipliers") is not None:
-            kw["ssm"] = tuple(float(v) for v in hf["ssm_multipliers"])
-        if hf.get("mlp_multipliers") is not None:
-            kw["mlp"] = tuple(float(v) for v in hf["mlp_multipliers"])
-        m = cls(**kw)
-        if len(m.ssm) != 5:
-            raise BadInput(f"config field ssm_multipliers: expected 5 values (z, x, B, C, dt), got {len(m.ssm)}")
-        if len(m.mlp) != 2:
-            raise BadInput(f"config field mlp_multipliers: expected 2 values (gate, down), got {len(m.mlp)}")
-        return m
+                kw[name] = _finite(hf[key], source, key)
+        for name, key, length, parts in (("ssm", "ssm_multipliers", 5, "z, x, B, C, dt"),
+                                          ("mlp", "mlp_multipliers", 2, "gate, down")):
+            value = hf.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, list | tuple) or len(value) != length:
+                raise BadInput(f"{source}: field {key}: expected a list of {length} numbers ({parts}), got "
+                               f"{value!r:.80}")
+            kw[name] = tuple(_finite(v, source, key) for v in value)
+        return cls(**kw)
 
     def to_hf(self) -> dict[str, Any]:
         out: dict[str, Any] = {key: getattr(self, name) for name, key in self.SCALAR_KEYS.items()}
@@ -72,6 +72,40 @@ REQUIRED_HF_KEYS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "mamba_n_heads", "mamba_d_state", "mamba_n_groups",
 )
+
+# config.json spelling of the fields whose name differs from ours
+HF_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+           "num_kv_heads": "num_key_value_heads"}
+POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                       "head_dim", "mamba_d_ssm", "mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state",
+                       "mamba_d_conv", "mamba_chunk_size", "max_position_embeddings")
+BOOL_FIELDS = ("mamba_conv_bias", "mamba_proj_bias", "projectors_bias", "attention_bias", "mlp_bias",
+               "mamba_rms_norm", "mamba_norm_before_gate", "tie_word_embeddings")
+POSITIVE_FLOAT_FIELDS = ("rms_norm_eps", "rope_theta")
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _finite(value: Any, source: str, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BadInput(f"{source}: field {key}: expected a finite number, got {value!r:.80}")
+    return float(value)
+
+
+def _positive_int(value: Any, source: str, key: str) -> int:
+    # JSON integers only: 4.9 is not silently 4, and "true" is not 1
+    if type(value) is not int or value < 1:
+        raise BadInput(f"{source}: field {key}: expected a positive integer, got {value!r:.80}")
+    return value
+
+
+def _token_id(value: Any, source: str, key: str) -> int | tuple[int, ...] | None:
+    """An id, null, or (as transformers allows for eos) a list of ids."""
+    ids = value if isinstance(value, list | tuple) else [value]
+    if value is None:
+        return None
+    if not ids or any(type(i) is not int or i < 0 for i in ids):
+        raise BadInput(f"{source}: field {key}: expected a token id, a list of them or null, got {value!r:.80}")
+    return tuple(ids) if isinstance(value, list | tuple) else value
 
 
 @dataclass(frozen=True)
@@ -104,9 +138,9 @@ class FalconH1Arch:
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
-    bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
-    pad_token_id: int | None = 0
+    bos_token_id: int | tuple[int, ...] | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2  # several ids where a config lists several
+    pad_token_id: int | tuple[int, ...] | None = 0
     multipliers: Multipliers = field(default_factory=Multipliers)
 
     # ---- derived sizes -------------------------------------------------------------------------------------
@@ -146,10 +180,23 @@ class FalconH1Arch:
         return sum(math.prod(s) for s in hf_tensor_shapes(self).values())
 
     # ---- validation ----------------------------------------------------------------------------------------
-    def validate(self) -> FalconH1Arch:
+    def validate(self, source: str = "config") -> FalconH1Arch:
+        """Types and ranges of every field (messages use config.json's key names), then the shape rules."""
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise BadInput(msg)
+
+        for name in POSITIVE_INT_FIELDS:
+            _positive_int(getattr(self, name), source, HF_KEYS.get(name, name))
+        for name in BOOL_FIELDS:
+            need(type(getattr(self, name)) is bool,
+                 f"{source}: field {name}: expected true or false, got {getattr(self, name)!r:.80}")
+        for name in POSITIVE_FLOAT_FIELDS:
+            need(_finite(getattr(self, name), source, name) > 0,
+                 f"{source}: field {name}: expected a positive number, got {getattr(self, name)!r}")
+        for name in TOKEN_ID_FIELDS:
+            _token_id(getattr(self, name), source, name)
+        need(isinstance(self.multipliers, Multipliers), f"{source}: multipliers: expected the 14 µP multipliers")
 
         need(self.mamba_d_head * self.mamba_n_heads == self.mamba_d_ssm,
              f"config: mamba_d_head ({self.mamba_d_head}) × mamba_n_heads ({self.mamba_n_heads}) "
@@ -191,46 +238,59 @@ class FalconH1Arch:
         for key in REQUIRED_HF_KEYS:
             if hf.get(key) is None:
                 raise BadInput(f"{source}: required field {key!r} is missing")
-        hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-        n_heads = int(hf["mamba_n_heads"])
+        # the fields the defaults below are computed from are checked first
+        hidden = _positive_int(hf["hidden_size"], source, "hidden_size")
+        heads = _positive_int(hf["num_attention_heads"], source, "num_attention_heads")
+        n_heads = _positive_int(hf["mamba_n_heads"], source, "mamba_n_heads")
         d_ssm = hf.get("mamba_d_ssm")
-        d_ssm = int(d_ssm) if d_ssm is not None else int(hf.get("mamba_expand", 2) * hidden)
+        if d_ssm is None:
+            d_ssm = _positive_int(hf.get("mamba_expand", 2), source, "mamba_expand") * hidden
         d_head = hf.get("mamba_d_head", "auto")
-        d_head = d_ssm // n_heads if d_head in (None, "auto") else int(d_head)
+        if d_head in (None, "auto"):
+            d_head = _positive_int(d_ssm, source, "mamba_d_ssm") // n_heads
         rope = hf.get("rope_parameters") or {}
-        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 1e5))
+        if not isinstance(rope, dict):
+            raise BadInput(f"{source}: field rope_parameters: expected an object, got {rope!r:.80}")
+        for key in TOKEN_ID_FIELDS:
+            _token_id(hf.get(key), source, key)
+
+        def ids(key: str, default: int | None):
+            value = hf.get(key, default)
+            return tuple(value) if isinstance(value, list) else value
+
+        hidden_act = hf.get("hidden_act", "silu")
         return cls(
-            vocab_size=int(hf["vocab_size"]),
+            vocab_size=hf["vocab_size"],
             hidden_size=hidden,
-            intermediate_size=int(hf["intermediate_size"]),
-            num_layers=int(hf["num_hidden_layers"]),
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
             num_heads=heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or hidden // heads),
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hidden // heads,
             mamba_d_ssm=d_ssm,
             mamba_n_heads=n_heads,
             mamba_d_head=d_head,
-            mamba_n_groups=int(hf["mamba_n_groups"]),
-            mamba_d_state=int(hf["mamba_d_state"]),
-            mamba_d_conv=int(hf.get("mamba_d_conv", 4)),
-            mamba_chunk_size=int(hf.get("mamba_chunk_size", 256)),
-            mamba_conv_bias=bool(hf.get("mamba_conv_bias", True)),
-            mamba_proj_bias=bool(hf.get("mamba_proj_bias", False)),
-            projectors_bias=bool(hf.get("projectors_bias", False)),
-            attention_bias=bool(hf.get("attention_bias", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            mamba_rms_norm=bool(hf.get("mamba_rms_norm", False)),
-            mamba_norm_before_gate=bool(hf.get("mamba_norm_before_gate", True)),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(rope_theta),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            hidden_act=str(hf.get("hidden_act", "silu")),
-            bos_token_id=hf.get("bos_token_id", 1),
-            eos_token_id=hf.get("eos_token_id", 2),
-            pad_token_id=hf.get("pad_token_id", 0),
-            multipliers=Multipliers.from_hf(hf),
-        ).validate()
+            mamba_n_groups=hf["mamba_n_groups"],
+            mamba_d_state=hf["mamba_d_state"],
+            mamba_d_conv=hf.get("mamba_d_conv", 4),
+            mamba_chunk_size=hf.get("mamba_chunk_size", 256),
+            mamba_conv_bias=hf.get("mamba_conv_bias", True),
+            mamba_proj_bias=hf.get("mamba_proj_bias", False),
+            projectors_bias=hf.get("projectors_bias", False),
+            attention_bias=hf.get("attention_bias", False),
+            mlp_bias=hf.get("mlp_bias", False),
+            mamba_rms_norm=hf.get("mamba_rms_norm", False),
+            mamba_norm_before_gate=hf.get("mamba_norm_before_gate", True),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 1e5)),
+            max_position_embeddings=hf.get("max_position_embeddings", 8192),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            hidden_act=hidden_act if isinstance(hidden_act, str) else repr(hidden_act),
+            bos_token_id=ids("bos_token_id", 1),
+            eos_token_id=ids("eos_token_id", 2),
+            pad_token_id=ids("pad_token_id", 0),
+            multipliers=Multipliers.from_hf(hf, source),
+        ).validate(source)
 
     def to_hf(self) -> dict[str, Any]:
         """config.json fields (every shape-defining key written explicitly, see falcon_h1_hf.md §10)."""
@@ -263,9 +323,8 @@ class FalconH1Arch:
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": self.hidden_act,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
+            **{key: list(v) if isinstance(v, tuple) else v
+               for key, v in ((k, getattr(self, k)) for k in TOKEN_ID_FIELDS)},
         }
         out.update(self.multipliers.to_hf())
         return out
@@ -298,9 +357,12 @@ class FalconH1Arch:
         unknown = set(d) - known
         if unknown:
             raise BadInput(f"{source}: unknown field(s) {sorted(unknown)}")
-        kw = dict(d)
-        kw["multipliers"] = Multipliers.from_hf(d.get("multipliers") or {})
+        kw = {k: tuple(v) if k in TOKEN_ID_FIELDS and isinstance(v, list) else v for k, v in d.items()}
+        multipliers = d.get("multipliers") or {}
+        if not isinstance(multipliers, dict):
+            raise BadInput(f"{source}: field multipliers: expected an object, got {multipliers!r:.80}")
+        kw["multipliers"] = Multipliers.from_hf(multipliers, source)
         try:
-            return cls(**kw).validate()
+            return cls(**kw).validate(source)
         except TypeError as e:
             raise BadInput(f"{source}: {e}") from None

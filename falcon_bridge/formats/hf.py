@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import struct
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from safetensors import safe_open
 from falcon_bridge.core.config import FalconH1Arch
 from falcon_bridge.core.mapping import bitnet_scale_name
 from falcon_bridge.core.ternary import VALUES_PER_BYTE, unpack_checkpoint_tensor
-from falcon_bridge.errors import BadInput
+from falcon_bridge.errors import BadInput, first_line
+from falcon_bridge.formats.untrusted import TOKENIZER_MAX_BYTES, read_json, regular_file_size
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -30,19 +32,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "U8": torch.uint8,
           "I8": torch.int8, "I32": torch.int32, "I64": torch.int64}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-def read_json(path: Path) -> dict:
-    """json.load that also understands transformers 5's {"__float__": "Infinity"} encoding."""
-    def hook(d):
-        return float(d["__float__"]) if set(d) == {"__float__"} else d
-
-    try:
-        return json.loads(path.read_text(), object_hook=hook)
-    except FileNotFoundError:
-        raise BadInput(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise BadInput(f"{path}: not valid JSON ({e})") from None
 
 
 def resolve_source(src: str) -> Path:
@@ -76,14 +65,15 @@ class HFCheckpoint:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.config = read_json(self.path / "config.json")
+        self.config = read_json(self.path / "config.json", "config.json")
         self.arch = FalconH1Arch.from_hf(self.config, source=str(self.path / "config.json"))
         index = self.path / INDEX_FILE
+        weight_map = None
         if index.exists():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise BadInput(f"{index}: no 'weight_map'")
-            files = sorted({self.path / f for f in weight_map.values()})
+            weight_map = read_json(index, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise BadInput(f"{index}: field weight_map: expected an object of tensor name → shard file")
+            files = sorted({self._shard_path(index, name, f) for name, f in weight_map.items()})
         elif (self.path / SINGLE_FILE).exists():
             files = [self.path / SINGLE_FILE]
         else:
@@ -91,8 +81,7 @@ class HFCheckpoint:
         self.files_read = files
         self.tensors: dict[str, TensorInfo] = {}
         for f in files:
-            if not f.exists():
-                raise BadInput(f"{f}: listed in {INDEX_FILE} but missing")
+            regular_file_size(f, 1 << 62, "safetensors shard")
             try:
                 with safe_open(str(f), framework="pt") as h:
                     for name in h.keys():
@@ -100,11 +89,22 @@ class HFCheckpoint:
                         dtype = DTYPES.get(sl.get_dtype())
                         if dtype is None:
                             raise BadInput(f"{f}: tensor {name} has unsupported dtype {sl.get_dtype()}")
+                        if name in self.tensors:  # which copy transformers would load depends on the index
+                            raise BadInput(f"{f}: tensor {name} is also stored in {self.tensors[name].file.name}")
+                        if weight_map is not None and weight_map.get(name) != f.name:
+                            raise BadInput(f"{f}: holds tensor {name}, which {INDEX_FILE} places "
+                                           + (f"in {weight_map[name]}" if name in weight_map else "nowhere"))
                         self.tensors[name] = TensorInfo(f, tuple(sl.get_shape()), dtype)
             except BadInput:
                 raise
             except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
-                raise BadInput(f"{f}: not a readable safetensors file ({e})") from None
+                raise BadInput(f"{f}: not a readable safetensors file ({first_line(e)})") from None
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(self.tensors))
+            if missing:
+                raise BadInput(f"{index}: tensor {missing[0]} is not in {weight_map[missing[0]]}"
+                               + (f" (and {len(missing) - 1} more listed but stored nowhere)" if len(missing) > 1
+                                  else ""))
         self.packed: dict[str, TensorInfo] = {}  # logical name → its weight_scale (HF BitNet packed checkpoints)
         quant = self.config.get("quantization_config") or {}
         if quant.get("quant_method") == "bitnet":
@@ -130,6 +130,17 @@ class HFCheckpoint:
                                             scale.dtype)
             self.packed[name] = scale
 
+    def _shard_path(self, index: Path, tensor: object, file: object) -> Path:
+        """An index entry's shard: a safetensors file directly in the checkpoint directory."""
+        if not isinstance(tensor, str) or not isinstance(file, str) or Path(file).name != file \
+                or not file.endswith(".safetensors"):
+            raise BadInput(f"{index}: weight_map entry {tensor!r:.80}: {file!r:.80} is not a .safetensors file name "
+                           "in the checkpoint directory")
+        path = self.path / file
+        if not path.exists():
+            raise BadInput(f"{path}: listed in {INDEX_FILE} but missing")
+        return path
+
     def get(self, name: str) -> torch.Tensor:
         """One tensor, copied out of the file. The file is mapped only for this read: a mapping kept open would
         count every page read so far in the process's resident memory, growing with the model."""
@@ -154,13 +165,14 @@ class HFCheckpoint:
             raise BadInput(f"{info.file}: tensor {name} could not be read ({e})") from None
 
     def files(self) -> list[Path]:
+        """Every file a conversion reads (configs, shards, tokenizer): what the manifest's sources record."""
         out = [self.path / "config.json"]
         if (self.path / INDEX_FILE).exists():
             out.append(self.path / INDEX_FILE)
-        return out + list(self.files_read)
+        return out + list(self.files_read) + self.tokenizer_files()
 
     def tokenizer_files(self) -> list[Path]:
-        return [self.path / f for f in TOKENIZER_FILES if (self.path / f).exists()]
+        return existing_tokenizer_files(self.path)
 
 
 
@@ -234,14 +246,22 @@ def write_config(out_dir: Path, arch: FalconH1Arch, dtype: torch.dtype, extra: d
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     cfg.update(extra or {})
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    gen = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id, "pad_token_id": arch.pad_token_id}
-    (out_dir / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None},
-                                                               indent=2) + "\n")
+    gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg[k] is not None}
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def existing_tokenizer_files(directory: Path) -> list[Path]:
+    """The tokenizer files a directory has, each checked to be a regular file of a bounded size (a link to
+    /dev/zero would otherwise be copied until the disk is full)."""
+    files = [directory / f for f in TOKENIZER_FILES if os.path.lexists(directory / f)]
+    for f in files:
+        regular_file_size(f, TOKENIZER_MAX_BYTES, "tokenizer file")
+    return files
 
 
 def copy_tokenizer(files: list[Path], out_dir: Path) -> list[str]:
     for f in files:
-        shutil.copy2(f, out_dir / f.name)
+        shutil.copyfile(f, out_dir / f.name)
     return [f.name for f in files]
 
 

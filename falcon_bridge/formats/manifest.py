@@ -14,6 +14,7 @@ from pathlib import Path
 
 from falcon_bridge import __version__
 from falcon_bridge.errors import BadInput
+from falcon_bridge.formats.untrusted import read_json
 
 MANIFEST_FILE = "falcon_bridge_manifest.json"
 
@@ -76,12 +77,15 @@ def write_manifest(out_dir: Path, command: dict, sources: dict[str, str]) -> Non
 def check_manifest(out_dir: Path) -> list[str]:
     """One line per problem: a file changed, missing, or not in the manifest. Empty when everything matches."""
     path = Path(out_dir) / MANIFEST_FILE
+    if not Path(out_dir).is_dir():
+        raise BadInput(f"{out_dir}: no such directory")
     if not path.exists():
         raise BadInput(f"{out_dir}: no {MANIFEST_FILE} (not written by falcon-bridge)")
-    try:
-        recorded = json.loads(path.read_text())["outputs"]
-    except (json.JSONDecodeError, KeyError):
-        raise BadInput(f"{path}: not a valid manifest") from None
+    recorded = read_json(path, "manifest").get("outputs")
+    if not isinstance(recorded, dict) or not all(
+            isinstance(r, dict) and isinstance(r.get("sha256"), str) and type(r.get("bytes")) is int
+            for r in recorded.values()):
+        raise BadInput(f"{path}: field outputs: expected an object of file → {{sha256, bytes}}")
     actual = hash_tree(Path(out_dir))
     problems = []
     for name, rec in recorded.items():

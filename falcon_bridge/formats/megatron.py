@@ -21,13 +21,23 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItemType
 
 from falcon_bridge import __version__
 from falcon_bridge.core.config import FalconH1Arch
 from falcon_bridge.core.parallel import MegatronLayout
-from falcon_bridge.errors import BadInput
+from falcon_bridge.errors import BadInput, Interrupted, first_line, root_cause
+from falcon_bridge.formats.untrusted import (
+    PICKLED_ENTRY_MAX_BYTES,
+    TRACKER_MAX_BYTES,
+    load_dcp_metadata,
+    load_weights_only,
+    read_bytes,
+    read_json,
+    read_text,
+    regular_file_size,
+)
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RUN_CONFIG_FILE = "falcon_bridge_run_config.json"
@@ -76,23 +86,65 @@ def write_torch_dist(ckpt_dir: Path, shapes: dict[str, tuple[tuple[int, ...], to
         try:
             dcp.save(state, storage_writer=writer, planner=_LazySavePlanner(produce), no_dist=True)
         except CheckpointException as e:  # DCP wraps what `produce` raised (bad input, a full disk): unwrap it
-            for failure in e.failures.values():
-                cause = failure[0] if isinstance(failure, tuple) else failure
-                if isinstance(cause, (BadInput, OSError)):
-                    raise cause from None
+            cause = root_cause(e)
+            if isinstance(cause, BadInput | OSError | Interrupted):
+                raise cause from None
             raise
     (ckpt_dir / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist",
                                                         "sharded_backend_version": 1}))
 
 
-class _MetadataCachingReader(dcp.FileSystemReader):
-    """DCP re-reads (unpickles) the whole checkpoint's metadata on every load call; we load one map entry per
-    call, so read it once."""
+class _CheckedMetadataReader(dcp.FileSystemReader):
+    """DCP's reader, given metadata read once through the allow-list (DCP itself would pickle.load the file on
+    every load call)."""
+
+    def __init__(self, path: Path, metadata):
+        super().__init__(str(path))
+        self._metadata = metadata
 
     def read_metadata(self, *args, **kwargs):
-        if not hasattr(self, "_metadata"):
-            self._metadata = super().read_metadata(*args, **kwargs)
+        if getattr(self._metadata, "storage_meta", None) is None:
+            self._metadata.storage_meta = StorageMeta()
+        self._metadata.storage_meta.load_id = self.load_id
         return self._metadata
+
+
+def checked_metadata(ckpt_dir: Path):
+    """A torch_dist checkpoint's DCP metadata, checked before megatron or DCP reads anything: unpickled through
+    the allow-list; every data file it points at a regular file inside the directory, large enough for what is
+    stored in it; every pickled entry (common state, extra state) loadable by torch's weights-only unpickler
+    (DCP's own reader would unpickle those with weights_only=False)."""
+    ckpt_dir = Path(ckpt_dir)
+    for name in ("metadata.json", ".metadata"):
+        if not (ckpt_dir / name).exists():
+            raise BadInput(f"{ckpt_dir}: not a torch_dist checkpoint ({name} missing)")
+    meta = load_dcp_metadata(ckpt_dir / ".metadata")
+    sizes: dict[str, int] = {}
+    byte_keys = {k for k, m in meta.state_dict_metadata.items() if isinstance(m, BytesStorageMetadata)}
+    for index, info in meta.storage_data.items():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or not rel or Path(rel).name != rel or rel in (".", ".."):
+            raise BadInput(f"{ckpt_dir / '.metadata'}: a tensor is stored in {rel!r}, outside the checkpoint "
+                           "directory")
+        if rel not in sizes:
+            sizes[rel] = regular_file_size(ckpt_dir / rel, 1 << 62, "checkpoint data file")
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not (isinstance(offset, int) and isinstance(length, int) and 0 <= offset
+                and 0 <= length <= sizes[rel] - offset):
+            raise BadInput(f"{ckpt_dir / rel}: shorter than .metadata says (entry {index.fqn}: bytes "
+                           f"{offset}+{length} of {sizes[rel]}); the checkpoint is truncated")
+        if index.fqn in byte_keys:
+            if length > PICKLED_ENTRY_MAX_BYTES:
+                raise BadInput(f"{ckpt_dir / rel}: entry {index.fqn} is {length:,} bytes, more than a pickled "
+                               f"entry may have ({PICKLED_ENTRY_MAX_BYTES:,})")
+            with open(ckpt_dir / rel, "rb") as f:
+                f.seek(offset)
+                load_weights_only(f.read(length), f"{ckpt_dir / rel}: entry {index.fqn}")
+    legacy_common = ckpt_dir / "common.pt"  # older megatron-core: common state in its own file
+    if legacy_common.exists():
+        load_weights_only(read_bytes(legacy_common, PICKLED_ENTRY_MAX_BYTES, "common state file"),
+                          str(legacy_common))
+    return meta
 
 
 class TorchDistReader:
@@ -100,10 +152,8 @@ class TorchDistReader:
 
     def __init__(self, ckpt_dir: Path):
         self.dir = Path(ckpt_dir)
-        if not (self.dir / "metadata.json").exists() or not (self.dir / ".metadata").exists():
-            raise BadInput(f"{self.dir}: not a torch_dist checkpoint (metadata.json or .metadata missing)")
-        self._reader = _MetadataCachingReader(str(self.dir))
-        meta = self._reader.read_metadata()
+        meta = checked_metadata(self.dir)
+        self._reader = _CheckedMetadataReader(self.dir, meta)
         self.tensors: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
             k: (tuple(m.size), m.properties.dtype) for k, m in meta.state_dict_metadata.items()
             if isinstance(m, TensorStorageMetadata)}
@@ -116,7 +166,14 @@ class TorchDistReader:
         out = {k: torch.empty(self.tensors[k][0], dtype=self.tensors[k][1]) for k in keys}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_NO_DIST_NOTICE)
-            dcp.load(out, storage_reader=self._reader, no_dist=True)
+            try:
+                dcp.load(out, storage_reader=self._reader, no_dist=True)
+            except Exception as e:  # noqa: BLE001 - DCP wraps a corrupt file's error in its own exception
+                if isinstance(root_cause(e), Interrupted):
+                    raise root_cause(e) from None
+                raise BadInput(f"{self.dir}: tensor {keys[0]}"
+                               + (f" (or one of {len(keys) - 1} read with it)" if len(keys) > 1 else "")
+                               + f" could not be read: {first_line(e)}") from None
         return out
 
 
@@ -130,10 +187,12 @@ def find_iteration_dir(root: Path) -> Path:
     tracker = root / TRACKER_FILE
     if not tracker.exists():
         raise BadInput(f"{root}: no {TRACKER_FILE} (not a Megatron checkpoint directory)")
-    value = tracker.read_text().strip()
-    it_dir = root / ("release" if value == "release" else iteration_dir_name(int(value)) if value.isdigit() else "")
-    if not value or not it_dir.is_dir():
-        raise BadInput(f"{tracker}: points at {value!r}, but {it_dir.name or '?'} does not exist")
+    value = read_text(tracker, TRACKER_MAX_BYTES, "tracker file").strip()
+    if value != "release" and not (value.isascii() and value.isdigit()):
+        raise BadInput(f"{tracker}: expected an iteration number or 'release', got {value[:40]!r}")
+    it_dir = root / ("release" if value == "release" else iteration_dir_name(int(value)))
+    if not it_dir.is_dir():
+        raise BadInput(f"{tracker}: points at {value!r}, but {it_dir.name} does not exist")
     return it_dir
 
 
@@ -160,11 +219,39 @@ def write_run_config(it_dir: Path, run_config: dict) -> None:
     (it_dir / RUN_CONFIG_FILE).write_text(json.dumps(run_config, indent=2) + "\n")
 
 
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # what a run config may name as a weight dtype
+
+
 def read_run_config(it_dir: Path) -> dict:
+    """Our run config, its fields checked by type (the architecture is checked where it is built)."""
     path = it_dir / RUN_CONFIG_FILE
     if not path.exists():
         raise BadInput(f"{it_dir}: no {RUN_CONFIG_FILE} (pass the architecture with --card or --hf-config)")
-    return json.loads(path.read_text())
+    rc = read_json(path, "run config")
+
+    def need(ok: bool, field: str, expected: str) -> None:
+        if not ok:
+            raise BadInput(f"{path}: field {field}: expected {expected}, got {rc.get(field)!r:.80}")
+
+    need(isinstance(rc.get("architecture"), dict), "architecture", "an object")
+    need(isinstance(rc.get("bitnet", False), bool), "bitnet", "true or false")
+    for field in ("dtype", "hf_dtype"):
+        need(rc.get(field) in FLOAT_DTYPES, field, f"one of {', '.join(FLOAT_DTYPES)}")
+    odd = rc.get("hf_odd_dtypes", {})
+    need(isinstance(odd, dict) and all(v in FLOAT_DTYPES for v in odd.values()), "hf_odd_dtypes",
+         f"an object of tensor name → one of {', '.join(FLOAT_DTYPES)}")
+    mup = rc.get("mup")
+    need(isinstance(mup, dict) and mup.get("mode") in ("preserve", "fold")
+         and isinstance(mup.get("applied_multipliers"), dict)
+         and (mup["mode"] == "preserve" or isinstance(mup.get("folded_multipliers"), dict)),
+         "mup", "{mode: preserve|fold, applied_multipliers: {...}[, folded_multipliers: {...}]}")
+    layout = rc.get("layout")
+    need(isinstance(layout, dict) and all(type(layout.get(k)) is int and layout[k] >= 1
+                                          for k in ("tp", "pp", "vocab_divisible_by"))
+         and isinstance(layout.get("pp_layers"), list)
+         and all(type(n) is int and n >= 1 for n in layout["pp_layers"]),
+         "layout", "{tp, pp, vocab_divisible_by: positive integers, pp_layers: [positive integers]}")
+    return rc
 
 
 def stored_mamba_groups(it_dir: Path, arch: FalconH1Arch) -> int:

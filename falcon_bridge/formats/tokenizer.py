@@ -25,7 +25,9 @@ def build_tokenizer(arch: FalconH1Arch, out_dir: Path) -> list[str]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    ids = {"pad": arch.pad_token_id, "bos": arch.bos_token_id, "eos": arch.eos_token_id}
+    # the tokenizer's one special token of each kind sits at the first id where a config lists several
+    ids = {kind: value[0] if isinstance(value, tuple) else value
+           for kind, value in (("pad", arch.pad_token_id), ("bos", arch.bos_token_id), ("eos", arch.eos_token_id))}
     known = {v: k for k, v in ids.items() if v is not None}
     specials = [f"<|{known[i]}|>" if i in known else f"<|reserved_{i}|>" for i in range(max(known, default=-1) + 1)]
     tokenizer = Tokenizer(models.BPE())

@@ -27,13 +27,13 @@ def provider_from_checkpoint(root: Path, params_dtype: torch.dtype | None = None
     """The provider recorded in a falcon-bridge checkpoint's run config (optionally at another TP/PP)."""
     it_dir = mg.find_iteration_dir(Path(root))
     rc = mg.read_run_config(it_dir)
-    arch = FalconH1Arch.from_dict(rc["architecture"])
+    arch = FalconH1Arch.from_dict(rc["architecture"], str(it_dir / mg.RUN_CONFIG_FILE))
     lay = rc["layout"]
-    tp, pp = tp or lay["tp"], pp or lay["pp"]
+    tp, pp = lay["tp"] if tp is None else tp, lay["pp"] if pp is None else pp
     pp_layers = tuple(lay["pp_layers"]) if pp == lay["pp"] else None
     layout = MegatronLayout(tp=tp, pp=pp, pp_layers=pp_layers, vocab_divisible_by=lay["vocab_divisible_by"])
     dtype = params_dtype or getattr(torch, rc["dtype"])
-    multipliers = Multipliers.from_hf(rc["mup"]["applied_multipliers"])
+    multipliers = Multipliers.from_hf(rc["mup"]["applied_multipliers"], str(it_dir / mg.RUN_CONFIG_FILE))
     return FalconH1ModelProvider(arch, layout.validate(arch), params_dtype=dtype, multipliers=multipliers,
                                  bitnet=rc.get("bitnet", False)), it_dir
 

@@ -1,0 +1,153 @@
+"""Reading files falcon-bridge did not write: regular files only, sizes checked before reading, pickles only
+through an allow-list. Every refusal is a BadInput naming the file.
+
+A symlink is followed, but what it points at must be a regular file: a FIFO would block forever and /dev/zero
+would never end. Sizes are capped per kind of file at far more than any real Falcon-H1 checkpoint needs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import pickle
+import stat
+from pathlib import Path
+
+from falcon_bridge.errors import BadInput, first_line
+
+MiB = 1 << 20
+JSON_MAX_BYTES = 64 * MiB  # config.json, index, run config, manifest (a 34B index is ~100 KB)
+TOKENIZER_MAX_BYTES = 256 * MiB  # a 256k-token tokenizer.json is ~30 MB
+TRACKER_MAX_BYTES = 64
+DCP_METADATA_MAX_BYTES = 512 * MiB  # .metadata: one entry per tensor chunk (a 34B model at TP 8: ~20 MB)
+PICKLED_ENTRY_MAX_BYTES = 64 * MiB  # one pickled object inside a checkpoint (common state, extra state)
+
+
+def regular_file_size(path: Path, max_bytes: int, what: str) -> int:
+    """The size of `path`, after checking it is (or links to) a regular file of at most max_bytes."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BadInput(f"{path}: file not found") from None
+    except OSError as e:
+        raise BadInput(f"{path}: cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BadInput(f"{path}: not a regular file (FIFOs, devices and directories are never read as a {what})")
+    if st.st_size > max_bytes:
+        raise BadInput(f"{path}: {st.st_size:,} bytes, more than a {what} may have ({max_bytes:,})")
+    return st.st_size
+
+
+def read_bytes(path: Path, max_bytes: int, what: str) -> bytes:
+    regular_file_size(path, max_bytes, what)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)  # the file may have grown since stat
+    except OSError as e:
+        raise BadInput(f"{path}: cannot be read ({e.strerror})") from None
+    if len(data) > max_bytes:
+        raise BadInput(f"{path}: more than a {what} may have ({max_bytes:,} bytes)")
+    return data
+
+
+def read_text(path: Path, max_bytes: int, what: str) -> str:
+    try:
+        return read_bytes(path, max_bytes, what).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadInput(f"{path}: not UTF-8 text (a {what} is expected)") from None
+
+
+def read_json(path: Path, what: str = "JSON file", expect: type = dict):
+    """A JSON document of type `expect`. Understands transformers 5's {"__float__": "Infinity"} encoding; the
+    values' types are checked by whoever uses them."""
+    def hook(d):
+        return float(d["__float__"]) if set(d) == {"__float__"} and isinstance(d["__float__"], str) else d
+
+    try:
+        value = json.loads(read_text(path, JSON_MAX_BYTES, what), object_hook=hook)
+    except (json.JSONDecodeError, ValueError, RecursionError) as e:
+        raise BadInput(f"{path}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                       ) from None
+    if not isinstance(value, expect):
+        raise BadInput(f"{path}: expected a JSON {'object' if expect is dict else expect.__name__}, got "
+                       f"{type(value).__name__}")
+    return value
+
+
+def finite_number(value, where: str) -> float:
+    """A JSON number (not a boolean) that is finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadInput(f"{where}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+# ---- pickles ---------------------------------------------------------------------------------------------------
+def _dcp_metadata_globals() -> dict[tuple[str, str], object]:
+    """Everything a torch.distributed.checkpoint `.metadata` pickle refers to (torch's and megatron's writers):
+    DCP's metadata dataclasses and enums, torch.Size, dtypes and layouts, and the checkpoint id as a path."""
+    import pathlib
+
+    import torch
+    import torch.distributed.checkpoint.metadata as meta
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    allowed: dict[tuple[str, str], object] = {
+        ("torch", "Size"): torch.Size,
+        ("torch.serialization", "_get_layout"): torch.serialization._get_layout,  # layout from its name
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+        ("pathlib", "PosixPath"): pathlib.PosixPath,
+        ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
+        ("collections", "OrderedDict"): __import__("collections").OrderedDict,
+    }
+    for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                 "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"):
+        allowed[("torch.distributed.checkpoint.metadata", name)] = getattr(meta, name)
+    for name in dir(torch):
+        if isinstance(getattr(torch, name, None), torch.dtype):
+            allowed[("torch", name)] = getattr(torch, name)
+    return allowed
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, allowed: dict, path: Path):
+        super().__init__(io.BytesIO(data))
+        self._allowed, self._path = allowed, path
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise BadInput(f"{self._path}: refuses to unpickle {module}.{name} (not among the classes a "
+                           "checkpoint's metadata consists of; the file may be crafted)") from None
+
+    def persistent_load(self, pid):
+        raise BadInput(f"{self._path}: unexpected persistent id in a metadata pickle")
+
+
+def load_dcp_metadata(path: Path):
+    """A DCP `.metadata` file, unpickled through the allow-list (torch's own reader calls pickle.load on it)."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    data = read_bytes(path, DCP_METADATA_MAX_BYTES, "checkpoint metadata file")
+    try:
+        meta = _AllowListUnpickler(data, _dcp_metadata_globals(), path).load()
+    except BadInput:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt pickles raise many types
+        raise BadInput(f"{path}: corrupt checkpoint metadata ({first_line(e)})") from None
+    if not isinstance(meta, Metadata) or not isinstance(getattr(meta, "state_dict_metadata", None), dict) \
+            or not isinstance(getattr(meta, "storage_data", None), dict):
+        raise BadInput(f"{path}: not DCP checkpoint metadata")
+    return meta
+
+
+def load_weights_only(data: bytes, where: str):
+    """A torch.save'd object through torch's own allow-list loader (tensors, containers, primitives)."""
+    import torch
+
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError for a refused global, others for corrupt bytes
+        raise BadInput(f"{where}: refused or corrupt pickled object ({first_line(e)})") from None
