@@ -1,11 +1,15 @@
 import pytest
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import FalconH1Config
 
-from falcon_bridge.core.config import FalconH1Arch
+from falcon_bridge.core.config import REQUIRED_HF_KEYS, FalconH1Arch
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats.cards import all_cards, load_card
 
-RELEASED = ["falcon-h1-0.5b", "falcon-h1-1.5b", "falcon-h1-1.5b-deep", "falcon-h1-3b", "falcon-h1-7b", "falcon-h1-34b"]
+RELEASED = ["falcon-h1-0.5b", "falcon-h1-1.5b", "falcon-h1-1.5b-deep", "falcon-h1-3b", "falcon-h1-7b", "falcon-h1-34b",
+            "falcon-h1-tiny-90m"]
+# parameter counts published for the released checkpoints (Hugging Face API / model pages)
+PUBLISHED_PARAMETERS = {"falcon-h1-0.5b": 521_411_104, "falcon-h1-1.5b": 1_554_863_488, "falcon-h1-7b": 7_585_654_880}
 
 
 def test_every_released_size_has_a_card_with_provenance():
@@ -13,24 +17,36 @@ def test_every_released_size_has_a_card_with_provenance():
     for name in RELEASED:
         card = cards[name]
         assert not card.is_test and card.hf_repo.startswith("tiiuae/")
-        assert set(card.provenance) >= {"hidden_size", "embedding_multiplier", "ssm_multipliers", "mlp_multipliers"}
+        assert set(card.provenance) == set(card.arch.to_dict()) - {"hidden_act", "multipliers"} | set(
+            card.arch.multipliers.to_hf())  # every value has a provenance
         assert all(p.source for p in card.provenance.values())
-    # only the sizes whose config.json we have a copy of are verified; the others say so
+    # fully verified: the sizes whose config.json (or TII's per-size provider) we have a copy of
     assert cards["falcon-h1-0.5b"].verified and cards["falcon-h1-34b"].verified
-    for name in ("falcon-h1-1.5b", "falcon-h1-1.5b-deep", "falcon-h1-3b", "falcon-h1-7b"):
-        assert not cards[name].verified
-        assert not cards[name].provenance["lm_head_multiplier"].verified
+    for name in ("falcon-h1-1.5b-deep", "falcon-h1-7b"):  # every multiplier verified; token ids assumed
+        assert all(cards[name].provenance[k].verified for k in cards[name].arch.multipliers.to_hf())
+    for name in ("falcon-h1-1.5b", "falcon-h1-3b"):  # multipliers not found: the card says so
+        assert not cards[name].verified and not cards[name].provenance["ssm_multipliers"].verified
 
 
-def test_half_billion_card_has_the_released_parameter_count():
-    assert load_card("falcon-h1-0.5b").arch.num_parameters() == 521_411_104
+@pytest.mark.parametrize("card", PUBLISHED_PARAMETERS)
+def test_card_has_the_released_parameter_count(card):
+    assert load_card(card).arch.num_parameters() == PUBLISHED_PARAMETERS[card]
+
+
+def test_the_released_tied_model_has_non_unit_embedding_and_lm_head_multipliers():
+    tiny = load_card("falcon-h1-tiny-90m").arch
+    assert tiny.tie_word_embeddings and tiny.eos_token_id == (228, 11)
+    assert tiny.multipliers.embedding == 0.11083984375 and tiny.multipliers.lm_head == 0.078125
+    tied_test_card = load_card("tiny-tied").arch.multipliers
+    assert tied_test_card.embedding != 1.0 and tied_test_card.lm_head != 1.0
 
 
 def test_tiny_cards_cover_the_required_shapes():
     tiny = {c.name: c.arch for c in all_cards() if c.is_test}
     assert any(a.mamba_n_groups == 1 and not a.mamba_rms_norm for a in tiny.values())
     assert any(a.mamba_n_groups > 1 and a.mamba_rms_norm for a in tiny.values())
-    assert any(a.tie_word_embeddings for a in tiny.values())
+    assert any(a.tie_word_embeddings and a.multipliers.embedding != 1.0 and a.multipliers.lm_head != 1.0
+               for a in tiny.values())
     assert any(a.q_width != a.hidden_size for a in tiny.values())
     assert any(a.vocab_size % 128 for a in tiny.values())
     assert any(all(v != 1.0 for v in a.multipliers.flat()) for a in tiny.values())
@@ -56,3 +72,59 @@ def test_config_json_missing_a_required_field_is_named():
 def test_unknown_card_lists_the_known_ones():
     with pytest.raises(BadInput, match="falcon-h1-0.5b"):
         load_card("falcon-h1-9b")
+
+
+def hf_resolved(cfg: dict) -> FalconH1Arch | None:
+    """The architecture transformers' FalconH1Config makes of a config dict (None: transformers refuses it)."""
+    kw = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}
+    try:
+        return FalconH1Arch.from_hf_config(FalconH1Config(**kw))
+    except (ValueError, TypeError, BadInput, StrictDataclassClassValidationError):
+        return None
+
+
+OPTIONAL_KEYS = [k for k in load_card("tiny-mup").arch.to_hf() if k not in REQUIRED_HF_KEYS + (
+    "architectures", "model_type", "rope_theta")]
+
+
+@pytest.mark.parametrize("key", OPTIONAL_KEYS)
+def test_an_absent_field_means_what_it_means_to_transformers(key):
+    """Dropping any optional field gives the architecture transformers builds from the same dict (its defaults,
+    e.g. mamba_d_ssm 1024, mamba_chunk_size 256, mamba_norm_before_gate true), or a refusal where it refuses."""
+    cfg = load_card("tiny-mup").arch.to_hf()
+    del cfg[key]
+    theirs = hf_resolved(cfg)
+    try:
+        ours = FalconH1Arch.from_hf(cfg)
+    except BadInput:
+        assert theirs is None, key  # refused by both
+        return
+    assert ours == theirs, key
+
+
+UNSUPPORTED_VALUES = {
+    "time_step_limit": [0.001, 0.1],
+    "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+    "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0},
+    "attention_dropout": 0.1,
+    "num_logits_to_keep": 4,
+    "layer_types": ["attention"] * 4,
+}
+
+
+@pytest.mark.parametrize("key", UNSUPPORTED_VALUES)
+def test_fields_our_model_does_not_implement_are_refused_unless_default(key):
+    cfg = load_card("tiny-mup").arch.to_hf()
+    with pytest.raises(BadInput, match=f"field {key}.* is not supported"):
+        FalconH1Arch.from_hf(cfg | {key: UNSUPPORTED_VALUES[key]})
+    defaults = {"time_step_limit": [0.0, float("inf")], "rope_scaling": None, "attention_dropout": 0.0,
+                "num_logits_to_keep": 1, "layer_types": ["hybrid"] * 4,
+                "rope_parameters": {"rope_type": "default", "rope_theta": cfg["rope_theta"]}}
+    assert FalconH1Arch.from_hf(cfg | {key: defaults[key]}) == load_card("tiny-mup").arch
+
+
+def test_rope_theta_must_be_written():
+    cfg = load_card("tiny-mup").arch.to_hf()
+    del cfg["rope_theta"]
+    with pytest.raises(BadInput, match="rope_theta is missing"):
+        FalconH1Arch.from_hf(cfg)

@@ -11,7 +11,6 @@ import torch
 from conftest import legacy_layout_checkpoint
 from safetensors.torch import load_file, save_file
 
-from falcon_bridge.converters.create_random import create_random
 from falcon_bridge.converters.import_hf import import_hf
 from falcon_bridge.converters.verify import compare_logits, hf_logits, sample_tokens
 from falcon_bridge.core.config import FalconH1Arch
@@ -41,12 +40,7 @@ LAYOUTS = {"tp1": ((1, 1), (1, 1), "preserve"), "tp2": ((2, 1), (2, 1), "preserv
 def test_megatron_logits_equal_hf(layout, tiny_hf, reference_logits, tmp_path):
     """fp32, max |Δ| ≤ 1e-5 · max |logit| (folded µP included: folded = preserved = HF)."""
     (tp, pp), imported_as, mup_mode = LAYOUTS[layout]
-    hf_dirs, reference = dict(tiny_hf), dict(reference_logits)
-    if mup_mode == "fold":  # tied embeddings fold only with an exact lm_head/embedding ratio: use such a card
-        del hf_dirs["tiny-tied"]
-        hf_dirs["tied-exact"] = tmp_path / "tied-exact-hf"
-        create_random(TIED_EXACT, hf_dirs["tied-exact"], seed=1, dtype=torch.float32)
-        reference["tied-exact"] = hf_logits(hf_dirs["tied-exact"], TOKENS, torch.float32)
+    hf_dirs, reference = tiny_hf, reference_logits
     cards = [c for c in hf_dirs if fits(FalconH1Arch.from_hf(json.loads((hf_dirs[c] / "config.json").read_text())),
                                         tp, pp)]
     for name in cards:
@@ -71,11 +65,6 @@ def test_checkpoints_that_stored_a_tp_layout_still_load(tiny_hf, reference_logit
     for name, logits in zip(("tiny-vocab-pad", "tiny-one-group-gated-norm", "tiny-tied"),
                             launch(megatron_logits_worker, tp, [str(r) for r in roots], tp, 1, tokens, "float32")):
         assert compare_logits(hf_logits(tiny_hf[name], tokens, torch.float32), logits, tolerance=1e-5).passed, name
-
-
-_tied = load_card("tiny-tied")
-TIED_EXACT = replace(_tied, name="tied-exact", arch=replace(_tied.arch, multipliers=replace(
-    load_card("tiny-mup").arch.multipliers, embedding=2.0, lm_head=0.5)))
 
 
 def fits(arch, tp, pp) -> bool:

@@ -55,19 +55,26 @@ def test_bf16_fold_unfold_error_bound():
         assert (back == w).float().mean() > 0.5
 
 
+def inexact_tied_card() -> Card:
+    """Tied embeddings whose lm_head/embedding ratio (1 / 4·√2) does not multiply back exactly in fp32."""
+    tied = load_card("tiny-tied")
+    return replace(tied, name="tied-inexact", arch=replace(tied.arch, multipliers=replace(
+        tied.arch.multipliers, embedding=5.656854249492381, lm_head=1.0)))
+
+
 def test_tied_embeddings_fold_only_when_the_ratio_is_exact():
-    tied = load_card("tiny-tied").arch  # embedding 4·√2, lm_head 1.0: the fp32 ratio does not multiply back
     with pytest.raises(BadInput, match="--mup preserve"):
-        mup.folded_arch(tied)
-    exact = replace(tied, multipliers=replace(tied.multipliers, embedding=2.0, lm_head=0.5))
-    folded = mup.folded_arch(exact).multipliers
-    assert folded.embedding == 1.0 and folded.lm_head == 0.25 and folded.ssm == (1.0,) * 5
+        mup.folded_arch(inexact_tied_card().arch)
+    tied = load_card("tiny-tied").arch  # Falcon-H1-Tiny-90M's multipliers: 227/2048 and 5/64
+    folded = mup.folded_arch(tied).multipliers
+    assert folded.embedding == 1.0 and folded.lm_head == 0.078125 / 0.11083984375 and folded.ssm == (1.0,) * 5
     assert mup.folded_arch(load_card("tiny-mup").arch).multipliers == Multipliers()
 
 
-def test_fold_refused_for_inexact_tied_card_writes_nothing(tiny_hf, tmp_path):
+def test_fold_refused_for_inexact_tied_card_writes_nothing(tmp_path):
+    create_random(inexact_tied_card(), tmp_path / "src", seed=1, dtype=torch.float32)
     with pytest.raises(BadInput, match="tied embeddings"):
-        import_hf(str(tiny_hf["tiny-tied"]), tmp_path / "out", MegatronLayout(), mup_mode="fold")
+        import_hf(str(tmp_path / "src"), tmp_path / "out", MegatronLayout(), mup_mode="fold")
     assert not (tmp_path / "out").exists()
 
 

@@ -4,12 +4,16 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import edited_megatron_checkpoint
 
+from falcon_bridge.converters.create_random import create_random
 from falcon_bridge.converters.import_hf import import_hf
 from falcon_bridge.converters.verify import default_tolerance, difference, verify
+from falcon_bridge.core import mup
 from falcon_bridge.core.parallel import MegatronLayout
+from falcon_bridge.formats.cards import load_card
 
 
 def test_json_report_passes_and_then_points_at_a_corrupted_mamba_branch(tiny_hf, tmp_path):
@@ -56,3 +60,26 @@ def test_default_tolerance_follows_the_precision_the_kernels_compute_in(monkeypa
 def test_cosine_of_a_large_tensor_with_itself_is_one():
     x = torch.randn(4, 512, 8192)  # summed in fp32, this cosine comes out as 1.0013
     assert abs(difference(x, x)["cosine"] - 1.0) < 1e-12
+
+
+@pytest.mark.parametrize("card", ["tiny-mup", "tiny-tied"])
+def test_bf16_fold_is_judged_against_the_same_rounding_and_a_wrong_fold_still_fails(card, tmp_path, monkeypatch):
+    """Every released checkpoint is bf16: folding into it rounds each folded weight once. import-hf says so; verify
+    compares with HF's weights folded the same way (at the fp32 bar) and reports the rounding's own effect; a fold
+    with one multiplier wrong fails, pointing at the branch it feeds."""
+    create_random(load_card(card), tmp_path / "hf", seed=3, dtype=torch.bfloat16)
+    summary = import_hf(str(tmp_path / "hf"), tmp_path / "folded", MegatronLayout(tp=2), mup_mode="fold")
+    assert any("rounded once" in w and "--dtype fp32" in w for w in summary["warnings"])
+    report = verify(tmp_path / "hf", tmp_path / "folded", tp=2)
+    assert report.passed, report.to_dict()
+    assert report.tolerance == 1e-4 and "folded into bfloat16" in report.reference
+    assert 0 < report.fold_rounding.relative < 3e-2  # bf16 rounding: visible, small
+    if card == "tiny-tied":
+        return  # the shared matrix's fold is what this card adds; the wrong fold is one card's job
+
+    wrong = mup.FOLD_FACTORS["mamba.out_proj.weight"]
+    monkeypatch.setitem(mup.FOLD_FACTORS, "mamba.out_proj.weight", lambda a: wrong(a) * 1.05)
+    import_hf(str(tmp_path / "hf"), tmp_path / "wrong", MegatronLayout(), mup_mode="fold")
+    monkeypatch.undo()
+    report = verify(tmp_path / "hf", tmp_path / "wrong")
+    assert not report.passed and report.first_divergence == {"layer": 0, "component": "mamba"}

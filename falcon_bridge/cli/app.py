@@ -75,7 +75,9 @@ def cards():
     table = Table("card", "params", "layers", "hidden", "mamba groups", "gated norm", "verified")
     for c in all_cards():
         a = c.arch
-        verified = "test shape" if c.is_test else ("yes" if c.verified else "no (see card)")
+        checked = sum(p.verified for p in c.provenance.values())
+        verified = "test shape" if c.is_test else ("yes" if c.verified else
+                                                   f"{checked} of {len(c.provenance)} values")
         table.add_row(c.name, f"{a.num_parameters():,}", str(a.num_layers), str(a.hidden_size),
                       str(a.mamba_n_groups), "yes" if a.mamba_rms_norm else "no", verified)
     out.print(table)
@@ -227,6 +229,10 @@ def verify(
     else:
         print_layers(report_)
         print_comparison(f"logits: HF vs Megatron (TP={tp}, PP={pp}, {dtype})", report_.logits)
+        out.print(f"reference: {report_.reference}")
+        if report_.fold_rounding is not None:
+            out.print(f"µP fold rounding (by design, not judged): folding moved the logits by "
+                      f"{report_.fold_rounding.relative:.2e} × max |logit| from the unfolded HF model's")
         first = report_.first_divergence
         out.print("first divergence: " + (f"layer {first['layer']} {first['component']}" if first and
                                           first["layer"] is not None else first["component"] if first else "none"))

@@ -76,6 +76,12 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
     check_tensors(ckpt, allow_extra)
     hf_dtype = ckpt.tensors["model.embed_tokens.weight"].dtype
     store_dtype = dtype or hf_dtype
+    if mup_mode == "fold" and store_dtype != torch.float32:
+        warnings.append(f"--mup fold into {str(store_dtype).removeprefix('torch.')}: each folded weight is rounded "
+                        f"once to it (relative error up to {torch.finfo(store_dtype).eps / 2:.1e}), so the model's "
+                        "logits move slightly from the unfolded model's; verify judges the conversion against HF's "
+                        "weights folded with the same rounding and reports the rounding's effect; --dtype fp32 keeps "
+                        "the fold exact")
     sink = MegatronSink(Ctx(arch, stored_as_hf(arch)), entries(arch), lambda e: store_dtype)
     # The HF dtype of every tensor whose dtype differs from the embedding's, so export restores it exactly.
     odd_dtypes = {n: str(i.dtype).removeprefix("torch.") for n, i in ckpt.tensors.items() if i.dtype != hf_dtype}

@@ -68,11 +68,18 @@ def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, tolerance: 
         argmax_agreement=(reference.argmax(-1) == candidate.argmax(-1)).float().mean().item())
 
 
+HF_REFERENCE = "transformers' FalconH1ForCausalLM on the HF checkpoint"
+
+
 @dataclass
 class VerifyReport:
     tolerance: float
     logits: LogitComparison
     layers: list[dict] = field(default_factory=list)  # one row per compared component, in forward order
+    reference: str = HF_REFERENCE  # what the Megatron model was compared with
+    # µP-folded checkpoints: how far the fold's own rounding moves the logits from the unfolded HF model's
+    # (not judged: folding into the storage dtype rounds each folded weight once, by design)
+    fold_rounding: LogitComparison | None = None
 
     @property
     def first_divergence(self) -> dict | None:
@@ -88,6 +95,8 @@ class VerifyReport:
     def to_dict(self) -> dict:
         return {"passed": self.passed, "tolerance": self.tolerance, "first_divergence": self.first_divergence,
                 "argmax_agreement": self.logits.argmax_agreement, "logits": self.logits.to_dict(),
+                "reference": self.reference,
+                "fold_rounding": self.fold_rounding.to_dict() if self.fold_rounding else None,
                 "layers": self.layers}
 
 
@@ -111,11 +120,27 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor, dtype: torch.dtype, device: st
         return model(tokens.to(device)).logits.float().cpu()
 
 
-def hf_capture(hf_dir: Path, tokens: torch.Tensor, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+def folded_hf_model(hf_dir: Path, arch, stored_dtype: torch.dtype, dtype: torch.dtype, device: str):
+    """What a correct µP fold into `stored_dtype` computes: HF's weights times their multipliers, rounded once to
+    the stored dtype exactly as import-hf rounds them, in a transformers model applying the folded multipliers."""
+    from transformers import FalconH1ForCausalLM
+
+    from falcon_bridge.core import mup
+
+    source = hf_model(hf_dir, torch.float32, "cpu")  # exact for bf16/fp16/fp32 checkpoints
+    state = {name: mup.fold(arch, name, t, stored_dtype) for name, t in source.state_dict().items()}
+    if arch.tie_word_embeddings:  # one matrix: it carries the embedding's fold (lm_head applies the ratio)
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    del source
+    model = FalconH1ForCausalLM(mup.folded_arch(arch).to_hf_config())
+    model.load_state_dict(state)
+    return model.to(dtype=dtype, device=device).eval()
+
+
+def hf_capture(model, tokens: torch.Tensor, device: str) -> dict[str, torch.Tensor]:
     """The HF side of capture_branches (falcon_bridge.megatron.runtime): same names, same quantities."""
     from falcon_bridge.megatron.runtime import record_scaled_outputs
 
-    model = hf_model(hf_dir, dtype, device)
     c, inner = model.config, model.model
     modules = {"embedding": (inner.embed_tokens, c.embedding_multiplier)}
     for i, layer in enumerate(inner.layers):
@@ -221,17 +246,33 @@ def verify(hf_dir: Path, megatron_dir: Path, tp: int = 1, pp: int = 1, dtype: to
     if device == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda: no GPU is visible")
     provider, _ = provider_from_checkpoint(Path(megatron_dir), dtype, tp, pp)  # validates TP/PP before any spawn
-    open_megatron_checkpoint(Path(megatron_dir))  # every file checked before the HF forward and the spawn
+    source = open_megatron_checkpoint(Path(megatron_dir))  # every file checked before the HF forward and the spawn
     if provider.arch.to_hf() != arch.to_hf():
         raise BadInput(f"{megatron_dir}: its architecture differs from {hf_dir}/config.json")
     if device == "cuda" and tp * pp > torch.cuda.device_count():
         raise BadInput(f"--tp {tp} × --pp {pp} needs {tp * pp} GPUs, {torch.cuda.device_count()} visible")
     tokens = choose_tokens(Path(hf_dir), arch.vocab_size, tokens_file, prompt, seq_len)
-    reference = hf_capture(Path(hf_dir), tokens, dtype, device)
+    if tolerance is None:
+        tolerance = default_tolerance(dtype, device)
+    reference_name, fold_rounding = HF_REFERENCE, None
+    if source.mup_mode == "fold":
+        # Folding rounds each folded weight once to the stored dtype (in bf16 that moves logits by ~1e-3, more
+        # than the fp32 bar): the conversion is judged against the same fold and rounding done on HF's weights,
+        # at the usual bar, and the rounding's own effect on the logits is reported beside it.
+        stored = getattr(torch, source.run_config["dtype"])
+        unfolded_logits = hf_logits(Path(hf_dir), tokens, dtype, device)
+        model = folded_hf_model(Path(hf_dir), arch, stored, dtype, device)
+        reference_name = (f"HF's weights µP-folded into {source.run_config['dtype']} as import-hf folds them (one "
+                          "rounding each), in transformers' FalconH1ForCausalLM")
+    else:
+        model = hf_model(Path(hf_dir), dtype, device)
+    reference = hf_capture(model, tokens, device)
+    del model
+    if source.mup_mode == "fold":
+        fold_rounding = compare_logits(unfolded_logits, reference["logits"], tolerance)
     with gpus_hidden(device == "cpu" and torch.cuda.is_available()):
         (candidate,) = launch(megatron_logits_worker, tp * pp, [str(megatron_dir)], tp, pp, tokens,
                               str(dtype).removeprefix("torch."), True)
-    if tolerance is None:
-        tolerance = default_tolerance(dtype, device)
     return VerifyReport(tolerance, compare_logits(reference["logits"], candidate["logits"], tolerance),
-                        compare_branches(reference, candidate, arch.num_layers, tolerance))
+                        compare_branches(reference, candidate, arch.num_layers, tolerance), reference_name,
+                        fold_rounding)

@@ -108,6 +108,35 @@ def _token_id(value: Any, source: str, key: str) -> int | tuple[int, ...] | None
     return tuple(ids) if isinstance(value, list | tuple) else value
 
 
+def _refuse_unsupported(hf: dict[str, Any], source: str) -> None:
+    """Fields transformers' FalconH1 reads that our Megatron model does not implement: accepted only at the value
+    that changes nothing (transformers' default), refused otherwise, naming the field and its value.
+    (Fields transformers does not read, such as mlp_expansion_factor or attn_layer_indices, are ignored as
+    transformers ignores them.)"""
+    rope = hf.get("rope_parameters")
+    if rope is not None and not isinstance(rope, dict):
+        raise BadInput(f"{source}: field rope_parameters: expected an object, got {rope!r:.80}")
+    checks = {
+        "rope_scaling": (hf.get("rope_scaling"), lambda v: v is None, "RoPE scaling"),
+        "rope_parameters.rope_type": ((rope or {}).get("rope_type"), lambda v: v in (None, "default"),
+                                      "RoPE scaling"),
+        "time_step_limit": (hf.get("time_step_limit", (0.0, math.inf)),
+                            lambda v: isinstance(v, list | tuple) and list(v) == [0.0, math.inf],
+                            "clamping dt (only (0.0, inf), no clamp, is supported)"),
+        "attention_dropout": (hf.get("attention_dropout", 0.0), lambda v: v in (0, 0.0) and type(v) is not bool,
+                              "attention dropout in training"),
+        "num_logits_to_keep": (hf.get("num_logits_to_keep", 1), lambda v: v is None or (type(v) is int and v == 1),
+                               "a generation setting export would not carry"),
+        "layer_types": (hf.get("layer_types"),
+                        lambda v: v is None or (isinstance(v, list) and all(t == "hybrid" for t in v)),
+                        "layers other than the parallel hybrid block"),
+    }
+    for key, (value, supported, what) in checks.items():
+        if not supported(value):
+            raise BadInput(f"{source}: field {key} = {value!r:.80} is not supported ({what}); only transformers' "
+                           "default is")
+
+
 @dataclass(frozen=True)
 class FalconH1Arch:
     """Everything that fixes tensor shapes and forward arithmetic of a Falcon-H1 model."""
@@ -242,15 +271,18 @@ class FalconH1Arch:
         hidden = _positive_int(hf["hidden_size"], source, "hidden_size")
         heads = _positive_int(hf["num_attention_heads"], source, "num_attention_heads")
         n_heads = _positive_int(hf["mamba_n_heads"], source, "mamba_n_heads")
-        d_ssm = hf.get("mamba_d_ssm")
+        _refuse_unsupported(hf, source)
+        d_ssm = hf.get("mamba_d_ssm", 1024)  # transformers: absent is its default 1024; null is expand × hidden
         if d_ssm is None:
             d_ssm = _positive_int(hf.get("mamba_expand", 2), source, "mamba_expand") * hidden
         d_head = hf.get("mamba_d_head", "auto")
         if d_head in (None, "auto"):
             d_head = _positive_int(d_ssm, source, "mamba_d_ssm") // n_heads
         rope = hf.get("rope_parameters") or {}
-        if not isinstance(rope, dict):
-            raise BadInput(f"{source}: field rope_parameters: expected an object, got {rope!r:.80}")
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta"))
+        if rope_theta is None:  # transformers 4 defaults it to 1e5, transformers 5 to 1e4: the config must say
+            raise BadInput(f"{source}: field rope_theta is missing (transformers' default differs between "
+                           "versions); write it explicitly")
         for key in TOKEN_ID_FIELDS:
             _token_id(hf.get(key), source, key)
 
@@ -265,7 +297,8 @@ class FalconH1Arch:
             intermediate_size=hf["intermediate_size"],
             num_layers=hf["num_hidden_layers"],
             num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            # transformers: absent is its default 8; null means one KV head per query head
+            num_kv_heads=heads if (kv := hf.get("num_key_value_heads", 8)) is None else kv,
             head_dim=hf.get("head_dim") or hidden // heads,
             mamba_d_ssm=d_ssm,
             mamba_n_heads=n_heads,
@@ -282,7 +315,7 @@ class FalconH1Arch:
             mamba_rms_norm=hf.get("mamba_rms_norm", False),
             mamba_norm_before_gate=hf.get("mamba_norm_before_gate", True),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
-            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 1e5)),
+            rope_theta=rope_theta,
             max_position_embeddings=hf.get("max_position_embeddings", 8192),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             hidden_act=hidden_act if isinstance(hidden_act, str) else repr(hidden_act),

@@ -1,4 +1,5 @@
-"""Model cards: one YAML per Falcon-H1 size (model_cards/*.yaml) or tiny test shape (model_cards/tiny/*.yaml).
+"""Model cards: one YAML per Falcon-H1 release (falcon_bridge/model_cards/*.yaml) or tiny test shape
+(falcon_bridge/model_cards/tiny/*.yaml), shipped inside the package so that a wheel has them.
 
 A card holds the architecture and the 14 µP multipliers, and for released sizes the provenance of every value
 (verified = read from a copy of the released config.json; otherwise the source it came from).
@@ -15,7 +16,7 @@ import yaml
 from falcon_bridge.core.config import FalconH1Arch
 from falcon_bridge.errors import BadInput
 
-CARDS_DIR = Path(os.environ.get("FALCON_BRIDGE_CARDS", Path(__file__).resolve().parents[2] / "model_cards"))
+CARDS_DIR = Path(os.environ.get("FALCON_BRIDGE_CARDS", Path(__file__).resolve().parents[1] / "model_cards"))
 
 
 @dataclass(frozen=True)

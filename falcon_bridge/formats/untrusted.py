@@ -86,11 +86,13 @@ def finite_number(value, where: str) -> float:
 # ---- pickles ---------------------------------------------------------------------------------------------------
 def _dcp_metadata_globals() -> dict[tuple[str, str], object]:
     """Everything a torch.distributed.checkpoint `.metadata` pickle refers to (torch's and megatron's writers):
-    DCP's metadata dataclasses and enums, torch.Size, dtypes and layouts, and the checkpoint id as a path."""
+    DCP's metadata and save-plan dataclasses and enums, torch.Size, dtypes and layouts, the checkpoint id as a
+    path. All are plain records: constructing them runs no code of the file's choosing."""
     import pathlib
 
     import torch
     import torch.distributed.checkpoint.metadata as meta
+    import torch.distributed.checkpoint.planner as planner
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
     allowed: dict[tuple[str, str], object] = {
@@ -104,6 +106,9 @@ def _dcp_metadata_globals() -> dict[tuple[str, str], object]:
     for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
                  "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"):
         allowed[("torch.distributed.checkpoint.metadata", name)] = getattr(meta, name)
+    # megatron-core's saver keeps every rank's save plan in the metadata (`all_local_plans`)
+    for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"):
+        allowed[("torch.distributed.checkpoint.planner", name)] = getattr(planner, name)
     for name in dir(torch):
         if isinstance(getattr(torch, name, None), torch.dtype):
             allowed[("torch", name)] = getattr(torch, name)
