@@ -1,0 +1,250 @@
+"""GPU validation of training at TP > mamba_n_groups: a card with one Mamba group (random weights) imported once, then
+N AdamW steps at TP=2 as Megatron-LM trains (megatron-core's DDP wrapper, get_forward_backward_func,
+finalize_model_grads, get_megatron_optimizer: bf16 weights, fp32 main grads and fp32 master weights), eager and under
+the full-iteration CUDA graph, and eager at TP=1 from the same import.
+
+Checked: the copies of each HF B/C group that the TP ranks hold (in_proj rows, conv1d channels) are bit-identical
+after training; each checkpoint saved with dist_checkpointing exports without a replica-divergence warning; the
+trained TP=2 model's logits equal transformers' on the export (bf16 and fp32) and the checkpoint's loaded at TP=1.
+Reported: every run's loss curve and how far the TP=2 weights are from TP=1's after N steps (bf16: not bit for bit).
+
+    python tests/gpu/validate_training.py [--card falcon-h1-0.5b] [--steps 5] [--seq-len 256] [--no-graph]
+                                          [--device cuda|cpu] [--dtype bf16|fp32] [--json F]
+CPU smoke test (no CUDA graph on CPU):
+    CUDA_VISIBLE_DEVICES= python tests/gpu/validate_training.py --card tiny-one-group --steps 2 --no-graph --dtype fp32
+"""
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from falcon_bridge.converters.create_random import create_random
+from falcon_bridge.converters.export_hf import export_hf
+from falcon_bridge.converters.import_hf import import_hf
+from falcon_bridge.converters.verify import (
+    compare_logits,
+    default_tolerance,
+    difference,
+    gpus_hidden,
+    hf_logits,
+    sample_tokens,
+)
+from falcon_bridge.core.parallel import MegatronLayout
+from falcon_bridge.formats import megatron as mg
+from falcon_bridge.formats.cards import load_card
+from falcon_bridge.megatron.runtime import (
+    init_distributed,
+    launch,
+    load_model,
+    megatron_logits_worker,
+    next_token_loss,
+    pipeline_forward,
+    provider_from_checkpoint,
+    shutdown_distributed,
+)
+
+TP = 2
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def forward_step(data_iterator, model):
+    """tests/megatron_workers.py::train_and_save's microbatch: the summed next-token loss, in the schedule's
+    two-value form. The batch comes as {"tokens": ...}, the form FullCudaGraphWrapper copies into static buffers."""
+    def loss(per_token):
+        total = per_token.float().sum()
+        return total, {"loss": total.detach()}
+    return next_token_loss(model, next(data_iterator)["tokens"]), loss
+
+
+def tp_gather(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The TP ranks' `t`, concatenated along dim in rank order (on every rank)."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(t) for _ in range(group.size())]
+    torch.distributed.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim)
+
+
+def replica_differences(model) -> list[float]:
+    """Per layer: the largest |Δ| between copies of one HF B/C group across the TP ranks. Each rank's in_proj rows
+    are its z|x|B|C|dt and its conv1d channels its x|B|C; copies of one HF group are consecutive Megatron groups
+    (FalconH1MambaMixer.local_group_copies), so rank-ordered groups unflatten to [HF group, copy]."""
+    worst = []
+    for layer in model.decoder.layers:
+        m = layer.mamba_mixer
+        rows = 2 * m.ngroups_local_tp * m.d_state
+        diffs = []
+        for param, start in ((m.in_proj.weight, 2 * m.d_inner_local_tp), (m.conv1d_weight, m.d_inner_local_tp),
+                             (m.conv1d_bias, m.d_inner_local_tp)):
+            local = param.detach()[start:start + rows].unflatten(0, (2, m.ngroups_local_tp, m.d_state))
+            groups = tp_gather(local, 1).unflatten(1, (m.hf_groups, -1))  # [B|C, HF group, copy, d_state, ...]
+            diffs.append((groups - groups[:, :, :1]).abs().max().item())
+        worst.append(max(diffs))
+    return worst
+
+
+def train_worker(rank: int, root: str, tp: int, batches: list[torch.Tensor], probe: torch.Tensor, out: str,
+                 graphed: bool) -> dict | None:
+    """One AdamW step per batch at `tp` (graphed: the schedule under the full-iteration CUDA graph), then the probe's
+    logits and the B/C replica check, then saved into `out` as train_and_save saves. Returns on rank 0 the mean
+    next-token loss per step, the logits [b, s, vocab] (fp32, CPU) and replica_differences (TP > 1)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.full_cuda_graph import FullCudaGraphWrapper
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    provider, it_dir = provider_from_checkpoint(Path(root), tp=tp)
+    device = init_distributed(rank, tp, tp, 1, cuda_graphs=graphed)  # graph-safe RNG generators when graphed
+    try:
+        model = load_model(provider, it_dir, device, parallel_output=True).train()
+        config = model.config
+        ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = ddp.no_sync
+        # bf16: Float16OptimizerWithFloat16Params, Adam on fp32 master copies of the bf16 weights (as Megatron-LM's
+        # --bf16); fp32: megatron's FP32Optimizer on the weights themselves
+        optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=1e-3, weight_decay=0.1, clip_grad=0.0, adam_beta1=0.9, adam_beta2=0.95,
+            bf16=provider.params_dtype == torch.bfloat16, params_dtype=provider.params_dtype), [ddp])
+        forward_backward = get_forward_backward_func()
+        if graphed:
+            # Megatron-LM's --cuda-graph-impl full_iteration: step 1 eager, step 2 captured, then replays. No config
+            # flag is needed (in megatron-core 0.19.2 config.cuda_graph_impl="full_iteration" only switches TE's
+            # fused cross entropy, unused here); the graph-safe RNG is init_distributed's.
+            forward_backward = FullCudaGraphWrapper(forward_backward, cuda_graph_warmup_steps=1)
+        losses = []
+        for tokens in batches:
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            store = forward_backward(forward_step_func=forward_step,
+                                     data_iterator=iter([{"tokens": tokens.to(device)}]), model=[ddp],
+                                     num_microbatches=1, seq_length=tokens.shape[1],
+                                     micro_batch_size=tokens.shape[0], forward_only=False)
+            optimizer.step()
+            losses.append(store[0]["loss"].item() / (tokens.shape[0] * (tokens.shape[1] - 1)))
+        model.eval()
+        logits = tp_gather(pipeline_forward(model, probe.to(device), provider.arch.hidden_size, provider.params_dtype),
+                           -1)  # each rank holds its vocab shard (parallel_output)
+        replicas = replica_differences(model) if tp > 1 else []
+        out_it = Path(out) / mg.iteration_dir_name(0)
+        out_it.mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(model.sharded_state_dict(), str(out_it))
+        if rank == 0:
+            mg.write_run_config(out_it, mg.read_run_config(it_dir))
+            mg.write_tracker(Path(out), 0)
+            return {"losses": losses, "logits": logits[..., :provider.arch.vocab_size].float().cpu(),
+                    "replicas": replicas}
+        return None
+    finally:
+        shutdown_distributed()
+
+
+def exported(directory: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def weight_difference(reference_dir: Path, candidate_dir: Path) -> dict:
+    """The exported tensor that differs most, relative to its largest value: {tensor, relative, max_abs_diff}."""
+    reference, candidate = exported(reference_dir), exported(candidate_dir)
+    diffs = {name: difference(reference[name], candidate[name]) for name in reference}
+    worst = max(diffs, key=lambda n: diffs[n]["relative"])
+    return {"tensor": worst, "relative": diffs[worst]["relative"], "max_abs_diff": diffs[worst]["max_abs_diff"]}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--card", default="falcon-h1-0.5b")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--no-graph", action="store_true", help="skip the full-iteration CUDA graph run")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    graph = not args.no_graph
+    if args.device == "cuda" and torch.cuda.device_count() < TP:
+        ap.error(f"--device cuda: TP={TP} needs {TP} GPUs, {torch.cuda.device_count()} visible")
+    if graph and (args.device == "cpu" or args.steps < 2):
+        ap.error("the CUDA graph run needs --device cuda and --steps >= 2 (a captured step); or pass --no-graph")
+    dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+    if dtype == torch.bfloat16 and args.device == "cpu":
+        ap.error("--dtype bf16 needs --device cuda: megatron's bf16 optimizer (fp32 master weights) takes CUDA tensors")
+    card = load_card(args.card)
+    batches = [sample_tokens(card.arch.vocab_size, 2, args.seq_len, seed=1 + i) for i in range(args.steps)]
+    probe = sample_tokens(card.arch.vocab_size, 2, args.seq_len, seed=0)
+    runs = {"tp2-eager": (TP, False), **({"tp2-graph": (TP, True)} if graph else {}), "tp1-eager": (1, False)}
+    tp2_runs = [name for name, (tp, _) in runs.items() if tp == TP]
+    result = {"card": card.name, "mamba_n_groups": card.arch.mamba_n_groups, "dtype": str(dtype).removeprefix("torch."),
+              "device": args.device, "steps": args.steps, "seq_len": args.seq_len, "runs": {}, "comparisons": []}
+
+    def compare(what: str, reference: torch.Tensor, candidate: torch.Tensor, *dtypes: torch.dtype) -> None:
+        # the coarser compute dtype of the two sides sets the tolerance
+        tolerance = default_tolerance(torch.bfloat16 if torch.bfloat16 in dtypes else torch.float32, args.device)
+        result["comparisons"].append({"comparison": what, **compare_logits(reference, candidate, tolerance).to_dict()})
+
+    # a CPU run on a GPU machine: the spawned Megatron processes must not see the GPUs
+    with tempfile.TemporaryDirectory() as tmp, gpus_hidden(args.device == "cpu" and torch.cuda.is_available()):
+        tmp = Path(tmp)
+        create_random(card, tmp / "hf", seed=0, dtype=dtype)
+        import_hf(str(tmp / "hf"), tmp / "mg", MegatronLayout(tp=1))  # TP-agnostic: every run loads this import
+        logits = {}
+        for name, (tp, graphed) in runs.items():
+            r = launch(train_worker, tp, str(tmp / "mg"), tp, batches, probe, str(tmp / name), graphed)
+            summary = export_hf(tmp / name, tmp / f"{name}-hf")
+            logits[name] = r["logits"]
+            result["runs"][name] = {"tp": tp, "cuda_graph": graphed, "losses": r["losses"],
+                                    "replica_max_abs_diff_per_layer": r["replicas"],
+                                    "export_warnings": summary["warnings"],
+                                    "diverged_group_replicas": summary["diverged_group_replicas"]}
+        at_tp1 = launch(megatron_logits_worker, 1, [str(tmp / name) for name in tp2_runs], 1, 1, probe, None)
+        for name, reloaded in zip(tp2_runs, at_tp1):
+            compare(f"{name} vs its checkpoint at TP=1", reloaded, logits[name], dtype)
+        for hf_dtype in (torch.bfloat16, torch.float32):
+            for name in tp2_runs:
+                reference = hf_logits(tmp / f"{name}-hf", probe, hf_dtype, args.device)
+                compare(f"{name} vs HF {str(hf_dtype).removeprefix('torch.')} on export", reference, logits[name],
+                        dtype, hf_dtype)
+        result["weights"] = {f"{name} vs tp1-eager": weight_difference(tmp / "tp1-eager-hf", tmp / f"{name}-hf")
+                             for name in tp2_runs}
+        if graph:
+            result["weights"]["tp2-graph vs tp2-eager"] = weight_difference(tmp / "tp2-eager-hf", tmp / "tp2-graph-hf")
+    tp2 = [result["runs"][name] for name in tp2_runs]
+    result["replicas_identical"] = all(max(r["replica_max_abs_diff_per_layer"]) == 0 for r in tp2)
+    result["exports_clean"] = all(not r["export_warnings"] and not r["diverged_group_replicas"] for r in tp2)
+    result["losses_finite"] = all(map(math.isfinite, (x for r in result["runs"].values() for x in r["losses"])))
+    result["passed"] = (result["replicas_identical"] and result["exports_clean"] and result["losses_finite"]
+                        and all(c["passed"] for c in result["comparisons"]))
+    print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def print_table(result: dict) -> None:
+    print(f"\n{result['card']} ({result['mamba_n_groups']} Mamba group), {result['dtype']} on {result['device']}, "
+          f"{result['steps']} AdamW steps of 2×{result['seq_len']} tokens")
+    print(f"{'run':10} {'B/C replicas max|Δ|':>19}  {'export':8} mean next-token loss per step")
+    for name, r in result["runs"].items():
+        replicas = f"{max(r['replica_max_abs_diff_per_layer']):.1e}" if r["replica_max_abs_diff_per_layer"] else "-"
+        export = "warning" if r["export_warnings"] or r["diverged_group_replicas"] else "clean"
+        print(f"{name:10} {replicas:>19}  {export:8} {' '.join(f'{x:.4f}' for x in r['losses'])}")
+    print(f"\n{'logits':38} {'max|Δ|':>10} {'max|logit|':>10} {'rel':>10} {'tol':>8} {'argmax':>7}  result")
+    for c in result["comparisons"]:
+        print(f"{c['comparison']:38} {c['max_abs_diff']:10.3e} {c['max_abs_logit']:10.3e} {c['relative']:10.3e} "
+              f"{c['tolerance']:8.1e} {100 * c['argmax_agreement']:6.2f}%  {'PASS' if c['passed'] else 'FAIL'}")
+    print(f"\n{'trained weights':38} {'rel':>10}  worst tensor (max|Δ| / its max|w|)")
+    for what, w in result["weights"].items():
+        print(f"{what:38} {w['relative']:10.3e}  {w['tensor']}")
+    print(f"\n{'PASS' if result['passed'] else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main()["passed"] else 1)
