@@ -41,12 +41,13 @@ def loss_and_gradients(rank: int, root: str, tp: int, tokens: torch.Tensor, gath
 
 
 def train_and_save(rank: int, root: str, tp: int, pp: int, batches: list[torch.Tensor], out: str,
-                   save_gradients: bool = False, lr: float = 1e-3) -> None:
+                   save_gradients: bool = False, lr: float = 1e-3, live_out: str | None = None) -> None:
     """Train as Megatron-LM does: megatron-core's DDP wrapper, get_forward_backward_func's schedule (one
     microbatch per step, the summed next-token loss), finalize_model_grads and get_megatron_optimizer's AdamW,
     one step per batch; then dist_checkpointing.save the weights into `out` (a checkpoint export-hf reads, with
     the source's run config). save_gradients: no optimizer step; save the gradients of the first batch in the
-    weights' place instead, so that export-hf maps them to HF names and layout."""
+    weights' place instead, so that export-hf maps them to HF names and layout. live_out: also write the trained
+    model as HF there, live (converters/live.save_hf_pretrained), from the model under its DDP wrapper."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -95,5 +96,69 @@ def train_and_save(rank: int, root: str, tp: int, pp: int, batches: list[torch.T
         if rank == 0:
             mg.write_run_config(out_it, mg.read_run_config(it_dir))
             mg.write_tracker(Path(out), 0)
+        if live_out is not None:
+            from falcon_bridge.converters.live import save_hf_pretrained
+
+            save_hf_pretrained(ddp, Path(live_out))
+    finally:
+        shutdown_distributed()
+
+
+def live_bridge_checks(rank: int, hf_dir: str, imported: str, tp: int, pp: int, mup: str, bitnet: bool, fmt: str,
+                       out: str) -> dict | None:
+    """The live bridge against the file path at this TP/PP: model_from_hf's weights vs import-hf +
+    dist_checkpointing.load's (names of parameters that differ), the live HF tensors (rank 0's copy), and
+    save_hf_pretrained into `out`."""
+    from falcon_bridge.converters.live import hf_weights, model_from_hf, save_hf_pretrained
+
+    provider, it_dir = provider_from_checkpoint(imported, tp=tp, pp=pp)
+    device = init_distributed(rank, tp * pp, tp, pp)
+    try:
+        from_files = load_model(provider, it_dir, device)
+        live = model_from_hf(hf_dir, mup=mup, bitnet=bitnet, params_dtype=provider.params_dtype, device=device)
+        files_state, live_state = from_files.state_dict(), live.state_dict()
+        differ = [k for k, v in files_state.items() if isinstance(v, torch.Tensor)
+                  and not (v.dtype == live_state[k].dtype and torch.equal(v, live_state[k]))]
+        differ_everywhere = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(differ_everywhere, differ)
+        streamed = dict(hf_weights(live, fmt=fmt))
+        save_hf_pretrained(live, Path(out), fmt=fmt, tokenizer_from=Path(hf_dir))
+        return {"differ": sorted({k for d in differ_everywhere for k in d}), "streamed": streamed} if rank == 0 \
+            else None
+    finally:
+        shutdown_distributed()
+
+
+def live_bridge_misuse(rank: int, hf_dir: str, tp: int) -> list[list[str]]:
+    """What each rank sees when the ranks misuse the live bridge: a module not built by our provider, ranks that
+    built different models, a rank that stops reading early; then a collective, to show nobody hangs."""
+    from falcon_bridge.converters.live import hf_weights, model_from_hf
+    from falcon_bridge.errors import BadInput
+
+    device = init_distributed(rank, tp, tp, 1)
+    seen = []
+    try:
+        try:
+            next(hf_weights(torch.nn.Linear(2, 2)))
+        except BadInput as e:
+            seen.append(f"not ours: {e}")
+        mismatched = model_from_hf(hf_dir, mup="fold" if rank == 1 else "preserve", device=device)
+        try:
+            next(hf_weights(mismatched))
+        except BadInput as e:
+            seen.append(f"disagree: {e}")
+        model = model_from_hf(hf_dir, device=device)
+        try:
+            for i, _ in enumerate(hf_weights(model)):
+                if rank == 0 and i == 2:
+                    break  # rank 0 walks away; the generator is closed here
+        except BadInput as e:
+            seen.append(f"abandoned: {e}")
+        flag = torch.ones(1)
+        torch.distributed.all_reduce(flag)  # nobody is stuck in the stream's collectives
+        seen.append(f"collective after: {int(flag.item())}")
+        everyone = [None] * tp
+        torch.distributed.all_gather_object(everyone, seen)
+        return everyone
     finally:
         shutdown_distributed()

@@ -44,6 +44,34 @@ def check_tensors(ckpt: HFCheckpoint, allow_extra: bool = False) -> None:
                        + " for this config.json (pass --allow-extra to ignore)")
 
 
+def import_options(ckpt: HFCheckpoint, mup_mode: str, bitnet: bool) -> tuple[bool, dict, list[str]]:
+    """The checks every HF → Megatron route makes on its options (file or live): (BitNet, the run config's µP record,
+    warnings). A packed ternary source implies BitNet."""
+    arch = ckpt.arch
+    if mup_mode not in ("preserve", "fold"):
+        raise BadInput(f"--mup {mup_mode}: expected preserve or fold")
+    mup_record = mup.run_config_entry(arch, mup_mode)  # refuses folds that cannot be exact (tied embeddings)
+    warnings = []
+    if ckpt.packed:
+        bitnet = True
+        warnings.append(f"{ckpt.path}: packed ternary checkpoint: imported as ternary × scale; the latent (pre-"
+                        "quantization) weights are not in it, so continued training starts from those")
+    if bitnet:
+        if mup_mode == "fold":
+            raise BadInput("--mup fold with --bitnet: folding the non-uniform ssm_multipliers before ternarizing "
+                           "changes which weights round to 0 and ±1; use --mup preserve")
+        for name, shape in hf_tensor_shapes(arch).items():
+            if is_bitnet_linear(name) and shape[0] % VALUES_PER_BYTE:
+                raise BadInput(f"--bitnet: {name} has {shape[0]} rows; the HF packed format needs a multiple of "
+                               f"{VALUES_PER_BYTE}")
+    return bitnet, mup_record, warnings
+
+
+def folded_if(mup_mode: str, arch, name: str, t: torch.Tensor) -> torch.Tensor:
+    """An HF tensor as the Megatron weights hold it: µP folded in fp64 (rounded once, when stored) or as it is."""
+    return mup.fold(arch, name, t, torch.float64) if mup_mode == "fold" else t
+
+
 def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | None = None,
               overwrite: bool = False, progress: Progress | None = None, mup_mode: str = "preserve",
               allow_extra: bool = False, check_finite: bool = False, argv: list[str] | None = None,
@@ -57,22 +85,7 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
     ckpt = HFCheckpoint(path)
     arch = ckpt.arch.validate_for_megatron()
     layout.validate(arch)
-    if mup_mode not in ("preserve", "fold"):
-        raise BadInput(f"--mup {mup_mode}: expected preserve or fold")
-    mup_record = mup.run_config_entry(arch, mup_mode)  # refuses folds that cannot be exact (tied embeddings)
-    warnings = []
-    if ckpt.packed:
-        bitnet = True
-        warnings.append(f"{path}: packed ternary checkpoint: imported as ternary × scale; the latent (pre-"
-                        "quantization) weights are not in it, so continued training starts from those")
-    if bitnet:
-        if mup_mode == "fold":
-            raise BadInput("--mup fold with --bitnet: folding the non-uniform ssm_multipliers before ternarizing "
-                           "changes which weights round to 0 and ±1; use --mup preserve")
-        for name, shape in hf_tensor_shapes(arch).items():
-            if is_bitnet_linear(name) and shape[0] % VALUES_PER_BYTE:
-                raise BadInput(f"--bitnet: {name} has {shape[0]} rows; the HF packed format needs a multiple of "
-                               f"{VALUES_PER_BYTE}")
+    bitnet, mup_record, warnings = import_options(ckpt, mup_mode, bitnet)
     check_tensors(ckpt, allow_extra)
     hf_dtype = ckpt.tensors["model.embed_tokens.weight"].dtype
     store_dtype = dtype or hf_dtype
@@ -92,9 +105,7 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
             for n, t in zip(e.hf, hf):
                 if not all_finite(t):
                     raise BadInput(f"{ckpt.tensors[n].file}: tensor {n} holds NaN or Inf values")
-        if mup_mode == "fold":
-            hf = [mup.fold(arch, n, t, torch.float64) for n, t in zip(e.hf, hf)]  # rounded once, when written
-        return hf
+        return [folded_if(mup_mode, arch, n, t) for n, t in zip(e.hf, hf)]
 
     sources = BackgroundHashes(ckpt.files())
     options = {"source": str(src), "tp": layout.tp, "pp": layout.pp, "pp_layers": layout.pp_layers,

@@ -164,6 +164,18 @@ class HFCheckpoint:
         except Exception as e:  # noqa: BLE001
             raise BadInput(f"{info.file}: tensor {name} could not be read ({e})") from None
 
+    def get_region(self, name: str, region: tuple[slice, ...]) -> torch.Tensor:
+        """`get(name)[region]`, reading only that region from the file (packed ternary tensors are unpacked whole:
+        their scale is per tensor)."""
+        info = self.tensors.get(name)
+        if info is None or name in self.packed:
+            return self.get(name)[region]
+        try:
+            with safe_open(str(info.file), framework="pt") as h:
+                return h.get_slice(name)[region].clone()
+        except Exception as e:  # noqa: BLE001
+            raise BadInput(f"{info.file}: tensor {name} could not be read ({e})") from None
+
     def files(self) -> list[Path]:
         """Every file a conversion reads (configs, shards, tokenizer): what the manifest's sources record."""
         out = [self.path / "config.json"]

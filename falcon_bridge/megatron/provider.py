@@ -35,6 +35,12 @@ class FalconH1ModelProvider:
     use_mamba_mem_eff_path: bool | None = None  # None: fused kernel when it can run (CPU reference, or CUDA + conv)
     bitnet: bool = False  # BitNet b1.58 linears in attention, Mamba and MLP (not embedding, lm_head, norms, conv)
 
+    @property
+    def mup_mode(self) -> str:
+        """fold: the weights carry the multipliers (the model applies the folded ones); preserve: the model applies
+        the architecture's own."""
+        return "preserve" if self.multipliers in (None, self.arch.multipliers) else "fold"
+
     @classmethod
     def from_card(cls, name: str, **kw) -> FalconH1ModelProvider:
         from falcon_bridge.formats.cards import load_card
@@ -176,10 +182,12 @@ class FalconH1ModelProvider:
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         norm = self._backend()[0]
-        return FalconH1Model(
+        model = FalconH1Model(
             self.transformer_config(), self.layer_spec(), norm, vocab_size=lay.padded_vocab(a),
             max_sequence_length=self.seq_length, stage_layers=lay.stage_layers(a.num_layers)[pp_rank],
             layer_offset=lay.stage_offset(a.num_layers, pp_rank), pre_process=pp_rank == 0,
             post_process=pp_rank == lay.pp - 1, parallel_output=parallel_output,
             share_embeddings_and_output_weights=a.tie_word_embeddings, rotary_base=a.rope_theta,
             unpadded_vocab_size=a.vocab_size, pg_collection=pg_collection)
+        model.provider = self  # what the live bridge (converters/live.py) needs to map the weights back to HF
+        return model

@@ -1,0 +1,74 @@
+"""What an HF export writes for each HF tensor of the map: µP unfolded or kept folded, BitNet linears latent, packed
+(transformers' bitnet format: uint8 ternary + weight_scale) or dequantized, in the target dtype. Shared by the file
+path (export-hf) and the live path (a running model's weights), so both write the same bytes. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from falcon_bridge.core import mup, ternary
+from falcon_bridge.core.config import FalconH1Arch
+from falcon_bridge.core.mapping import bitnet_scale_name, is_bitnet_linear
+from falcon_bridge.errors import BadInput
+
+FORMATS = ("latent", "packed", "dequantized")
+MUP_EXPORTS = ("unfold", "keep-folded")
+BITNET_QUANTIZATION_CONFIG = {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline",
+                              "modules_to_not_convert": ["lm_head"]}
+
+
+@dataclass(frozen=True)
+class HFExport:
+    """arch: the HF architecture (original multipliers); mup_mode: how the weights hold them (preserve | fold);
+    mup_export: unfold (restore the original weights and multipliers) or keep-folded; fmt: BitNet output format;
+    dtype_of: the HF dtype each tensor is written in."""
+
+    arch: FalconH1Arch
+    mup_mode: str
+    bitnet: bool
+    dtype_of: Callable[[str], torch.dtype]
+    mup_export: str = "unfold"
+    fmt: str = "latent"
+
+    def __post_init__(self):
+        if self.mup_export not in MUP_EXPORTS:
+            raise BadInput(f"--mup {self.mup_export}: expected {' or '.join(MUP_EXPORTS)}")
+        if self.fmt not in FORMATS:
+            raise BadInput(f"--format {self.fmt}: expected {', '.join(FORMATS)}")
+        if self.fmt != "latent" and not self.bitnet:
+            raise BadInput(f"--format {self.fmt}: not a BitNet checkpoint (import it with --bitnet)")
+
+    @property
+    def unfolding(self) -> bool:
+        return self.mup_mode == "fold" and self.mup_export == "unfold"
+
+    @property
+    def config_arch(self) -> FalconH1Arch:
+        """The architecture config.json describes: the folded one when the weights stay folded."""
+        return mup.folded_arch(self.arch) if self.mup_mode == "fold" and not self.unfolding else self.arch
+
+    @property
+    def config_extra(self) -> dict | None:
+        return {"quantization_config": BITNET_QUANTIZATION_CONFIG} if self.fmt == "packed" else None
+
+    def layout(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(name, shape, dtype) of what is written for one HF tensor."""
+        if self.fmt == "packed" and is_bitnet_linear(name):
+            return [(name, (shape[0] // ternary.VALUES_PER_BYTE, *shape[1:]), torch.uint8),
+                    (bitnet_scale_name(name), (1,), self.dtype_of(name))]
+        return [(name, shape, self.dtype_of(name))]
+
+    def tensors(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """What is written for one HF tensor, in the order of `layout`."""
+        dtype = self.dtype_of(name)
+        if self.unfolding:  # never with BitNet: import refuses --mup fold with --bitnet
+            return [(name, mup.unfold(self.arch, name, tensor, dtype))]  # one rounding
+        if self.fmt == "packed" and is_bitnet_linear(name):
+            packed, scale = ternary.pack_checkpoint_tensor(tensor.float())
+            return [(name, packed), (bitnet_scale_name(name), scale.to(dtype))]
+        if self.fmt == "dequantized" and is_bitnet_linear(name):
+            return [(name, ternary.weight_fake_quant(tensor.float()).to(dtype))]
+        return [(name, tensor.to(dtype))]
