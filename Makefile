@@ -28,7 +28,7 @@ test-slow: venv
 	$(PY) -m pytest -q -m slow
 
 lint: venv
-	$(VENV)/bin/ruff check falcon_bridge tests bench
+	$(VENV)/bin/ruff check falcon_bridge tests bench examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info

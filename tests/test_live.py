@@ -4,6 +4,9 @@ trained a few steps and saved live equals the same model saved and exported thro
 rank without a hang."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,8 @@ from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.formats.hf import ulp_differences
 from falcon_bridge.formats.manifest import check_manifest
 from falcon_bridge.megatron.runtime import launch
+
+REPO = Path(__file__).resolve().parents[1]
 
 # (card, TP, PP, µP mode, BitNet, HF format): one TP/PP each, covering what the live path must get right
 CASES = {
@@ -77,3 +82,10 @@ def test_misuse_fails_on_every_rank_without_a_hang(tiny_hf):
         assert lines[-1] == "collective after: 2"
     assert any(line.startswith("abandoned: another rank stopped reading") for line in seen[1])
     assert not any(line.startswith("abandoned") for line in seen[0])  # rank 0 chose to stop
+
+
+def test_the_example_runs(tiny_hf, tmp_path):
+    proc = subprocess.run([sys.executable, "examples/live_bridge.py", str(tiny_hf["tiny-one-group"]),
+                           str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "'streamed_parameters': 267424" in proc.stdout and check_manifest(tmp_path / "out") == []
