@@ -8,8 +8,9 @@ after training; each checkpoint saved with dist_checkpointing exports without a 
 trained TP=2 model's logits equal transformers' on the export (bf16 and fp32) and the checkpoint's loaded at TP=1.
 Reported: every run's loss curve and how far the TP=2 weights are from TP=1's after N steps (bf16: not bit for bit).
 
-    python tests/gpu/validate_training.py [--card falcon-h1-0.5b] [--steps 5] [--seq-len 256] [--no-graph]
+    python tests/gpu/validate_training.py [--card falcon-h1-0.5b] [--tp 2] [--steps 5] [--seq-len 256] [--no-graph]
                                           [--device cuda|cpu] [--dtype bf16|fp32] [--json F]
+(--tp 1 on a one-GPU machine: the bf16 optimizer, the graph and the export are checked; no replicas exist at TP=1.)
 CPU smoke test (no CUDA graph on CPU):
     CUDA_VISIBLE_DEVICES= python tests/gpu/validate_training.py --card tiny-one-group --steps 2 --no-graph --dtype fp32
 """
@@ -49,7 +50,6 @@ from falcon_bridge.megatron.runtime import (
     shutdown_distributed,
 )
 
-TP = 2
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -162,6 +162,7 @@ def weight_difference(reference_dir: Path, candidate_dir: Path) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--card", default="falcon-h1-0.5b")
+    ap.add_argument("--tp", type=int, default=2, help="the TP trained at (and compared with TP=1 when > 1)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--no-graph", action="store_true", help="skip the full-iteration CUDA graph run")
@@ -170,8 +171,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     graph = not args.no_graph
-    if args.device == "cuda" and torch.cuda.device_count() < TP:
-        ap.error(f"--device cuda: TP={TP} needs {TP} GPUs, {torch.cuda.device_count()} visible")
+    if args.device == "cuda" and torch.cuda.device_count() < args.tp:
+        ap.error(f"--device cuda: TP={args.tp} needs {args.tp} GPUs, {torch.cuda.device_count()} visible")
     if graph and (args.device == "cpu" or args.steps < 2):
         ap.error("the CUDA graph run needs --device cuda and --steps >= 2 (a captured step); or pass --no-graph")
     dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
@@ -180,8 +181,9 @@ def main(argv=None) -> dict:
     card = load_card(args.card)
     batches = [sample_tokens(card.arch.vocab_size, 2, args.seq_len, seed=1 + i) for i in range(args.steps)]
     probe = sample_tokens(card.arch.vocab_size, 2, args.seq_len, seed=0)
-    runs = {"tp2-eager": (TP, False), **({"tp2-graph": (TP, True)} if graph else {}), "tp1-eager": (1, False)}
-    tp2_runs = [name for name, (tp, _) in runs.items() if tp == TP]
+    tp = args.tp
+    tested_runs = [f"tp{tp}-eager", *([f"tp{tp}-graph"] if graph else [])]  # the runs at the TP under test
+    runs = {name: (tp, name.endswith("graph")) for name in tested_runs} | ({"tp1-eager": (1, False)} if tp > 1 else {})
     result = {"card": card.name, "mamba_n_groups": card.arch.mamba_n_groups, "dtype": str(dtype).removeprefix("torch."),
               "device": args.device, "steps": args.steps, "seq_len": args.seq_len, "runs": {}, "comparisons": []}
 
@@ -196,29 +198,30 @@ def main(argv=None) -> dict:
         create_random(card, tmp / "hf", seed=0, dtype=dtype)
         import_hf(str(tmp / "hf"), tmp / "mg", MegatronLayout(tp=1))  # TP-agnostic: every run loads this import
         logits = {}
-        for name, (tp, graphed) in runs.items():
-            r = launch(train_worker, tp, str(tmp / "mg"), tp, batches, probe, str(tmp / name), graphed)
+        for name, (run_tp, graphed) in runs.items():
+            r = launch(train_worker, run_tp, str(tmp / "mg"), run_tp, batches, probe, str(tmp / name), graphed)
             summary = export_hf(tmp / name, tmp / f"{name}-hf")
             logits[name] = r["logits"]
-            result["runs"][name] = {"tp": tp, "cuda_graph": graphed, "losses": r["losses"],
+            result["runs"][name] = {"tp": run_tp, "cuda_graph": graphed, "losses": r["losses"],
                                     "replica_max_abs_diff_per_layer": r["replicas"],
                                     "export_warnings": summary["warnings"],
                                     "diverged_group_replicas": summary["diverged_group_replicas"]}
-        at_tp1 = launch(megatron_logits_worker, 1, [str(tmp / name) for name in tp2_runs], 1, 1, probe, None)
-        for name, reloaded in zip(tp2_runs, at_tp1):
+        at_tp1 = launch(megatron_logits_worker, 1, [str(tmp / name) for name in tested_runs], 1, 1, probe, None)
+        for name, reloaded in zip(tested_runs, at_tp1):
             compare(f"{name} vs its checkpoint at TP=1", reloaded, logits[name], dtype)
         for hf_dtype in (torch.bfloat16, torch.float32):
-            for name in tp2_runs:
+            for name in tested_runs:
                 reference = hf_logits(tmp / f"{name}-hf", probe, hf_dtype, args.device)
                 compare(f"{name} vs HF {str(hf_dtype).removeprefix('torch.')} on export", reference, logits[name],
                         dtype, hf_dtype)
         result["weights"] = {f"{name} vs tp1-eager": weight_difference(tmp / "tp1-eager-hf", tmp / f"{name}-hf")
-                             for name in tp2_runs}
+                             for name in tested_runs if name != "tp1-eager"}
         if graph:
-            result["weights"]["tp2-graph vs tp2-eager"] = weight_difference(tmp / "tp2-eager-hf", tmp / "tp2-graph-hf")
-    tp2 = [result["runs"][name] for name in tp2_runs]
-    result["replicas_identical"] = all(max(r["replica_max_abs_diff_per_layer"]) == 0 for r in tp2)
-    result["exports_clean"] = all(not r["export_warnings"] and not r["diverged_group_replicas"] for r in tp2)
+            result["weights"][f"tp{tp}-graph vs tp{tp}-eager"] = weight_difference(tmp / f"tp{tp}-eager-hf",
+                                                                                   tmp / f"tp{tp}-graph-hf")
+    tested = [result["runs"][name] for name in tested_runs]
+    result["replicas_identical"] = all(max(r["replica_max_abs_diff_per_layer"], default=0) == 0 for r in tested)
+    result["exports_clean"] = all(not r["export_warnings"] and not r["diverged_group_replicas"] for r in tested)
     result["losses_finite"] = all(map(math.isfinite, (x for r in result["runs"].values() for x in r["losses"])))
     result["passed"] = (result["replicas_identical"] and result["exports_clean"] and result["losses_finite"]
                         and all(c["passed"] for c in result["comparisons"]))
