@@ -56,6 +56,12 @@ def init_distributed(rank: int, world_size: int, tp: int, pp: int, cuda_graphs: 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     if on_gpu:
         model_parallel_cuda_manual_seed(1234, use_cudagraphable_rng=cuda_graphs, force_reset_rng=True)
+        if cuda_graphs:
+            # Autograd nodes made on the legacy default stream (DDP's grad-accumulator hooks, at wrap time) make a
+            # later capture fail ("would make the legacy stream depend on a capturing blocking stream") unless
+            # torch can override stale capture streams (pytorch#180090, which megatron uses when present): run
+            # everything on a side stream from the start, as megatron's own per-layer graphs do.
+            torch.cuda.set_stream(torch.cuda.Stream())
     return torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
 
 
