@@ -162,3 +162,57 @@ def live_bridge_misuse(rank: int, hf_dir: str, tp: int) -> list[list[str]]:
         return everyone
     finally:
         shutdown_distributed()
+
+
+def train_and_save_as_bridge(rank: int, root: str, tp: int, batches: list[torch.Tensor], out: str,
+                             iteration: int = 5) -> None:
+    """A few AdamW steps, then a checkpoint laid out as Megatron-Bridge saves one during training: iter_{iteration}
+    holding the model, optimizer state and an RNG ShardedObject (megatron-core's dist_checkpointing.save), a common
+    state with Megatron-LM's `args` (argparse.Namespace), `iteration` and `checkpoint_version`, Bridge's
+    run_config.yaml and tokenizer/ folder, trackers at `iteration`; no falcon-bridge run config."""
+    import argparse
+    import shutil
+
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing import ShardedObject
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from falcon_bridge.formats import megatron as mg
+    from falcon_bridge.formats.hf import existing_tokenizer_files
+
+    provider, it_dir = provider_from_checkpoint(root, tp=tp)
+    device = init_distributed(rank, tp, tp, 1)
+    try:
+        model = load_model(provider, it_dir, device, parallel_output=True).train()
+        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+        optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=0.0), [ddp])
+        for tokens in batches:
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            next_token_loss(model, tokens.to(device)).sum().backward()
+            ddp.finish_grad_sync()
+            optimizer.step()
+        model_sd = model.sharded_state_dict()
+        state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd),
+                 "rng_state": ShardedObject("rng_state", [{"torch_rng_state": torch.get_rng_state()}], (1, tp),
+                                            (0, ps.get_tensor_model_parallel_rank()), replica_id=0),
+                 "args": argparse.Namespace(num_layers=provider.arch.num_layers, tensor_model_parallel_size=tp,
+                                            no_save_rng=False),
+                 "iteration": iteration, "checkpoint_version": 3.0}
+        out_it = Path(out) / mg.iteration_dir_name(iteration)
+        out_it.mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(state, str(out_it))
+        if rank == 0:
+            import yaml
+
+            (out_it / mg.BRIDGE_RUN_CONFIG_FILE).write_text(yaml.safe_dump(mg.bridge_run_config(
+                provider.arch, provider.arch.multipliers, provider.params_dtype, tp, 1)))
+            (out_it / "tokenizer").mkdir()
+            for f in existing_tokenizer_files(it_dir):
+                shutil.copy(f, out_it / "tokenizer" / f.name)
+            mg.write_tracker(Path(out), iteration)
+            torch.save(mg.train_state(iteration), Path(out) / mg.TRAIN_STATE_FILE)
+    finally:
+        shutdown_distributed()

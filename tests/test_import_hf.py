@@ -88,7 +88,7 @@ def test_checkpoint_holds_exactly_the_model_keys(tiny_hf, tmp_path):
     assert expected["decoder.layers.0.mamba_mixer.in_proj.weight.B"] == (16, 64)
     run_config = json.loads((find_iteration_dir(tmp_path / "ckpt") / "falcon_bridge_run_config.json").read_text())
     assert run_config["layout"]["tp"] == 2 and run_config["mup"]["mode"] == "preserve"
-    assert len(megatron_extra_state_keys(arch)) == 6 * arch.num_layers + 1
+    assert len(megatron_extra_state_keys(arch)) == 7 * arch.num_layers + 2  # linears and (TE) norms
     embed = reader.get("embedding.word_embeddings.weight")
     source = load_file(tiny_hf["tiny-vocab-pad"] / "model.safetensors")["model.embed_tokens.weight"]
     assert torch.equal(embed, source)

@@ -11,6 +11,7 @@ import torch
 
 from falcon_bridge.converters.megatron_sink import MegatronSink
 from falcon_bridge.core import mup
+from falcon_bridge.core.config import Multipliers
 from falcon_bridge.core.mapping import Ctx, Entry, entries, hf_tensor_shapes, is_bitnet_linear
 from falcon_bridge.core.parallel import MegatronLayout, stored_as_hf
 from falcon_bridge.core.ternary import VALUES_PER_BYTE
@@ -113,7 +114,7 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
     with atomic_output_dir(out, overwrite, sink.total_bytes, {"name": "import-hf", "argv": argv, "options": options},
                            sources, inputs=[path]) as tmp:
         it_dir = tmp / mg.iteration_dir_name(0)
-        sink.write(it_dir, hf_tensors, progress)
+        sink.write(it_dir, hf_tensors, progress, mg.common_state(0))
         tokenizer = copy_tokenizer(ckpt.tokenizer_files(), it_dir)
         run_config = mg.run_config(
             arch, layout, store_dtype, hf_dtype=str(hf_dtype).removeprefix("torch."), hf_odd_dtypes=odd_dtypes,
@@ -121,6 +122,8 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
             bitnet=bitnet)
         mg.write_run_config(it_dir, run_config)
         mg.write_tracker(tmp, 0)
+        mg.write_interop_files(tmp, it_dir, arch, Multipliers.from_hf(mup_record["applied_multipliers"]),
+                               store_dtype, layout.tp, layout.pp)
     return {
         "command": "import-hf", "source": str(src), "output": str(out), "tp": layout.tp, "pp": layout.pp,
         "dtype": run_config["dtype"], "mup": mup_mode, "bitnet": bitnet, "tensors": len(sink.shapes),

@@ -32,7 +32,7 @@ class MegatronSink:
         return sum(math.prod(s) * d.itemsize for s, d in self.shapes.values())
 
     def write(self, it_dir: Path, hf_tensors: Callable[[Entry], list[torch.Tensor]],
-              progress: Callable[[int, int, str], None] | None = None) -> None:
+              progress: Callable[[int, int, str], None] | None = None, common_state: dict | None = None) -> None:
         current: dict = {"entry": None, "pieces": {}, "done": 0}
 
         def produce(key: str) -> torch.Tensor:
@@ -46,4 +46,4 @@ class MegatronSink:
             return current["pieces"][key[len(e.megatron):]].to(self.shapes[key][1]).contiguous()
 
         mg.write_torch_dist(it_dir, self.shapes, produce,
-                            objects=dict.fromkeys(megatron_extra_state_keys(self.ctx.arch)))
+                            objects=dict.fromkeys(megatron_extra_state_keys(self.ctx.arch)), common_state=common_state)

@@ -82,7 +82,8 @@ class MegatronSource:
         return BackgroundHashes(files)
 
     def tokenizer_files(self) -> list[Path]:
-        return existing_tokenizer_files(self.it_dir)
+        # ours sit in the iteration folder; Megatron-Bridge saves its tokenizer under iter_N/tokenizer/
+        return existing_tokenizer_files(self.it_dir) or existing_tokenizer_files(self.it_dir / "tokenizer")
 
     def hf_dtype(self, name: str) -> torch.dtype:
         """The dtype the HF source had for this tensor (falcon-bridge checkpoints), else the embedding's stored
@@ -109,9 +110,11 @@ def open_megatron_checkpoint(src: Path, card: str | None = None, hf_config: Path
         arch = FalconH1Arch.from_hf(read_json(Path(hf_config), "config.json"), str(hf_config))
     elif run_config is not None:
         arch = FalconH1Arch.from_dict(run_config["architecture"], f"{it_dir / mg.RUN_CONFIG_FILE}")
-    else:
-        raise BadInput(f"{it_dir}: no {mg.RUN_CONFIG_FILE} (not written by falcon-bridge); pass the architecture "
-                       "with --card NAME or --hf-config config.json")
+    elif (it_dir / mg.BRIDGE_RUN_CONFIG_FILE).exists():  # Megatron-Bridge: its provider's config
+        arch = mg.arch_from_bridge_run_config(it_dir)
+    else:  # Megatron-LM's args hold no Falcon-H1 multipliers (it has no Falcon-H1 model): they must come from us
+        raise BadInput(f"{it_dir}: no {mg.RUN_CONFIG_FILE} or Megatron-Bridge {mg.BRIDGE_RUN_CONFIG_FILE}; pass "
+                       "the architecture with --card NAME or --hf-config config.json")
     layout = _stored_layout(arch, reader, it_dir)
     _check_keys(arch, layout, reader, it_dir)
     return MegatronSource(root, it_dir, arch, layout, run_config, reader, Path(hf_config) if hf_config else None)

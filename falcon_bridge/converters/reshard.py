@@ -14,6 +14,7 @@ from pathlib import Path
 
 from falcon_bridge.converters.megatron_sink import MegatronSink
 from falcon_bridge.converters.megatron_source import open_megatron_checkpoint
+from falcon_bridge.core.config import Multipliers
 from falcon_bridge.core.mapping import Ctx
 from falcon_bridge.core.mup import run_config_entry
 from falcon_bridge.core.parallel import MegatronLayout, stored_as_hf
@@ -38,7 +39,7 @@ def reshard(src: Path, out: Path, layout: MegatronLayout, card: str | None = Non
     with atomic_output_dir(out, overwrite, sink.total_bytes, {"name": "reshard", "argv": argv, "options": options},
                            source.start_file_hashes(), source.inputs) as tmp:
         it_dir = tmp / mg.iteration_dir_name(0)
-        sink.write(it_dir, lambda e: list(source.hf_tensors(e).values()), progress)
+        sink.write(it_dir, lambda e: list(source.hf_tensors(e).values()), progress, mg.common_state(0))
         tokenizer = copy_tokenizer(source.tokenizer_files(), it_dir)
         previous = source.run_config or {}
         mg.write_run_config(it_dir, mg.run_config(
@@ -49,6 +50,9 @@ def reshard(src: Path, out: Path, layout: MegatronLayout, card: str | None = Non
             source={"path": str(src), "resharded_from": previous.get("layout")},
             bitnet=source.bitnet))
         mg.write_tracker(tmp, 0)
+        mup_record = previous.get("mup") or run_config_entry(arch, "preserve")
+        mg.write_interop_files(tmp, it_dir, arch, Multipliers.from_hf(mup_record["applied_multipliers"]),
+                               stored_dtype, layout.tp, layout.pp)
     return {"command": "reshard", "source": str(src), "output": str(out), "tp": layout.tp, "pp": layout.pp,
             "pp_layers": list(layout.stage_layers(arch.num_layers)), "mamba_groups": arch.mamba_n_groups,
             "diverged_group_replicas": source.divergence, "seconds": round(time.perf_counter() - t0, 2),

@@ -209,17 +209,19 @@ def bitnet_scale_name(weight_name: str) -> str:
     return weight_name.removesuffix("weight") + "weight_scale"
 
 
-# megatron-core's parallel linear layers carry an `_extra_state` object (None for the local backend, FP8 metadata
-# for Transformer Engine). A checkpoint holds one per linear so megatron's default strict load finds every key.
-MODEL_LINEARS = ("output_layer",)  # present with tied embeddings too (the layer exists, its weight is shared)
-LAYER_LINEARS = ("mamba_mixer.in_proj", "mamba_mixer.out_proj", "self_attention.linear_qkv",
-                 "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+# Modules with an `_extra_state` object: megatron-core's parallel linears (None for the local backend, FP8 metadata
+# for Transformer Engine) and, under the Transformer Engine spec Megatron-Bridge builds Falcon-H1 with, the norms
+# (TENorm is TE's RMSNorm, whose extra state is empty without FP8). A checkpoint holds one per module (None) so a
+# load by either spec finds every key it asks for; a model without the object ignores it.
+MODEL_EXTRA_STATE_MODULES = ("output_layer", "decoder.final_norm")  # output_layer exists when tied too
+LAYER_EXTRA_STATE_MODULES = ("norm", "mamba_mixer.in_proj", "mamba_mixer.out_proj", "self_attention.linear_qkv",
+                             "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 
 
 def megatron_extra_state_keys(arch: FalconH1Arch) -> list[str]:
     """The checkpoint keys of those `_extra_state` objects (ShardedObject key + '/shard_0_1', TP-independent)."""
-    modules = [f"decoder.layers.{i}.{m}" for i in range(arch.num_layers) for m in LAYER_LINEARS]
-    modules += MODEL_LINEARS
+    modules = [f"decoder.layers.{i}.{m}" for i in range(arch.num_layers) for m in LAYER_EXTRA_STATE_MODULES]
+    modules += MODEL_EXTRA_STATE_MODULES
     return [f"{m}._extra_state/shard_0_1" for m in modules]
 
 

@@ -261,3 +261,128 @@ def stored_mamba_groups(it_dir: Path, arch: FalconH1Arch) -> int:
     if shape is None:
         raise BadInput(f"{it_dir}: no decoder.layers.0.mamba_mixer.in_proj.weight.B (not a Falcon-H1 checkpoint)")
     return shape[0][0] // arch.mamba_d_state
+
+
+# ---- what Megatron-LM and Megatron-Bridge read around the weights ----------------------------------------------
+COMMON_STATE_FILE = "common.pt"  # megatron-core ≤ 0.18 reads the common state only from here; 0.19 prefers it
+TRAIN_STATE_FILE = "latest_train_state.pt"  # Megatron-Bridge's tracker: read before latest_checkpointed_iteration.txt
+BRIDGE_RUN_CONFIG_FILE = "run_config.yaml"
+BRIDGE_PROVIDER = "megatron.bridge.models.falcon_h1.falconh1_provider.FalconH1ModelProvider"
+
+
+def common_state(iteration: int = 0) -> dict:
+    """The common (non-tensor) state Megatron-LM's and Megatron-Bridge's loaders read: the iteration (MLM exits
+    without it unless --finetune), the checkpoint format version, FLOPs so far, and content metadata (Bridge 0.5.x
+    indexes it even when fine-tuning). Plain values only, so torch's weights-only loader reads it."""
+    return {"iteration": iteration, "checkpoint_version": 3.0, "num_floating_point_operations_so_far": 0,
+            "content_metadata": {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}}
+
+
+def train_state(iteration: int = 0) -> dict:
+    """Megatron-Bridge's TrainState.state_dict(): eight 0-dim tensors (it reads the file with weights_only)."""
+    counts = ("consumed_train_samples", "skipped_train_samples", "consumed_valid_samples")
+    return {"step": torch.tensor(iteration, dtype=torch.int64), **{k: torch.tensor(0, dtype=torch.int64)
+                                                                   for k in counts},
+            "floating_point_operations_so_far": torch.tensor(0.0, dtype=torch.float32),
+            **{k: torch.tensor(False) for k in ("do_train", "do_valid", "do_test")}}
+
+
+def bridge_run_config(arch: FalconH1Arch, multipliers, dtype: torch.dtype, tp: int, pp: int,
+                      hf_repo: str | None = None) -> dict:
+    """run_config.yaml as Megatron-Bridge writes it (its ConfigContainer's YAML form): `model` is its Falcon-H1
+    provider with this architecture and the multipliers the model must apply (1.0 where folded), `checkpoint` says
+    no optimizer or RNG state was saved. Bridge's loaders instantiate `model` and read TP/PP and `checkpoint`."""
+    dtype_name = str(dtype).removeprefix("torch.")
+
+    def fn(target: str) -> dict:  # Bridge's YAML form of a callable or a dtype
+        return {"_target_": target, "_call_": False}
+
+    m = multipliers.to_hf()
+    model = {
+        "_target_": BRIDGE_PROVIDER,
+        "num_layers": arch.num_layers, "hidden_size": arch.hidden_size, "ffn_hidden_size": arch.intermediate_size,
+        "num_attention_heads": arch.num_heads, "num_query_groups": arch.num_kv_heads, "kv_channels": arch.head_dim,
+        "vocab_size": arch.vocab_size, "should_pad_vocab": False, "seq_length": arch.max_position_embeddings,
+        "share_embeddings_and_output_weights": arch.tie_word_embeddings, "layernorm_epsilon": arch.rms_norm_eps,
+        "normalization": "RMSNorm", "gated_linear_unit": True, "activation_func": fn("torch.nn.functional.silu"),
+        "add_bias_linear": arch.mlp_bias, "add_qkv_bias": arch.attention_bias, "position_embedding_type": "rope",
+        "rotary_base": arch.rope_theta, "rotary_percent": 1.0, "hidden_dropout": 0.0, "attention_dropout": 0.0,
+        "params_dtype": fn(f"torch.{dtype_name}"), "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16,
+        "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+        # megatron-core's MambaMixer takes d_inner = heads × head_dim when mamba_num_heads is set: expand is unused
+        "mamba_state_dim": arch.mamba_d_state, "mamba_head_dim": arch.mamba_d_head,
+        "mamba_num_groups": arch.mamba_n_groups, "mamba_num_heads": arch.mamba_n_heads, "d_conv": arch.mamba_d_conv,
+        "conv_bias": arch.mamba_conv_bias, "chunk_size": arch.mamba_chunk_size, "rmsnorm": arch.mamba_rms_norm,
+        "norm_before_gate": arch.mamba_norm_before_gate,
+        "falconh1_ratio": 1.0, "hybrid_override_pattern": None, "use_mamba": True, "use_attention": True,
+        "use_mlp": True,
+        **{k: v for k, v in m.items() if k not in ("ssm_multipliers", "mlp_multipliers")},
+        "mlp_multipliers": list(m["mlp_multipliers"]), "ssm_multipliers": list(m["ssm_multipliers"]),
+    }
+    if hf_repo:
+        model["hf_model_id"] = hf_repo
+    return {"model": model,
+            "checkpoint": {"save_optim": False, "save_rng": False, "fully_parallel_save": False,
+                           "ckpt_format": "torch_dist"}}
+
+
+def write_interop_files(root: Path, it_dir: Path, arch: FalconH1Arch, multipliers, dtype: torch.dtype,
+                        tp: int, pp: int, iteration: int = 0) -> None:
+    """Beside our run config: common.pt (same contents as the DCP common state), Megatron-Bridge's train-state
+    tracker and run_config.yaml, so Megatron-LM and Megatron-Bridge load the directory as written."""
+    import yaml
+
+    torch.save(common_state(iteration), it_dir / COMMON_STATE_FILE)
+    torch.save(train_state(iteration), root / TRAIN_STATE_FILE)
+    torch.save(train_state(iteration), it_dir / "train_state.pt")
+    (it_dir / BRIDGE_RUN_CONFIG_FILE).write_text(yaml.safe_dump(
+        bridge_run_config(arch, multipliers, dtype, tp, pp), default_flow_style=False, sort_keys=False))
+
+
+# Megatron-Bridge provider field → config.json key (FalconH1Bridge's mapping, read backwards)
+BRIDGE_FIELDS = {
+    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size",
+    "num_layers": "num_hidden_layers", "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_key_value_heads", "kv_channels": "head_dim", "mamba_state_dim": "mamba_d_state",
+    "mamba_head_dim": "mamba_d_head", "mamba_num_heads": "mamba_n_heads", "mamba_num_groups": "mamba_n_groups",
+    "d_conv": "mamba_d_conv", "chunk_size": "mamba_chunk_size", "conv_bias": "mamba_conv_bias",
+    "rmsnorm": "mamba_rms_norm", "norm_before_gate": "mamba_norm_before_gate", "add_qkv_bias": "attention_bias",
+    "add_bias_linear": "mlp_bias", "layernorm_epsilon": "rms_norm_eps", "rotary_base": "rope_theta",
+    "seq_length": "max_position_embeddings", "share_embeddings_and_output_weights": "tie_word_embeddings",
+    **{k: k for k in ("embedding_multiplier", "lm_head_multiplier", "key_multiplier", "attention_in_multiplier",
+                      "attention_out_multiplier", "ssm_in_multiplier", "ssm_out_multiplier", "mlp_multipliers",
+                      "ssm_multipliers")},
+}
+
+
+def arch_from_bridge_run_config(it_dir: Path) -> FalconH1Arch:
+    """A Megatron-Bridge checkpoint's architecture and multipliers, from the Falcon-H1 provider in its
+    run_config.yaml (the multipliers are the ones its model applies)."""
+    import yaml
+
+    path = it_dir / BRIDGE_RUN_CONFIG_FILE
+    try:
+        doc = yaml.safe_load(read_text(path, 64 << 20, "run_config.yaml"))
+    except yaml.YAMLError as e:
+        raise BadInput(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    model = doc.get("model") if isinstance(doc, dict) else None
+    if not isinstance(model, dict) or model.get("_target_") != BRIDGE_PROVIDER:
+        raise BadInput(f"{path}: field model._target_: expected {BRIDGE_PROVIDER} (a Megatron-Bridge Falcon-H1 "
+                       f"checkpoint), got {(model or {}).get('_target_')!r:.80}")
+    for field in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
+                  "mamba_state_dim", "mamba_head_dim"):
+        if model.get(field) is None:
+            raise BadInput(f"{path}: field model.{field} is missing")
+    hf = {key: model[field] for field, key in BRIDGE_FIELDS.items() if model.get(field) is not None}
+    heads, head_dim = model.get("mamba_num_heads"), model["mamba_head_dim"]
+    if heads is None:  # Bridge's FalconH1Config: d_inner = expand × hidden, heads = d_inner / head_dim
+        expand = model.get("expand", 2)
+        if type(expand) is not int or type(model["hidden_size"]) is not int or type(head_dim) is not int \
+                or head_dim < 1:
+            raise BadInput(f"{path}: fields model.expand/hidden_size/mamba_head_dim: expected positive integers")
+        heads = hf["mamba_n_heads"] = expand * model["hidden_size"] // head_dim
+    if type(heads) is int and type(head_dim) is int:
+        hf["mamba_d_ssm"] = heads * head_dim
+    hf.setdefault("mamba_n_groups", 1)
+    hf.setdefault("rope_theta", 1e11)  # the provider's default (FalconH1 uses 1e11)
+    return FalconH1Arch.from_hf(hf, source=f"{path} (model)")

@@ -148,11 +148,33 @@ def load_dcp_metadata(path: Path):
     return meta
 
 
+def _megatron_safe_globals() -> list:
+    """megatron-core's own allow-list for the objects its checkpoints pickle (argparse args, RNG and rerun-state
+    records, enums): Megatron-LM and Megatron-Bridge checkpoints hold them in their common state and pickled
+    entries. Empty when megatron-core is not importable."""
+    import logging
+    import warnings
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" on CPU machines
+    try:
+        with warnings.catch_warnings():  # megatron-core's import-time notices (no TE, no Apex) are not for users
+            warnings.simplefilter("ignore")
+            from megatron.core.safe_globals import SAFE_GLOBALS
+    except ImportError:
+        return []
+    return list(SAFE_GLOBALS)
+
+
 def load_weights_only(data: bytes, where: str):
-    """A torch.save'd object through torch's own allow-list loader (tensors, containers, primitives)."""
+    """A torch.save'd object through torch's own allow-list loader (tensors, containers, primitives) plus
+    megatron-core's allow-list."""
     import torch
 
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        try:
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # a class outside torch's list: megatron-core's may name it
+            with torch.serialization.safe_globals(_megatron_safe_globals()):
+                return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - UnpicklingError for a refused global, others for corrupt bytes
         raise BadInput(f"{where}: refused or corrupt pickled object ({first_line(e)})") from None

@@ -80,6 +80,9 @@ def load_model(provider: FalconH1ModelProvider, it_dir: Path, device: torch.devi
 
     from falcon_bridge.megatron.model import STORED_MAMBA_GROUPS
 
+    # our checkpoints carry common.pt for megatron-core ≤ 0.18, which 0.19 reads with a deprecation notice per load
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.common").setLevel(logging.ERROR)
+
     model = provider.provide(parallel_output=parallel_output)
     stored_groups = mg.stored_mamba_groups(it_dir, provider.arch)
     # a file storing replicated groups has copies this model never reads, which megatron's access check (made for
@@ -87,6 +90,8 @@ def load_model(provider: FalconH1ModelProvider, it_dir: Path, device: torch.devi
     as_hf = stored_groups == provider.arch.mamba_n_groups
     state = dist_checkpointing.load(model.sharded_state_dict(metadata={STORED_MAMBA_GROUPS: stored_groups}),
                                     str(it_dir), validate_access_integrity=as_hf)
+    for key in mg.common_state():  # dist_checkpointing.load returns the common state merged in
+        state.pop(key, None)
     model.load_state_dict(state)
     return model.to(device).eval()
 
