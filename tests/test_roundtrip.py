@@ -120,7 +120,8 @@ def test_bad_megatron_inputs_are_one_clear_error(tiny_hf, tmp_path):
         with pytest.raises(BadInput, match=message):
             export_hf(src, tmp_path / "out", **kw)
         assert not (tmp_path / "out").exists()
-    (tmp_path / "mg" / "iter_0000000" / mg.RUN_CONFIG_FILE).unlink()  # a checkpoint not written by us
+    (tmp_path / "mg" / "iter_0000000" / mg.RUN_CONFIG_FILE).unlink()  # as Megatron-LM saves it: neither our
+    (tmp_path / "mg" / "iter_0000000" / mg.BRIDGE_RUN_CONFIG_FILE).unlink()  # run config nor Bridge's
     with pytest.raises(BadInput, match="--card NAME or --hf-config"):
         export_hf(tmp_path / "mg", tmp_path / "out")
     export_hf(tmp_path / "mg", tmp_path / "out", card="tiny-one-group")  # the architecture given explicitly
