@@ -19,13 +19,13 @@ from falcon_bridge.converters.export_hf import export_hf
 from falcon_bridge.converters.import_hf import import_hf
 from falcon_bridge.converters.live import hf_weights
 from falcon_bridge.core.parallel import MegatronLayout
-from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.cards import load_card
 from falcon_bridge.megatron.runtime import (
     init_distributed,
     launch,
     load_model,
     provider_from_checkpoint,
+    save_checkpoint,
     shutdown_distributed,
 )
 
@@ -36,8 +36,6 @@ def synchronize():
 
 
 def worker(rank: int, root: str, tp: int, save_dir: str) -> dict | None:
-    from megatron.core import dist_checkpointing
-
     provider, it_dir = provider_from_checkpoint(root, tp=tp)
     device = init_distributed(rank, tp, tp, 1)
     try:
@@ -61,14 +59,9 @@ def worker(rank: int, root: str, tp: int, save_dir: str) -> dict | None:
                 out[f"stream_to_{target}_peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
         torch.distributed.barrier()
         t0 = time.perf_counter()
-        save_it = Path(save_dir) / mg.iteration_dir_name(0)
-        save_it.mkdir(parents=True, exist_ok=True)
-        dist_checkpointing.save(model.sharded_state_dict(), str(save_it))
+        save_checkpoint(model, Path(save_dir), it_dir)
         torch.distributed.barrier()
         out["dist_checkpointing_save_s"] = time.perf_counter() - t0
-        if rank == 0:
-            mg.write_run_config(save_it, mg.read_run_config(it_dir))
-            mg.write_tracker(Path(save_dir), 0)
         return out if rank == 0 else None
     finally:
         shutdown_distributed()

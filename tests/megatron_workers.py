@@ -9,7 +9,9 @@ from falcon_bridge.megatron.runtime import (
     load_model,
     next_token_loss,
     provider_from_checkpoint,
+    save_checkpoint,
     shutdown_distributed,
+    wrap_for_training,
 )
 
 
@@ -48,24 +50,15 @@ def train_and_save(rank: int, root: str, tp: int, pp: int, batches: list[torch.T
     the source's run config). save_gradients: no optimizer step; save the gradients of the first batch in the
     weights' place instead, so that export-hf maps them to HF names and layout. live_out: also write the trained
     model as HF there, live (converters/live.save_hf_pretrained), from the model under its DDP wrapper."""
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from falcon_bridge.formats import megatron as mg
 
     provider, it_dir = provider_from_checkpoint(root, tp=tp, pp=pp)
     device = init_distributed(rank, tp * pp, tp, pp)
     try:
         model = load_model(provider, it_dir, device, parallel_output=True).train()
-        config = model.config
-        ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
-        config.finalize_model_grads_func = finalize_model_grads
-        config.no_sync_func = ddp.no_sync
-        optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.1, clip_grad=0.0,
-                                                           adam_beta1=0.9, adam_beta2=0.95), [ddp])
+        ddp, optimizer = wrap_for_training(model, lr)
 
         def forward_step(data_iterator, module):
             tokens = next(data_iterator).to(device)
@@ -90,12 +83,7 @@ def train_and_save(rank: int, root: str, tp: int, pp: int, batches: list[torch.T
                     p.data.copy_(p.main_grad)
                 break
             optimizer.step()
-        out_it = Path(out) / mg.iteration_dir_name(0)
-        out_it.mkdir(parents=True, exist_ok=True)
-        dist_checkpointing.save(model.sharded_state_dict(), str(out_it))
-        if rank == 0:
-            mg.write_run_config(out_it, mg.read_run_config(it_dir))
-            mg.write_tracker(Path(out), 0)
+        save_checkpoint(model, Path(out), it_dir)
         if live_out is not None:
             from falcon_bridge.converters.live import save_hf_pretrained
 
@@ -176,8 +164,6 @@ def train_and_save_as_bridge(rank: int, root: str, tp: int, batches: list[torch.
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing import ShardedObject
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from falcon_bridge.formats import megatron as mg
     from falcon_bridge.formats.hf import existing_tokenizer_files
@@ -186,8 +172,7 @@ def train_and_save_as_bridge(rank: int, root: str, tp: int, batches: list[torch.
     device = init_distributed(rank, tp, tp, 1)
     try:
         model = load_model(provider, it_dir, device, parallel_output=True).train()
-        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
-        optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=0.0), [ddp])
+        ddp, optimizer = wrap_for_training(model)
         for tokens in batches:
             ddp.zero_grad_buffer()
             optimizer.zero_grad()

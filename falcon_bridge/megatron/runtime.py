@@ -96,6 +96,38 @@ def load_model(provider: FalconH1ModelProvider, it_dir: Path, device: torch.devi
     return model.to(device).eval()
 
 
+def wrap_for_training(model, lr: float = 1e-3):
+    """Our model wrapped as Megatron-LM trains it: megatron-core's DDP (fp32 gradient buffers) with
+    finalize_model_grads as the schedule's gradient finalizer, and get_megatron_optimizer's AdamW (weight decay
+    0.1, betas 0.9/0.95, no clipping; bf16 weights get fp32 master copies). Returns (ddp, optimizer)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = model.config
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    bf16 = config.params_dtype == torch.bfloat16
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=lr, weight_decay=0.1, clip_grad=0.0, adam_beta1=0.9, adam_beta2=0.95, bf16=bf16,
+        params_dtype=config.params_dtype), [ddp])
+    return ddp, optimizer
+
+
+def save_checkpoint(model, root: Path, loaded_from: Path) -> None:
+    """dist_checkpointing.save of this rank's (trained) model into root/iter_0000000, plus (rank 0) the run config
+    of the checkpoint it was loaded from and the tracker: a checkpoint export-hf and load_model read. Every rank
+    calls it."""
+    from megatron.core import dist_checkpointing
+
+    it_dir = Path(root) / mg.iteration_dir_name(0)
+    it_dir.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(), str(it_dir))
+    if torch.distributed.get_rank() == 0:
+        mg.write_run_config(it_dir, mg.read_run_config(Path(loaded_from)))
+        mg.write_tracker(Path(root), 0)
+
+
 def next_token_loss(model, tokens: torch.Tensor) -> torch.Tensor:
     """Per-token loss [b, s-1] of predicting each next token, as HF's labels=input_ids loss (one stage, TP
     vocab-parallel): the last position has no next token and is left out."""

@@ -37,7 +37,6 @@ from falcon_bridge.converters.verify import (
     sample_tokens,
 )
 from falcon_bridge.core.parallel import MegatronLayout
-from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.cards import load_card
 from falcon_bridge.megatron.runtime import (
     init_distributed,
@@ -47,7 +46,9 @@ from falcon_bridge.megatron.runtime import (
     next_token_loss,
     pipeline_forward,
     provider_from_checkpoint,
+    save_checkpoint,
     shutdown_distributed,
+    wrap_for_training,
 )
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -95,25 +96,16 @@ def train_worker(rank: int, root: str, tp: int, batches: list[torch.Tensor], pro
     """One AdamW step per batch at `tp` (graphed: the schedule under the full-iteration CUDA graph), then the probe's
     logits and the B/C replica check, then saved into `out` as train_and_save saves. Returns on rank 0 the mean
     next-token loss per step, the logits [b, s, vocab] (fp32, CPU) and replica_differences (TP > 1)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.full_cuda_graph import FullCudaGraphWrapper
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     provider, it_dir = provider_from_checkpoint(Path(root), tp=tp)
     device = init_distributed(rank, tp, tp, 1, cuda_graphs=graphed)  # graph-safe RNG generators when graphed
     try:
         model = load_model(provider, it_dir, device, parallel_output=True).train()
-        config = model.config
-        ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
-        config.finalize_model_grads_func = finalize_model_grads
-        config.no_sync_func = ddp.no_sync
         # bf16: Float16OptimizerWithFloat16Params, Adam on fp32 master copies of the bf16 weights (as Megatron-LM's
         # --bf16); fp32: megatron's FP32Optimizer on the weights themselves
-        optimizer = get_megatron_optimizer(OptimizerConfig(
-            optimizer="adam", lr=1e-3, weight_decay=0.1, clip_grad=0.0, adam_beta1=0.9, adam_beta2=0.95,
-            bf16=provider.params_dtype == torch.bfloat16, params_dtype=provider.params_dtype), [ddp])
+        ddp, optimizer = wrap_for_training(model)
         forward_backward = get_forward_backward_func()
         if graphed:
             # Megatron-LM's --cuda-graph-impl full_iteration: step 1 eager, step 2 captured, then replays. No config
@@ -134,12 +126,8 @@ def train_worker(rank: int, root: str, tp: int, batches: list[torch.Tensor], pro
         logits = tp_gather(pipeline_forward(model, probe.to(device), provider.arch.hidden_size, provider.params_dtype),
                            -1)  # each rank holds its vocab shard (parallel_output)
         replicas = replica_differences(model) if tp > 1 else []
-        out_it = Path(out) / mg.iteration_dir_name(0)
-        out_it.mkdir(parents=True, exist_ok=True)
-        dist_checkpointing.save(model.sharded_state_dict(), str(out_it))
+        save_checkpoint(model, Path(out), it_dir)
         if rank == 0:
-            mg.write_run_config(out_it, mg.read_run_config(it_dir))
-            mg.write_tracker(Path(out), 0)
             return {"losses": losses, "logits": logits[..., :provider.arch.vocab_size].float().cpu(),
                     "replicas": replicas}
         return None
