@@ -1,7 +1,9 @@
 """Megatron-Bridge and Megatron-LM read our checkpoints as written, and export-hf reads theirs without flags.
 
-Neither loader can be imported here (Megatron-Bridge needs Transformer Engine; Megatron-LM's training package is not
-on PyPI), so each test reproduces the exact condition its code checks, cited by file and line (Megatron-Bridge
+Neither loader can be imported here: Megatron-Bridge 0.6.0's wheel (installed without its dependencies) fails at
+`import megatron.bridge` — its package imports every model, and one (bailing) needs
+transformers.modeling_attn_mask_utils, gone in transformers 5 — and Megatron-LM's training package is not on PyPI.
+So each test reproduces the exact condition its code checks, cited by file and line (Megatron-Bridge
 v0.6.0 = 51885cf, v0.5.1 = 5cb3444; Megatron-LM core_v0.19.0 = 5be9626), and uses megatron-core's own functions
 where they are the ones those loaders call."""
 
