@@ -110,7 +110,7 @@ def _check_target(out: Path, overwrite: bool) -> None:
 def atomic_output_dir(out: Path, overwrite: bool = False, expected_bytes: int = 0, command: dict | None = None,
                       sources: BackgroundHashes | None = None, inputs: Iterable[Path] = ()):
     """Yield a fresh partial directory beside `out`; on success a manifest is written into it and it replaces
-    `out`; on any failure (an exception, a full disk, SIGINT/SIGTERM turned into KeyboardInterrupt) it is removed.
+    `out`; on any failure (an exception, a full disk, SIGINT/SIGTERM raised as errors.Interrupted) it is removed.
 
     Refused before anything is written: OUT overlapping any of `inputs`, OUT a symlink or a file, an existing OUT
     without overwrite (with overwrite it is replaced only once the new output is complete), another live run
