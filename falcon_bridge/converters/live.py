@@ -57,6 +57,16 @@ def _region(sh) -> tuple[slice, ...]:
                                                                     sh.global_shape))
 
 
+def _local(region: tuple[slice, ...]) -> tuple[slice, ...]:
+    """Where a shard's data holds that part: from its first row (the rest is padding)."""
+    return tuple(slice(0, r.stop - r.start) for r in region)
+
+
+def _export_policy(provider, dtype: torch.dtype | None, mup: str, fmt: str) -> HFExport:
+    return HFExport(provider.arch, provider.mup_mode, provider.bitnet, lambda name: dtype or provider.params_dtype,
+                    mup, fmt)
+
+
 def _owners(arch) -> tuple[Ctx, dict]:
     """The layout checkpoints store (HF's vocabulary rows and groups) and checkpoint key → (entry, suffix)."""
     ctx = Ctx(arch, stored_as_hf(arch))
@@ -133,7 +143,7 @@ def load_hf_weights(model, ckpt: HFCheckpoint, mup: str = "preserve") -> None:
 def _fill(sh, region: tuple[slice, ...], values: torch.Tensor) -> None:
     """A shard's data: the region's values, zeros beyond the stored shape (vocabulary padding rows)."""
     sh.data.zero_()
-    sh.data[tuple(slice(0, r.stop - r.start) for r in region)].copy_(values)
+    sh.data[_local(region)].copy_(values)
 
 
 # ---- live model → HF ------------------------------------------------------------------------------------------
@@ -180,8 +190,8 @@ def hf_weights(model, dtype: torch.dtype | None = None, device: torch.device | s
     _agree(group, "the model (architecture, TP, PP, µP, BitNet, dtype)",
            json.dumps([arch.to_hf(), provider.layout.tp, provider.layout.pp, provider.mup_mode, provider.bitnet,
                        str(provider.params_dtype)]))
-    policy = HFExport(arch, provider.mup_mode, provider.bitnet, lambda name: dtype or provider.params_dtype, mup, fmt)
-    ctx, owner = _owners(arch)
+    policy = _export_policy(provider, dtype, mup, fmt)
+    ctx = Ctx(arch, stored_as_hf(arch))
     sharded, _ = save_preprocess(inner.sharded_state_dict())
     local: dict = {}
     for sh in _sharded_tensors(sharded):
@@ -203,11 +213,11 @@ def hf_weights(model, dtype: torch.dtype | None = None, device: torch.device | s
                 for sh in shards:
                     if is_main_replica(sh.replica_id):
                         region = _region(sh)
-                        full[region] = sh.data[tuple(slice(0, r.stop - r.start) for r in region)]
+                        full[region] = sh.data[_local(region)]
                 torch.distributed.all_reduce(full, group=group)
                 for sh in shards:  # every copy, main or not, against the assembled tensor
                     region = _region(sh)
-                    mine = sh.data[tuple(slice(0, r.stop - r.start) for r in region)]
+                    mine = sh.data[_local(region)]
                     if mine.numel() and not torch.equal(mine, full[region]):  # fp32 copies only when they differ
                         drift = torch.maximum(drift, (mine.float() - full[region].float()).abs().max().reshape(1))
                 pieces[key[len(entry.megatron):]] = full
@@ -241,7 +251,7 @@ def save_hf_pretrained(model, out: Path, dtype: torch.dtype | None = None, mup: 
     inner = _unwrap(model)
     provider, arch = inner.provider, inner.provider.arch
     writes = torch.distributed.get_rank() == 0
-    policy = HFExport(arch, provider.mup_mode, provider.bitnet, lambda name: dtype or provider.params_dtype, mup, fmt)
+    policy = _export_policy(provider, dtype, mup, fmt)
     layout = [item for e in entries(arch) for name, shape in zip(e.hf, e.hf_shapes)
               for item in policy.layout(name, shape)]
     divergence: dict = {}

@@ -122,16 +122,10 @@ def open_megatron_checkpoint(src: Path, card: str | None = None, hf_config: Path
 
 def _stored_layout(arch: FalconH1Arch, reader: mg.TorchDistReader, it_dir: Path) -> MegatronLayout:
     embed = reader.tensors.get("embedding.word_embeddings.weight")
-    b_rows = reader.tensors.get("decoder.layers.0.mamba_mixer.in_proj.weight.B")
-    if embed is None or b_rows is None:
-        raise BadInput(f"{it_dir}: unknown checkpoint layout (no embedding.word_embeddings.weight or "
-                       "decoder.layers.0.mamba_mixer.in_proj.weight.B: not a Falcon-H1 megatron-core checkpoint)")
-    groups, rest = divmod(b_rows[0][0], arch.mamba_d_state)
-    if rest or groups % arch.mamba_n_groups or embed[0][0] < arch.vocab_size:
-        raise BadInput(f"{it_dir}: tensor shapes do not match the architecture (embedding rows {embed[0][0]} vs "
-                       f"vocab_size {arch.vocab_size}; B rows {b_rows[0][0]} vs d_state {arch.mamba_d_state} × "
-                       f"n_groups {arch.mamba_n_groups})")
-    return MegatronLayout(stored_padded_vocab=embed[0][0], stored_mamba_groups=groups)
+    if embed is None or embed[0][0] < arch.vocab_size:
+        raise BadInput(f"{it_dir}: tensor shapes do not match the architecture: embedding.word_embeddings.weight "
+                       f"has {embed[0][0] if embed else 'no'} rows, vocab_size is {arch.vocab_size}")
+    return MegatronLayout(stored_padded_vocab=embed[0][0], stored_mamba_groups=mg.stored_mamba_groups(reader, arch))
 
 
 def _check_keys(arch: FalconH1Arch, layout: MegatronLayout, reader: mg.TorchDistReader, it_dir: Path) -> None:

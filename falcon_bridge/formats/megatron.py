@@ -254,13 +254,16 @@ def read_run_config(it_dir: Path) -> dict:
     return rc
 
 
-def stored_mamba_groups(it_dir: Path, arch: FalconH1Arch) -> int:
+def stored_mamba_groups(reader: TorchDistReader, arch: FalconH1Arch) -> int:
     """The B/C group count a checkpoint stores, read off its first in_proj B piece: HF's, or a multiple of it in
     checkpoints that stored the groups replicated for a TP."""
-    shape = TorchDistReader(it_dir).tensors.get("decoder.layers.0.mamba_mixer.in_proj.weight.B")
-    if shape is None:
-        raise BadInput(f"{it_dir}: no decoder.layers.0.mamba_mixer.in_proj.weight.B (not a Falcon-H1 checkpoint)")
-    return shape[0][0] // arch.mamba_d_state
+    shape = reader.tensors.get("decoder.layers.0.mamba_mixer.in_proj.weight.B")
+    groups, rest = divmod(shape[0][0], arch.mamba_d_state) if shape else (0, 1)
+    if rest or groups % arch.mamba_n_groups or groups == 0:
+        raise BadInput(f"{reader.dir}: tensor shapes do not match the architecture: "
+                       f"decoder.layers.0.mamba_mixer.in_proj.weight.B has {shape[0][0] if shape else 'no'} rows, "
+                       f"not a multiple of d_state {arch.mamba_d_state} × n_groups {arch.mamba_n_groups}")
+    return groups
 
 
 # ---- what Megatron-LM and Megatron-Bridge read around the weights ----------------------------------------------
@@ -287,40 +290,41 @@ def train_state(iteration: int = 0) -> dict:
             **{k: torch.tensor(False) for k in ("do_train", "do_valid", "do_test")}}
 
 
-def bridge_run_config(arch: FalconH1Arch, multipliers, dtype: torch.dtype, tp: int, pp: int,
-                      hf_repo: str | None = None) -> dict:
-    """run_config.yaml as Megatron-Bridge writes it (its ConfigContainer's YAML form): `model` is its Falcon-H1
-    provider with this architecture and the multipliers the model must apply (1.0 where folded), `checkpoint` says
-    no optimizer or RNG state was saved. Bridge's loaders instantiate `model` and read TP/PP and `checkpoint`."""
-    dtype_name = str(dtype).removeprefix("torch.")
+# Megatron-Bridge provider field ↔ config.json key (FalconH1Bridge's CONFIG_MAPPING and its base mapping). Setting
+# mamba_num_heads makes megatron-core's MambaMixer take d_inner = heads × head_dim, so `expand` is not written.
+BRIDGE_FIELDS = {
+    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size",
+    "num_layers": "num_hidden_layers", "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_key_value_heads", "kv_channels": "head_dim", "mamba_state_dim": "mamba_d_state",
+    "mamba_head_dim": "mamba_d_head", "mamba_num_heads": "mamba_n_heads", "mamba_num_groups": "mamba_n_groups",
+    "d_conv": "mamba_d_conv", "chunk_size": "mamba_chunk_size", "conv_bias": "mamba_conv_bias",
+    "rmsnorm": "mamba_rms_norm", "norm_before_gate": "mamba_norm_before_gate", "add_qkv_bias": "attention_bias",
+    "add_bias_linear": "mlp_bias", "layernorm_epsilon": "rms_norm_eps", "rotary_base": "rope_theta",
+    "seq_length": "max_position_embeddings", "share_embeddings_and_output_weights": "tie_word_embeddings",
+    **{k: k for k in ("embedding_multiplier", "lm_head_multiplier", "key_multiplier", "attention_in_multiplier",
+                      "attention_out_multiplier", "ssm_in_multiplier", "ssm_out_multiplier", "mlp_multipliers",
+                      "ssm_multipliers")},
+}
 
+
+def bridge_run_config(arch: FalconH1Arch, multipliers, dtype: torch.dtype, tp: int, pp: int) -> dict:
+    """run_config.yaml as Megatron-Bridge writes it (its ConfigContainer's YAML form): `model` is its Falcon-H1
+    provider with this architecture (BRIDGE_FIELDS) and the multipliers the model must apply (1.0 where folded),
+    `checkpoint` says no optimizer or RNG state was saved. Bridge's loaders instantiate `model` and read TP/PP and
+    `checkpoint`."""
     def fn(target: str) -> dict:  # Bridge's YAML form of a callable or a dtype
         return {"_target_": target, "_call_": False}
 
-    m = multipliers.to_hf()
-    model = {
-        "_target_": BRIDGE_PROVIDER,
-        "num_layers": arch.num_layers, "hidden_size": arch.hidden_size, "ffn_hidden_size": arch.intermediate_size,
-        "num_attention_heads": arch.num_heads, "num_query_groups": arch.num_kv_heads, "kv_channels": arch.head_dim,
-        "vocab_size": arch.vocab_size, "should_pad_vocab": False, "seq_length": arch.max_position_embeddings,
-        "share_embeddings_and_output_weights": arch.tie_word_embeddings, "layernorm_epsilon": arch.rms_norm_eps,
-        "normalization": "RMSNorm", "gated_linear_unit": True, "activation_func": fn("torch.nn.functional.silu"),
-        "add_bias_linear": arch.mlp_bias, "add_qkv_bias": arch.attention_bias, "position_embedding_type": "rope",
-        "rotary_base": arch.rope_theta, "rotary_percent": 1.0, "hidden_dropout": 0.0, "attention_dropout": 0.0,
-        "params_dtype": fn(f"torch.{dtype_name}"), "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16,
-        "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-        # megatron-core's MambaMixer takes d_inner = heads × head_dim when mamba_num_heads is set: expand is unused
-        "mamba_state_dim": arch.mamba_d_state, "mamba_head_dim": arch.mamba_d_head,
-        "mamba_num_groups": arch.mamba_n_groups, "mamba_num_heads": arch.mamba_n_heads, "d_conv": arch.mamba_d_conv,
-        "conv_bias": arch.mamba_conv_bias, "chunk_size": arch.mamba_chunk_size, "rmsnorm": arch.mamba_rms_norm,
-        "norm_before_gate": arch.mamba_norm_before_gate,
-        "falconh1_ratio": 1.0, "hybrid_override_pattern": None, "use_mamba": True, "use_attention": True,
-        "use_mlp": True,
-        **{k: v for k, v in m.items() if k not in ("ssm_multipliers", "mlp_multipliers")},
-        "mlp_multipliers": list(m["mlp_multipliers"]), "ssm_multipliers": list(m["ssm_multipliers"]),
-    }
-    if hf_repo:
-        model["hf_model_id"] = hf_repo
+    hf = {**arch.to_hf(), **multipliers.to_hf()}
+    model = {"_target_": BRIDGE_PROVIDER, **{field: hf[key] for field, key in BRIDGE_FIELDS.items()},
+             "should_pad_vocab": False, "normalization": "RMSNorm", "gated_linear_unit": True,
+             "activation_func": fn("torch.nn.functional.silu"), "position_embedding_type": "rope",
+             "rotary_percent": 1.0, "hidden_dropout": 0.0, "attention_dropout": 0.0,
+             "params_dtype": fn(str(dtype)), "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16,
+             "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+             # one parallel hybrid block per layer
+             "falconh1_ratio": 1.0, "hybrid_override_pattern": None, "use_mamba": True, "use_attention": True,
+             "use_mlp": True}
     return {"model": model,
             "checkpoint": {"save_optim": False, "save_rng": False, "fully_parallel_save": False,
                            "ckpt_format": "torch_dist"}}
@@ -337,22 +341,6 @@ def write_interop_files(root: Path, it_dir: Path, arch: FalconH1Arch, multiplier
     torch.save(train_state(iteration), it_dir / "train_state.pt")
     (it_dir / BRIDGE_RUN_CONFIG_FILE).write_text(yaml.safe_dump(
         bridge_run_config(arch, multipliers, dtype, tp, pp), default_flow_style=False, sort_keys=False))
-
-
-# Megatron-Bridge provider field → config.json key (FalconH1Bridge's mapping, read backwards)
-BRIDGE_FIELDS = {
-    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size",
-    "num_layers": "num_hidden_layers", "num_attention_heads": "num_attention_heads",
-    "num_query_groups": "num_key_value_heads", "kv_channels": "head_dim", "mamba_state_dim": "mamba_d_state",
-    "mamba_head_dim": "mamba_d_head", "mamba_num_heads": "mamba_n_heads", "mamba_num_groups": "mamba_n_groups",
-    "d_conv": "mamba_d_conv", "chunk_size": "mamba_chunk_size", "conv_bias": "mamba_conv_bias",
-    "rmsnorm": "mamba_rms_norm", "norm_before_gate": "mamba_norm_before_gate", "add_qkv_bias": "attention_bias",
-    "add_bias_linear": "mlp_bias", "layernorm_epsilon": "rms_norm_eps", "rotary_base": "rope_theta",
-    "seq_length": "max_position_embeddings", "share_embeddings_and_output_weights": "tie_word_embeddings",
-    **{k: k for k in ("embedding_multiplier", "lm_head_multiplier", "key_multiplier", "attention_in_multiplier",
-                      "attention_out_multiplier", "ssm_in_multiplier", "ssm_out_multiplier", "mlp_multipliers",
-                      "ssm_multipliers")},
-}
 
 
 def arch_from_bridge_run_config(it_dir: Path) -> FalconH1Arch:

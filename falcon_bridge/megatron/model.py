@@ -233,6 +233,23 @@ class FalconH1MambaMixer(MambaMixer):
             grad[s:s + rows] = total[i, self.hf_group_of_local].flatten(0, 1)
         return grad
 
+    @torch.no_grad()
+    def group_copy_spread(self) -> float:
+        """The largest |Δ| between copies of one HF B/C group (in_proj rows, conv1d weight and bias channels)
+        across the TP ranks: 0 when the replicas trained in step. Every TP rank calls it (one all-gather per
+        parameter). Copies of an HF group are consecutive Megatron groups, so the rank-ordered groups unflatten to
+        [HF group, copy]."""
+        group, rows = self.pg_collection.tp, 2 * self.ngroups_local_tp * self.d_state
+        spread = 0.0
+        for param, start in ((self.in_proj.weight, 2 * self.d_inner_local_tp),
+                             (self.conv1d_weight, self.d_inner_local_tp), (self.conv1d_bias, self.d_inner_local_tp)):
+            local = param[start:start + rows].unflatten(0, (2, self.ngroups_local_tp, self.d_state)).contiguous()
+            parts = [torch.empty_like(local) for _ in range(group.size())]
+            torch.distributed.all_gather(parts, local, group=group)
+            copies = torch.cat(parts, 1).unflatten(1, (self.hf_groups, -1))  # [B|C, HF group, copy, d_state, ...]
+            spread = max(spread, (copies - copies[:, :, :1]).abs().max().item())
+        return spread
+
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Checkpoint B/C pieces hold the HF groups (or, for checkpoints written that way, `metadata`'s
         STORED_MAMBA_GROUPS copies of them), whatever this run replicated them to: each local group is read from,

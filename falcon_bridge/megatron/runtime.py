@@ -84,15 +84,14 @@ def load_model(provider: FalconH1ModelProvider, it_dir: Path, device: torch.devi
     logging.getLogger("megatron.core.dist_checkpointing.strategies.common").setLevel(logging.ERROR)
 
     model = provider.provide(parallel_output=parallel_output)
-    stored_groups = mg.stored_mamba_groups(it_dir, provider.arch)
+    stored_groups = mg.stored_mamba_groups(mg.TorchDistReader(it_dir), provider.arch)
     # a file storing replicated groups has copies this model never reads, which megatron's access check (made for
     # saving: every chunk exactly once) would call an error
     as_hf = stored_groups == provider.arch.mamba_n_groups
-    state = dist_checkpointing.load(model.sharded_state_dict(metadata={STORED_MAMBA_GROUPS: stored_groups}),
-                                    str(it_dir), validate_access_integrity=as_hf)
-    for key in mg.common_state():  # dist_checkpointing.load returns the common state merged in
-        state.pop(key, None)
-    model.load_state_dict(state)
+    wanted = model.sharded_state_dict(metadata={STORED_MAMBA_GROUPS: stored_groups})
+    state = dist_checkpointing.load(wanted, str(it_dir), validate_access_integrity=as_hf)
+    # load returns the checkpoint's common state (iteration, args, …) merged in: the model takes what it asked for
+    model.load_state_dict({key: state[key] for key in wanted})
     return model.to(device).eval()
 
 
