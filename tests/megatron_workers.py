@@ -43,7 +43,7 @@ def loss_and_gradients(rank: int, root: str, tp: int, tokens: torch.Tensor, gath
 
 
 def train_and_save(rank: int, root: str, tp: int, pp: int, batches: list[torch.Tensor], out: str,
-                   save_gradients: bool = False, lr: float = 1e-3, live_out: str | None = None) -> None:
+                   save_gradients: bool = False, live_out: str | None = None) -> float | None:
     """Train as Megatron-LM does: megatron-core's DDP wrapper, get_forward_backward_func's schedule (one
     microbatch per step, the summed next-token loss), finalize_model_grads and get_megatron_optimizer's AdamW,
     one step per batch; then dist_checkpointing.save the weights into `out` (a checkpoint export-hf reads, with
@@ -58,7 +58,7 @@ def train_and_save(rank: int, root: str, tp: int, pp: int, batches: list[torch.T
     device = init_distributed(rank, tp * pp, tp, pp)
     try:
         model = load_model(provider, it_dir, device, parallel_output=True).train()
-        ddp, optimizer = wrap_for_training(model, lr)
+        ddp, optimizer = wrap_for_training(model)
 
         def forward_step(data_iterator, module):
             tokens = next(data_iterator).to(device)
@@ -83,11 +83,17 @@ def train_and_save(rank: int, root: str, tp: int, pp: int, batches: list[torch.T
                     p.data.copy_(p.main_grad)
                 break
             optimizer.step()
+        # the largest difference between the TP ranks' copies of a B/C group, over every stage (0: they trained
+        # in step; with save_gradients, their gradients agree)
+        spread = torch.tensor([max(layer.mamba_mixer.group_copy_spread() for layer in model.decoder.layers)],
+                              device=device)
+        torch.distributed.all_reduce(spread, torch.distributed.ReduceOp.MAX)
         save_checkpoint(model, Path(out), it_dir)
         if live_out is not None:
             from falcon_bridge.converters.live import save_hf_pretrained
 
             save_hf_pretrained(ddp, Path(live_out))
+        return spread.item() if rank == 0 else None
     finally:
         shutdown_distributed()
 
@@ -193,7 +199,7 @@ def train_and_save_as_bridge(rank: int, root: str, tp: int, batches: list[torch.
             import yaml
 
             (out_it / mg.BRIDGE_RUN_CONFIG_FILE).write_text(yaml.safe_dump(mg.bridge_run_config(
-                provider.arch, provider.arch.multipliers, provider.params_dtype, tp, 1)))
+                provider.arch, provider.multipliers or provider.arch.multipliers, provider.params_dtype, tp, 1)))
             (out_it / "tokenizer").mkdir()
             for f in existing_tokenizer_files(it_dir):
                 shutil.copy(f, out_it / "tokenizer" / f.name)

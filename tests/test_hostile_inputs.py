@@ -21,10 +21,11 @@ from falcon_bridge.cli import app as cli_app
 from falcon_bridge.converters.create_random import create_random
 from falcon_bridge.converters.import_hf import import_hf
 from falcon_bridge.core.parallel import MegatronLayout
+from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.cards import load_card
 from falcon_bridge.formats.manifest import MANIFEST_FILE, check_manifest
-from falcon_bridge.formats.output import OWNER_FILE, TMP_MARK
+from falcon_bridge.formats.output import OWNER_FILE, TMP_MARK, _owner_record, _process_start
 
 CARD = "tiny-one-group"
 TRACEBACK = "Traceback (most recent call last)"
@@ -254,7 +255,7 @@ MEGATRON_DAMAGE = {
     "run config asks for int8": (edit_run_config(hf_dtype="int8"), "field hf_dtype: expected one of float32"),
     "run config layout as strings": (edit_run_config(layout={"tp": "2"}), "field layout: expected"),
     "run config architecture types": (edit_run_config(architecture={"vocab_size": "big"}),
-                                      "run_config.json: "),
+                                      "required positional argument"),
     "tracker not a number": (write(mg.TRACKER_FILE, "last"), "expected an iteration number or 'release'"),
 }
 
@@ -353,14 +354,14 @@ def test_check_refuses_malformed_manifests(manifest, tmp_path, capsys, monkeypat
 
 
 # ---- concurrent runs and interruptions -------------------------------------------------------------------------
-def partial_dir(parent, out_name, owner_pid, record_out=None):
+def partial_dir(parent, out_name, owner_pid):
+    """A partial output for parent/out_name holding data; with an owner record of process owner_pid (on this
+    host) unless owner_pid is None."""
     path = parent / f"{TMP_MARK}{out_name}.{owner_pid}x"
     path.mkdir()
     (path / "keep.bin").write_bytes(b"data")
     if owner_pid is not None:
-        start = subprocess.run(["cat", f"/proc/{owner_pid}/stat"], capture_output=True, text=True).stdout
-        record = {"out": str(record_out or parent / out_name), "host": os.uname().nodename, "pid": owner_pid,
-                  "started": start.rsplit(")", 1)[1].split()[19] if start else None}
+        record = _owner_record(parent / out_name) | {"pid": owner_pid, "started": _process_start(owner_pid)}
         (path / OWNER_FILE).write_text(json.dumps(record))
     return path
 
@@ -378,7 +379,7 @@ def test_a_run_removes_only_its_own_dead_partial_outputs(src, tmp_path):
         assert not stale.exists() and all((p / "keep.bin").exists() for p in others)
         assert check_manifest(tmp_path / "mg") == []
         partial_dir(tmp_path, "mg", live.pid)
-        with pytest.raises(Exception, match="another falcon-bridge run .* is writing it"):
+        with pytest.raises(BadInput, match="another falcon-bridge run .* is writing it"):
             import_hf(str(src), tmp_path / "mg", MegatronLayout(), overwrite=True)
         assert check_manifest(tmp_path / "mg") == []
     finally:

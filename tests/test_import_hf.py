@@ -40,15 +40,14 @@ LAYOUTS = {"tp1": ((1, 1), (1, 1), "preserve"), "tp2": ((2, 1), (2, 1), "preserv
 def test_megatron_logits_equal_hf(layout, tiny_hf, reference_logits, tmp_path):
     """fp32, max |Δ| ≤ 1e-5 · max |logit| (folded µP included: folded = preserved = HF)."""
     (tp, pp), imported_as, mup_mode = LAYOUTS[layout]
-    hf_dirs, reference = tiny_hf, reference_logits
-    cards = [c for c in hf_dirs if fits(FalconH1Arch.from_hf(json.loads((hf_dirs[c] / "config.json").read_text())),
+    cards = [c for c in tiny_hf if fits(FalconH1Arch.from_hf(json.loads((tiny_hf[c] / "config.json").read_text())),
                                         tp, pp)]
     for name in cards:
-        import_hf(str(hf_dirs[name]), tmp_path / name, MegatronLayout(*imported_as), mup_mode=mup_mode)
+        import_hf(str(tiny_hf[name]), tmp_path / name, MegatronLayout(*imported_as), mup_mode=mup_mode)
     assert len(cards) >= 4
     results = launch(megatron_logits_worker, tp * pp, [str(tmp_path / c) for c in cards], tp, pp, TOKENS, "float32")
     for name, logits in zip(cards, results):
-        r = compare_logits(reference[name], logits, tolerance=1e-5)
+        r = compare_logits(reference_logits[name], logits, tolerance=1e-5)
         assert r.passed, f"{name} {layout}: {r}"
         assert r.argmax_agreement == 1.0
 

@@ -134,7 +134,7 @@ def test_export_reads_a_bridge_checkpoint_without_flags(bridge_checkpoint, tiny_
     assert "tokenizer.json" in tokenizer and sorted(summary["tokenizer_files"]) == tokenizer
 
 
-def test_a_run_config_yaml_that_is_not_bridges_falcon_h1_is_one_line(bridge_checkpoint, tmp_path):
+def test_a_run_config_yaml_that_is_not_bridges_falcon_h1_is_refused(bridge_checkpoint, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(bridge_checkpoint, bad)
     path = bad / "iter_0000005" / mg.BRIDGE_RUN_CONFIG_FILE

@@ -65,7 +65,7 @@ def test_trained_model_saved_live_equals_saved_and_exported_through_files(tiny_h
     card = "tiny-groups-gated-norm"
     import_hf(str(tiny_hf[card]), tmp_path / "mg", MegatronLayout())
     batches = [sample_tokens(256, 2, 16, seed=s) for s in range(3)]
-    launch(train_and_save, 4, str(tmp_path / "mg"), 4, 1, batches, str(tmp_path / "trained"), False, 1e-3,
+    launch(train_and_save, 4, str(tmp_path / "mg"), 4, 1, batches, str(tmp_path / "trained"), False,
            str(tmp_path / "live"))
     export_hf(tmp_path / "trained", tmp_path / "exported")
     differences = ulp_differences(tmp_path / "exported", tmp_path / "live")

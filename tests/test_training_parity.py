@@ -75,7 +75,9 @@ def hf_reference(tiny_hf):
 @pytest.mark.parametrize("card,tp,pp", GRADIENT_CASES, ids=[f"{c}-tp{t}pp{p}" for c, t, p in GRADIENT_CASES])
 def test_every_gradient_equals_hf(tiny_hf, hf_reference, tmp_path, card, tp, pp):
     import_hf(str(tiny_hf[card]), tmp_path / "mg", MegatronLayout(tp=tp, pp=pp))
-    launch(train_and_save, tp * pp, str(tmp_path / "mg"), tp, pp, [hf_tokens(card)], str(tmp_path / "grads"), True)
+    spread = launch(train_and_save, tp * pp, str(tmp_path / "mg"), tp, pp, [hf_tokens(card)], str(tmp_path / "grads"),
+                    True)
+    assert spread == 0  # every TP rank's copy of a B/C group got the same, whole gradient
     summary = export_hf(tmp_path / "grads", tmp_path / "grads-hf")
     # the B/C copies of each replicated group received bit-identical gradients
     assert summary["diverged_group_replicas"] == {} and summary["warnings"] == []
@@ -109,14 +111,15 @@ STEPS = [sample_tokens(256, batch=2, seq_len=24, seed=s) for s in range(5)]
 
 @pytest.fixture(scope="module")
 def trained(tiny_hf, tmp_path_factory):
-    """5 AdamW steps of TRAIN_CARD at each layout, saved and exported: {layout: (megatron dir, HF dir, summary)}."""
+    """5 AdamW steps of TRAIN_CARD at each layout, saved and exported: {layout: (megatron dir, HF dir, summary,
+    largest difference between the TP ranks' copies of a B/C group after training)}."""
     tmp = tmp_path_factory.mktemp("trained")
     import_hf(str(tiny_hf[TRAIN_CARD]), tmp / "mg", MegatronLayout())  # one import serves every layout
     out = {}
     for tp, pp in [(1, 1), (2, 1), (4, 1), (2, 2)]:
         name = f"tp{tp}pp{pp}"
-        launch(train_and_save, tp * pp, str(tmp / "mg"), tp, pp, STEPS, str(tmp / name))
-        out[(tp, pp)] = (tmp / name, tmp / f"{name}-hf", export_hf(tmp / name, tmp / f"{name}-hf"))
+        spread = launch(train_and_save, tp * pp, str(tmp / "mg"), tp, pp, STEPS, str(tmp / name))
+        out[(tp, pp)] = (tmp / name, tmp / f"{name}-hf", export_hf(tmp / name, tmp / f"{name}-hf"), spread)
     return out
 
 
@@ -124,7 +127,8 @@ def trained(tiny_hf, tmp_path_factory):
 def test_trained_model_exports_exactly(trained, tp):
     """Trained at TP=2 (replicated group) and saved: export-hf's model computes the trained Megatron model's
     logits, loaded at TP=2 and at TP=1 (the saved checkpoint holds HF's one group, not TP=2's copies)."""
-    megatron_dir, hf_dir, summary = trained[(2, 1)]
+    megatron_dir, hf_dir, summary, spread = trained[(2, 1)]
+    assert spread == 0  # the TP ranks' copies of the one group stayed bit-identical through 5 steps
     assert summary["diverged_group_replicas"] == {} and summary["warnings"] == []
     assert summary["mamba_groups_collapsed"] is False
     ours = launch(megatron_logits_worker, tp, [str(megatron_dir)], tp, 1, TOKENS, None)[0]
@@ -139,7 +143,7 @@ def test_training_is_tp_pp_invariant(trained, layout):
     reduction order, and Adam's normalization turns that noise into up to ~0.4 % of one step's update where a
     gradient is near zero (measured 5.1e-5 of a tensor's largest weight at TP=2, 2.8e-5 at TP=4). Without the
     replica gradient sum the B/C copies would step along different partial gradients (52 % off) and diverge."""
-    assert trained[layout][2]["diverged_group_replicas"] == {}
+    assert trained[layout][2]["diverged_group_replicas"] == {} and trained[layout][3] == 0
     reference, ours = exported(trained[(1, 1)][1]), exported(trained[layout][1])
     errors = {n: relative_error(ours[n], reference[n]) for n in reference}
     worst = max(errors, key=errors.get)
@@ -151,7 +155,8 @@ def test_bitnet_gradients_do_not_depend_on_tp(tiny_hf, tmp_path):
     card, grads = "tiny-one-group-gated-norm", {}
     for tp in (1, 2):
         import_hf(str(tiny_hf[card]), tmp_path / f"mg{tp}", MegatronLayout(tp=tp), bitnet=True)
-        launch(train_and_save, tp, str(tmp_path / f"mg{tp}"), tp, 1, [TOKENS], str(tmp_path / f"g{tp}"), True)
+        assert launch(train_and_save, tp, str(tmp_path / f"mg{tp}"), tp, 1, [TOKENS], str(tmp_path / f"g{tp}"),
+                      True) == 0
         summary = export_hf(tmp_path / f"g{tp}", tmp_path / f"g{tp}-hf")
         assert summary["diverged_group_replicas"] == {}
         grads[tp] = exported(tmp_path / f"g{tp}-hf")

@@ -73,29 +73,11 @@ def tp_gather(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim)
 
 
-def replica_differences(model) -> list[float]:
-    """Per layer: the largest |Δ| between copies of one HF B/C group across the TP ranks. Each rank's in_proj rows
-    are its z|x|B|C|dt and its conv1d channels its x|B|C; copies of one HF group are consecutive Megatron groups
-    (FalconH1MambaMixer.local_group_copies), so rank-ordered groups unflatten to [HF group, copy]."""
-    worst = []
-    for layer in model.decoder.layers:
-        m = layer.mamba_mixer
-        rows = 2 * m.ngroups_local_tp * m.d_state
-        diffs = []
-        for param, start in ((m.in_proj.weight, 2 * m.d_inner_local_tp), (m.conv1d_weight, m.d_inner_local_tp),
-                             (m.conv1d_bias, m.d_inner_local_tp)):
-            local = param.detach()[start:start + rows].unflatten(0, (2, m.ngroups_local_tp, m.d_state))
-            groups = tp_gather(local, 1).unflatten(1, (m.hf_groups, -1))  # [B|C, HF group, copy, d_state, ...]
-            diffs.append((groups - groups[:, :, :1]).abs().max().item())
-        worst.append(max(diffs))
-    return worst
-
-
 def train_worker(rank: int, root: str, tp: int, batches: list[torch.Tensor], probe: torch.Tensor, out: str,
                  graphed: bool) -> dict | None:
     """One AdamW step per batch at `tp` (graphed: the schedule under the full-iteration CUDA graph), then the probe's
     logits and the B/C replica check, then saved into `out` as train_and_save saves. Returns on rank 0 the mean
-    next-token loss per step, the logits [b, s, vocab] (fp32, CPU) and replica_differences (TP > 1)."""
+    next-token loss per step, the logits [b, s, vocab] (fp32, CPU) and each layer's group_copy_spread (TP > 1)."""
     from megatron.core.full_cuda_graph import FullCudaGraphWrapper
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -125,7 +107,7 @@ def train_worker(rank: int, root: str, tp: int, batches: list[torch.Tensor], pro
         model.eval()
         logits = tp_gather(pipeline_forward(model, probe.to(device), provider.arch.hidden_size, provider.params_dtype),
                            -1)  # each rank holds its vocab shard (parallel_output)
-        replicas = replica_differences(model) if tp > 1 else []
+        replicas = [layer.mamba_mixer.group_copy_spread() for layer in model.decoder.layers] if tp > 1 else []
         save_checkpoint(model, Path(out), it_dir)
         if rank == 0:
             return {"losses": losses, "logits": logits[..., :provider.arch.vocab_size].float().cpu(),
