@@ -25,7 +25,7 @@ from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.cards import load_card
 from falcon_bridge.formats.manifest import MANIFEST_FILE, check_manifest
-from falcon_bridge.formats.output import OWNER_FILE, TMP_MARK, _owner_record, _process_start
+from falcon_bridge.converters.output import OWNER_FILE, TMP_MARK, _owner_record, _process_start
 
 CARD = "tiny-one-group"
 TRACEBACK = "Traceback (most recent call last)"

@@ -23,7 +23,7 @@ from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import hf as hf_format
 from falcon_bridge.formats.cards import load_card
 from falcon_bridge.formats.manifest import MANIFEST_FILE, BackgroundHashes, HashingCancelled, check_manifest
-from falcon_bridge.formats.output import TMP_MARK
+from falcon_bridge.converters.output import TMP_MARK
 
 CARD = "tiny-one-group"
 

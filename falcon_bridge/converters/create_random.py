@@ -14,7 +14,7 @@ from falcon_bridge.core.config import FalconH1Arch
 from falcon_bridge.core.mapping import hf_tensor_shapes
 from falcon_bridge.formats.cards import Card
 from falcon_bridge.formats.hf import ShardedSafetensorsWriter, write_config
-from falcon_bridge.formats.output import atomic_output_dir
+from falcon_bridge.converters.output import atomic_output_dir
 from falcon_bridge.formats.tokenizer import build_tokenizer
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3

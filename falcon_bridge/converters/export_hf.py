@@ -12,7 +12,7 @@ import torch
 from falcon_bridge.converters.megatron_source import open_megatron_checkpoint
 from falcon_bridge.core.hf_export import HFExport
 from falcon_bridge.formats.hf import ShardedSafetensorsWriter, copy_tokenizer, write_config
-from falcon_bridge.formats.output import atomic_output_dir
+from falcon_bridge.converters.output import atomic_output_dir
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 

@@ -20,7 +20,7 @@ from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.hf import HFCheckpoint, copy_tokenizer, resolve_source
 from falcon_bridge.formats.manifest import BackgroundHashes
-from falcon_bridge.formats.output import atomic_output_dir
+from falcon_bridge.converters.output import atomic_output_dir
 
 Progress = Callable[[int, int, str], None]  # (done, total, current tensor)
 

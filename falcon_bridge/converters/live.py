@@ -38,7 +38,7 @@ from falcon_bridge.formats.hf import (
     resolve_source,
     write_config,
 )
-from falcon_bridge.formats.output import atomic_output_dir
+from falcon_bridge.converters.output import atomic_output_dir
 
 
 def _sharded_tensors(sharded_state_dict) -> list:

@@ -20,7 +20,7 @@ from falcon_bridge.core.mup import run_config_entry
 from falcon_bridge.core.parallel import MegatronLayout, stored_as_hf
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.hf import copy_tokenizer
-from falcon_bridge.formats.output import atomic_output_dir
+from falcon_bridge.converters.output import atomic_output_dir
 
 
 def reshard(src: Path, out: Path, layout: MegatronLayout, card: str | None = None, hf_config: Path | None = None,
