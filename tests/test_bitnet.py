@@ -12,11 +12,12 @@ from test_roundtrip import assert_bit_identical, hf_tensors
 from falcon_bridge.converters.export_hf import export_hf
 from falcon_bridge.converters.import_hf import import_hf
 from falcon_bridge.converters.verify import compare_logits, hf_logits, sample_tokens, verify
-from falcon_bridge.core import ternary
+from falcon_bridge.core import packed_ternary, ternary
 from falcon_bridge.core.mapping import is_bitnet_linear
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput
-from falcon_bridge.megatron.runtime import launch, megatron_logits_worker
+from falcon_bridge.megatron.distributed import launch
+from falcon_bridge.megatron.forward import megatron_logits_worker
 
 TOKENS = sample_tokens(256, batch=2, seq_len=24, seed=7)
 CARDS = [c for c in TINY_CARDS if c != "tiny-attn-width"]  # 6 attention heads: TP=4 does not divide them
@@ -68,7 +69,7 @@ def test_packed_format_matches_transformers_layout_and_config(bitnet_checkpoints
             if is_bitnet_linear(name):
                 packed, scale = f.get_tensor(name), f.get_tensor(name.removesuffix("weight") + "weight_scale")
                 assert packed.dtype == torch.uint8 and packed.shape == (latent.shape[0] // 4, latent.shape[1])
-                assert torch.equal(ternary.unpack_ternary(packed, latent.shape[0]), ternary.ternarize(latent))
+                assert torch.equal(packed_ternary.unpack_ternary(packed, latent.shape[0]), ternary.ternarize(latent))
                 assert scale.shape == (1,) and torch.allclose(scale, ternary.weight_scale(latent).reshape(1))
             else:
                 assert torch.equal(f.get_tensor(name), latent), name  # everything else stays float, untouched

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from falcon_bridge.core import packed_ternary
 from falcon_bridge.core import ternary as tq
 
 bitnet = pytest.importorskip("transformers.integrations.bitnet")
@@ -28,26 +29,26 @@ def random_ternary(*shape, seed=0, dtype=torch.int8):
 # ---- packed format: worked examples of the reference (§4.3) --------------------------------------------------------
 def test_pack_single_column_byte_134():
     # rows [1, 0, -1, 1] → u = [2, 1, 0, 2] → 2 | 1<<2 | 0<<4 | 2<<6 = 0b10000110
-    p = tq.pack_ternary(torch.tensor([[1], [0], [-1], [1]], dtype=torch.int8))
+    p = packed_ternary.pack_ternary(torch.tensor([[1], [0], [-1], [1]], dtype=torch.int8))
     assert p.dtype == torch.uint8 and p.shape == (1, 1)
     assert p.item() == 134 == 0b10000110
-    assert tq.unpack_ternary(p).squeeze(1).tolist() == [1, 0, -1, 1]
+    assert packed_ternary.unpack_ternary(p).squeeze(1).tolist() == [1, 0, -1, 1]
 
 
 def test_unpack_transformers_docstring_example():
     packed = torch.tensor([[0b10100001, 0b00011000], [0b10010000, 0b00001010]], dtype=torch.uint8)
-    t = tq.unpack_ternary(packed)
+    t = packed_ternary.unpack_ternary(packed)
     assert t.dtype == torch.int8 and t.shape == (8, 2)
     assert t[:, 0].tolist() == [0, -1, -1, -1, 1, 0, 1, 1]
     # the full output printed in transformers' docstring
     assert t.tolist() == [[0, -1], [-1, 1], [-1, 1], [-1, 1], [1, 0], [0, -1], [1, -1], [1, -1]]
-    assert torch.equal(tq.pack_ternary(t), packed)
+    assert torch.equal(packed_ternary.pack_ternary(t), packed)
 
 
 def test_planar_layout_packed_row_mixes_rows_r_plus_k_R4():
     # 8 rows → R4 = 2: packed row 0 holds rows 0, 2, 4, 6 (bits 0-1, 2-3, 4-5, 6-7), packed row 1 rows 1, 3, 5, 7
     t = torch.tensor([1, -1, 0, -1, -1, -1, 1, -1], dtype=torch.int8)
-    p = tq.pack_ternary(t)
+    p = packed_ternary.pack_ternary(t)
     assert p.tolist() == [2 | 1 << 2 | 0 << 4 | 2 << 6, 0 | 0 << 2 | 0 << 4 | 0 << 6]
 
 
@@ -58,12 +59,12 @@ SHAPES = [(4, 3), (8, 1), (12, 7), (64, 16), (4,), (16,), (40,), (8, 3, 5)]
 @pytest.mark.parametrize("shape", SHAPES)
 def test_pack_unpack_roundtrip(shape):
     t = random_ternary(*shape, seed=sum(shape))
-    p = tq.pack_ternary(t)
+    p = packed_ternary.pack_ternary(t)
     assert p.dtype == torch.uint8 and p.shape == (shape[0] // 4, *shape[1:])
-    assert torch.equal(tq.unpack_ternary(p), t)
-    assert torch.equal(tq.unpack_ternary(p, rows=shape[0]), t)
+    assert torch.equal(packed_ternary.unpack_ternary(p), t)
+    assert torch.equal(packed_ternary.unpack_ternary(p, rows=shape[0]), t)
     for dtype in (torch.float32, torch.bfloat16, torch.int64):
-        u = tq.unpack_ternary(p, dtype=dtype)
+        u = packed_ternary.unpack_ternary(p, dtype=dtype)
         assert u.dtype == dtype and torch.equal(u, t.to(dtype))
 
 
@@ -71,7 +72,7 @@ def test_pack_unpack_roundtrip(shape):
 def test_pack_does_not_mutate_input(dtype):
     t = random_ternary(16, 5, dtype=dtype)
     before = t.clone()
-    tq.pack_ternary(t)
+    packed_ternary.pack_ternary(t)
     assert torch.equal(t, before)
 
 
@@ -80,7 +81,7 @@ def test_pack_does_not_mutate_input(dtype):
 def test_bytes_equal_transformers_pack_weights(shape, dtype, eager):
     t = random_ternary(*shape, seed=7 + sum(shape), dtype=dtype)
     theirs = bitnet.pack_weights(t.clone())  # it adds 1 to its argument in place
-    ours = tq.pack_ternary(t)
+    ours = packed_ternary.pack_ternary(t)
     assert theirs.dtype == ours.dtype == torch.uint8
     assert theirs.shape == ours.shape and torch.equal(theirs, ours)
 
@@ -89,12 +90,12 @@ def test_bytes_equal_transformers_pack_weights(shape, dtype, eager):
 def test_padded_rows_match_transformers_and_trim(rows, eager):
     t = random_ternary(rows, 3, seed=rows)
     with pytest.raises(ValueError, match=f"{rows} rows"):
-        tq.pack_ternary(t)
-    ours = tq.pack_ternary(t, allow_padding=True)
+        packed_ternary.pack_ternary(t)
+    ours = packed_ternary.pack_ternary(t, allow_padding=True)
     assert ours.shape == (math.ceil(rows / 4), 3)
     assert torch.equal(ours, bitnet.pack_weights(t.clone()))
-    assert torch.equal(tq.unpack_ternary(ours, rows=rows), t)
-    full = tq.unpack_ternary(ours)
+    assert torch.equal(packed_ternary.unpack_ternary(ours, rows=rows), t)
+    full = packed_ternary.unpack_ternary(ours)
     assert full.shape[0] == 4 * math.ceil(rows / 4)
     assert (full[rows:] == -1).all()  # padding bits are 0 → -1, as the reference says
 
@@ -107,20 +108,20 @@ def test_unpack_equals_transformers_unpack_weights(shape, dtype, eager):
     fields = torch.randint(0, 3, (4, shape[0] // 4, *shape[1:]), generator=g)
     p = (fields[0] | fields[1] << 2 | fields[2] << 4 | fields[3] << 6).to(torch.uint8)
     theirs = bitnet.unpack_weights(p, dtype=dtype)
-    ours = tq.unpack_ternary(p, dtype=dtype)
+    ours = packed_ternary.unpack_ternary(p, dtype=dtype)
     assert theirs.dtype == ours.dtype == dtype
     assert theirs.shape == ours.shape == shape and torch.equal(theirs, ours)
 
 
 def test_pack_rejects_bad_input():
     with pytest.raises(ValueError, match="values in"):
-        tq.pack_ternary(torch.tensor([2, 0, 0, 0]))
+        packed_ternary.pack_ternary(torch.tensor([2, 0, 0, 0]))
     with pytest.raises(ValueError, match="values in"):
-        tq.pack_ternary(torch.tensor([0.5, 0, 0, 0]))
+        packed_ternary.pack_ternary(torch.tensor([0.5, 0, 0, 0]))
     with pytest.raises(ValueError, match="uint8"):
-        tq.unpack_ternary(torch.zeros(2, dtype=torch.int8))
+        packed_ternary.unpack_ternary(torch.zeros(2, dtype=torch.int8))
     with pytest.raises(ValueError, match="rows"):
-        tq.unpack_ternary(torch.zeros(2, dtype=torch.uint8), rows=9)
+        packed_ternary.unpack_ternary(torch.zeros(2, dtype=torch.uint8), rows=9)
 
 
 # ---- quantizers ----------------------------------------------------------------------------------------------------
@@ -232,14 +233,14 @@ def test_ste_forward_value_and_identity_gradient():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_checkpoint_tensor_convention_and_roundtrip(dtype):
     w = torch.randn(24, 16, generator=torch.Generator().manual_seed(10)).to(dtype)
-    packed, scale = tq.pack_checkpoint_tensor(w)
+    packed, scale = packed_ternary.pack_checkpoint_tensor(w)
     assert packed.dtype == torch.uint8 and packed.shape == (6, 16)
     assert scale.dtype == dtype and scale.shape == (1,)
     # stored weight_scale = 1/mean|W| (onebitllms' s_w), not mean|W| (that is the autobitlinear convention)
     assert scale.float().item() == pytest.approx(1 / w.float().abs().mean().item(), rel=1e-2 if dtype != torch.float32
                                                  else 1e-6)
-    assert torch.equal(tq.unpack_ternary(packed), tq.ternarize(w))
-    deq = tq.unpack_checkpoint_tensor(packed, scale, out_features=24, dtype=dtype)
+    assert torch.equal(packed_ternary.unpack_ternary(packed), tq.ternarize(w))
+    deq = packed_ternary.unpack_checkpoint_tensor(packed, scale, out_features=24, dtype=dtype)
     assert deq.dtype == dtype and deq.shape == w.shape
     ref = tq.weight_fake_quant(w)
     if dtype == torch.float32:
@@ -249,16 +250,16 @@ def test_checkpoint_tensor_convention_and_roundtrip(dtype):
 
 
 def test_checkpoint_tensor_1d_and_rows_error():
-    packed, scale = tq.pack_checkpoint_tensor(torch.tensor([0.5, -1.5, 0.1, 2.0]))
-    assert packed.shape == (1,) and tq.unpack_ternary(packed).tolist() == [0, -1, 0, 1]
+    packed, scale = packed_ternary.pack_checkpoint_tensor(torch.tensor([0.5, -1.5, 0.1, 2.0]))
+    assert packed.shape == (1,) and packed_ternary.unpack_ternary(packed).tolist() == [0, -1, 0, 1]
     with pytest.raises(ValueError, match=r"out_features \(dim 0\) = 10 is not a multiple of 4"):
-        tq.pack_checkpoint_tensor(torch.randn(10, 8))
+        packed_ternary.pack_checkpoint_tensor(torch.randn(10, 8))
     with pytest.raises(ValueError, match="6 rows"):
-        tq.pack_ternary(random_ternary(6, 2))
+        packed_ternary.pack_ternary(random_ternary(6, 2))
 
 
 def make_bitlinear(w, bias, dtype):
-    packed, scale = tq.pack_checkpoint_tensor(w)
+    packed, scale = packed_ternary.pack_checkpoint_tensor(w)
     lin = bitnet.BitLinear(w.shape[1], w.shape[0], bias=bias is not None, dtype=dtype)  # plain nn.Module, CPU ok
     lin.load_state_dict({"weight": packed, "weight_scale": scale, **({"bias": bias} if bias is not None else {})})
     return lin

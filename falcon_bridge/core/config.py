@@ -6,13 +6,23 @@ Pure: no file I/O here (cards and config.json are read in `falcon_bridge.formats
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from falcon_bridge.errors import BadInput
 
-SSM_SEGMENTS = ("z", "x", "B", "C", "dt")  # order of Mamba in_proj output rows (and of ssm_multipliers)
-CONV_SEGMENTS = ("x", "B", "C")  # order of conv1d channels
+# The Mamba-2 mixer's row layout, defined here once: in_proj's output rows are z | x | B | C | dt (the order of
+# ssm_multipliers too), conv1d's channels x | B | C; B and C hold the group-shared rows (n_groups · d_state each),
+# the ones replicated when TP exceeds the group count.
+SSM_SEGMENTS = ("z", "x", "B", "C", "dt")
+CONV_SEGMENTS = ("x", "B", "C")
+GROUP_SEGMENTS = ("B", "C")
+
+
+def mamba_segment_sizes(d_ssm: int, group_state: int, n_heads: int) -> dict[str, int]:
+    """Rows of each in_proj segment z|x|B|C|dt (conv1d takes x|B|C of them), for the whole mixer or one TP rank's
+    slice (every rank holds its slice of each segment)."""
+    return dict(zip(SSM_SEGMENTS, (d_ssm, d_ssm, group_state, group_state, n_heads)))
 
 
 @dataclass(frozen=True)
@@ -137,33 +147,37 @@ def _refuse_unsupported(hf: dict[str, Any], source: str) -> None:
                            "default is")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FalconH1Arch:
-    """Everything that fixes tensor shapes and forward arithmetic of a Falcon-H1 model."""
+    """Everything that fixes tensor shapes and forward arithmetic of a Falcon-H1 model.
+
+    The defaults are transformers' FalconH1Config defaults, and `from_hf` uses them for absent config.json keys:
+    one source. Fields without a default must be given (config.json must hold them: REQUIRED_HF_KEYS, rope_theta).
+    """
 
     vocab_size: int
     hidden_size: int
     intermediate_size: int
     num_layers: int
     num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    mamba_d_ssm: int
+    num_kv_heads: int = 8  # config.json null: one KV head per query head
+    head_dim: int  # config.json absent or null: hidden_size // num_heads
+    mamba_d_ssm: int = 1024  # config.json null: mamba_expand × hidden_size
     mamba_n_heads: int
-    mamba_d_head: int
+    mamba_d_head: int  # config.json absent, null or "auto": mamba_d_ssm // mamba_n_heads
     mamba_n_groups: int
     mamba_d_state: int
     mamba_d_conv: int = 4
-    mamba_chunk_size: int = 128
+    mamba_chunk_size: int = 256
     mamba_conv_bias: bool = True
     mamba_proj_bias: bool = False
     projectors_bias: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
     mamba_rms_norm: bool = False
-    mamba_norm_before_gate: bool = False
+    mamba_norm_before_gate: bool = True
     rms_norm_eps: float = 1e-5
-    rope_theta: float = 1e11
+    rope_theta: float  # transformers 4 defaults it to 1e5, transformers 5 to 1e4: a config must say
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
@@ -188,12 +202,11 @@ class FalconH1Arch:
 
     def in_proj_segments(self) -> dict[str, int]:
         """Row counts of in_proj's z | x | B | C | dt segments."""
-        d, gn = self.mamba_d_ssm, self.group_state
-        return dict(zip(SSM_SEGMENTS, (d, d, gn, gn, self.mamba_n_heads)))
+        return mamba_segment_sizes(self.mamba_d_ssm, self.group_state, self.mamba_n_heads)
 
     def conv_segments(self) -> dict[str, int]:
-        d, gn = self.mamba_d_ssm, self.group_state
-        return dict(zip(CONV_SEGMENTS, (d, gn, gn)))
+        sizes = self.in_proj_segments()
+        return {s: sizes[s] for s in CONV_SEGMENTS}
 
     @property
     def q_width(self) -> int:
@@ -202,11 +215,6 @@ class FalconH1Arch:
     @property
     def kv_width(self) -> int:
         return self.num_kv_heads * self.head_dim
-
-    def num_parameters(self) -> int:
-        from falcon_bridge.core.mapping import hf_tensor_shapes  # the shapes are defined once, by the map
-
-        return sum(math.prod(s) for s in hf_tensor_shapes(self).values())
 
     # ---- validation ----------------------------------------------------------------------------------------
     def validate(self, source: str = "config") -> FalconH1Arch:
@@ -272,7 +280,13 @@ class FalconH1Arch:
         heads = _positive_int(hf["num_attention_heads"], source, "num_attention_heads")
         n_heads = _positive_int(hf["mamba_n_heads"], source, "mamba_n_heads")
         _refuse_unsupported(hf, source)
-        d_ssm = hf.get("mamba_d_ssm", 1024)  # transformers: absent is its default 1024; null is expand × hidden
+        defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+        def value(name: str):
+            """config.json's value, or (absent) transformers' default, which is this class's."""
+            return hf.get(HF_KEYS.get(name, name), defaults[name])
+
+        d_ssm = value("mamba_d_ssm")  # null: expand × hidden
         if d_ssm is None:
             d_ssm = _positive_int(hf.get("mamba_expand", 2), source, "mamba_expand") * hidden
         d_head = hf.get("mamba_d_head", "auto")
@@ -286,42 +300,41 @@ class FalconH1Arch:
         for key in TOKEN_ID_FIELDS:
             _token_id(hf.get(key), source, key)
 
-        def ids(key: str, default: int | None):
-            value = hf.get(key, default)
-            return tuple(value) if isinstance(value, list) else value
+        def ids(key: str):
+            v = value(key)
+            return tuple(v) if isinstance(v, list) else v
 
-        hidden_act = hf.get("hidden_act", "silu")
+        hidden_act = value("hidden_act")
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hidden,
             intermediate_size=hf["intermediate_size"],
             num_layers=hf["num_hidden_layers"],
             num_heads=heads,
-            # transformers: absent is its default 8; null means one KV head per query head
-            num_kv_heads=heads if (kv := hf.get("num_key_value_heads", 8)) is None else kv,
+            num_kv_heads=heads if (kv := value("num_kv_heads")) is None else kv,
             head_dim=hf.get("head_dim") or hidden // heads,
             mamba_d_ssm=d_ssm,
             mamba_n_heads=n_heads,
             mamba_d_head=d_head,
             mamba_n_groups=hf["mamba_n_groups"],
             mamba_d_state=hf["mamba_d_state"],
-            mamba_d_conv=hf.get("mamba_d_conv", 4),
-            mamba_chunk_size=hf.get("mamba_chunk_size", 256),
-            mamba_conv_bias=hf.get("mamba_conv_bias", True),
-            mamba_proj_bias=hf.get("mamba_proj_bias", False),
-            projectors_bias=hf.get("projectors_bias", False),
-            attention_bias=hf.get("attention_bias", False),
-            mlp_bias=hf.get("mlp_bias", False),
-            mamba_rms_norm=hf.get("mamba_rms_norm", False),
-            mamba_norm_before_gate=hf.get("mamba_norm_before_gate", True),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+            mamba_d_conv=value("mamba_d_conv"),
+            mamba_chunk_size=value("mamba_chunk_size"),
+            mamba_conv_bias=value("mamba_conv_bias"),
+            mamba_proj_bias=value("mamba_proj_bias"),
+            projectors_bias=value("projectors_bias"),
+            attention_bias=value("attention_bias"),
+            mlp_bias=value("mlp_bias"),
+            mamba_rms_norm=value("mamba_rms_norm"),
+            mamba_norm_before_gate=value("mamba_norm_before_gate"),
+            rms_norm_eps=value("rms_norm_eps"),
             rope_theta=rope_theta,
-            max_position_embeddings=hf.get("max_position_embeddings", 8192),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            max_position_embeddings=value("max_position_embeddings"),
+            tie_word_embeddings=value("tie_word_embeddings"),
             hidden_act=hidden_act if isinstance(hidden_act, str) else repr(hidden_act),
-            bos_token_id=ids("bos_token_id", 1),
-            eos_token_id=ids("eos_token_id", 2),
-            pad_token_id=ids("pad_token_id", 0),
+            bos_token_id=ids("bos_token_id"),
+            eos_token_id=ids("eos_token_id"),
+            pad_token_id=ids("pad_token_id"),
             multipliers=Multipliers.from_hf(hf, source),
         ).validate(source)
 

@@ -10,14 +10,11 @@ from dataclasses import dataclass
 import torch
 
 from falcon_bridge.core import mup, ternary
+from falcon_bridge.core.choices import ExportFormat, MupExport, MupMode
 from falcon_bridge.core.config import FalconH1Arch
-from falcon_bridge.core.mapping import bitnet_scale_name, is_bitnet_linear
+from falcon_bridge.core.mapping import is_bitnet_linear
+from falcon_bridge.core.packed_ternary import DEFAULT_PACKED_FORMAT
 from falcon_bridge.errors import BadInput
-
-FORMATS = ("latent", "packed", "dequantized")
-MUP_EXPORTS = ("unfold", "keep-folded")
-BITNET_QUANTIZATION_CONFIG = {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline",
-                              "modules_to_not_convert": ["lm_head"]}
 
 
 @dataclass(frozen=True)
@@ -30,35 +27,34 @@ class HFExport:
     mup_mode: str
     bitnet: bool
     dtype_of: Callable[[str], torch.dtype]
-    mup_export: str = "unfold"
-    fmt: str = "latent"
+    mup_export: MupExport = MupExport.UNFOLD
+    fmt: ExportFormat = ExportFormat.LATENT
+    packing = DEFAULT_PACKED_FORMAT  # the packed format `--format packed` writes
 
     def __post_init__(self):
-        if self.mup_export not in MUP_EXPORTS:
-            raise BadInput(f"--mup {self.mup_export}: expected {' or '.join(MUP_EXPORTS)}")
-        if self.fmt not in FORMATS:
-            raise BadInput(f"--format {self.fmt}: expected {', '.join(FORMATS)}")
-        if self.fmt != "latent" and not self.bitnet:
+        for flag, value, choices in (("--mup", self.mup_export, MupExport), ("--format", self.fmt, ExportFormat)):
+            if value not in set(choices):
+                raise BadInput(f"{flag} {value}: expected {' or '.join(choices)}")
+        if self.fmt != ExportFormat.LATENT and not self.bitnet:
             raise BadInput(f"--format {self.fmt}: not a BitNet checkpoint (import it with --bitnet)")
 
     @property
     def unfolding(self) -> bool:
-        return self.mup_mode == "fold" and self.mup_export == "unfold"
+        return self.mup_mode == MupMode.FOLD and self.mup_export == MupExport.UNFOLD
 
     @property
     def config_arch(self) -> FalconH1Arch:
         """The architecture config.json describes: the folded one when the weights stay folded."""
-        return mup.folded_arch(self.arch) if self.mup_mode == "fold" and not self.unfolding else self.arch
+        return mup.folded_arch(self.arch) if self.mup_mode == MupMode.FOLD and not self.unfolding else self.arch
 
     @property
     def config_extra(self) -> dict | None:
-        return {"quantization_config": BITNET_QUANTIZATION_CONFIG} if self.fmt == "packed" else None
+        return {"quantization_config": self.packing.quantization_config} if self.fmt == ExportFormat.PACKED else None
 
     def layout(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """(name, shape, dtype) of what is written for one HF tensor."""
-        if self.fmt == "packed" and is_bitnet_linear(name):
-            return [(name, (shape[0] // ternary.VALUES_PER_BYTE, *shape[1:]), torch.uint8),
-                    (bitnet_scale_name(name), (1,), self.dtype_of(name))]
+        if self.fmt == ExportFormat.PACKED and is_bitnet_linear(name):
+            return self.packing.stored(name, shape, self.dtype_of(name))
         return [(name, shape, self.dtype_of(name))]
 
     def tensors(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -66,9 +62,8 @@ class HFExport:
         dtype = self.dtype_of(name)
         if self.unfolding:  # never with BitNet: import refuses --mup fold with --bitnet
             return [(name, mup.unfold(self.arch, name, tensor, dtype))]  # one rounding
-        if self.fmt == "packed" and is_bitnet_linear(name):
-            packed, scale = ternary.pack_checkpoint_tensor(tensor.float())
-            return [(name, packed), (bitnet_scale_name(name), scale.to(dtype))]
-        if self.fmt == "dequantized" and is_bitnet_linear(name):
+        if self.fmt == ExportFormat.PACKED and is_bitnet_linear(name):
+            return self.packing.pack(name, tensor, dtype)
+        if self.fmt == ExportFormat.DEQUANTIZED and is_bitnet_linear(name):
             return [(name, ternary.weight_fake_quant(tensor.float()).to(dtype))]
         return [(name, tensor.to(dtype))]

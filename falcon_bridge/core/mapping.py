@@ -1,7 +1,10 @@
 """THE Falcon-H1 map: Megatron checkpoint key ↔ HF tensor name(s) ↔ transform, in one table.
 
 Read it next to transformers' modeling_falcon_h1.py: every HF tensor of FalconH1ForCausalLM appears once below,
-with its shape. Megatron names follow Megatron-Bridge's Falcon-H1 model so checkpoints interoperate.
+with its shape, the µP multiplier folded into it (`--mup fold`), how create-random initialises it, and whether
+BitNet ternarizes it. Megatron names follow Megatron-Bridge's Falcon-H1 model so checkpoints interoperate.
+Everything else that is per tensor (the fold, BitNet's per-HF-tensor scales, random weights, the packed format's
+list of linears) is read off this table.
 
 Megatron checkpoint tensors are *global* (dist_checkpointing reshards them for any TP at load time); a transform
 turns HF tensors into one or more global Megatron tensors (`suffix → tensor`, e.g. in_proj's `.z .x .B .C .dt`
@@ -10,16 +13,19 @@ pieces, which is how megatron-core's MambaMixer stores them) and back.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from falcon_bridge.core import random_init as rnd
 from falcon_bridge.core import transforms as T
-from falcon_bridge.core.config import CONV_SEGMENTS, SSM_SEGMENTS, FalconH1Arch
+from falcon_bridge.core.config import CONV_SEGMENTS, GROUP_SEGMENTS, SSM_SEGMENTS, FalconH1Arch
 from falcon_bridge.core.parallel import MegatronLayout
 
 Shape = tuple[int, ...]
+Factor = float | torch.Tensor  # a µP fold factor: a scalar, or one per row ([rows, 1])
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,10 @@ class Ctx:
 
 # ---- transforms: (HF tensors → {suffix: Megatron tensor}) and back ---------------------------------------------
 class Transform:
+    # Equal blocks of each Megatron tensor that tensor parallelism splits separately (fc1's [gate; up]: each rank
+    # holds [gate_r; up_r]); megatron-core's MambaMixer splits each in_proj/conv1d piece, which are separate keys.
+    tp_blocks = 1
+
     def to_megatron(self, ctx: Ctx, *hf: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -48,6 +58,21 @@ class Transform:
 
     def megatron_shapes(self, ctx: Ctx, hf_shapes: list[Shape]) -> dict[str, Shape]:
         return {"": hf_shapes[0]}
+
+    def rank_rows(self, ctx: Ctx, hf_rows: list[int], tp_rank: int) -> torch.Tensor:
+        """For each row a column-parallel TP rank holds of the Megatron weight (its pieces' rank slices, in piece
+        order): the global index of the HF row it holds, counting through the rule's HF tensors in order. Found by
+        sending row indices through `to_megatron`, so it follows every fusion, interleave and replication the
+        checkpoint layout makes."""
+        ids = torch.arange(sum(hf_rows)).split(hf_rows)
+        pieces = self.to_megatron(ctx, *ids).values()
+        return torch.cat([block.chunk(ctx.layout.tp)[tp_rank] for piece in pieces
+                          for block in piece.chunk(self.tp_blocks)])
+
+    def copies(self, ctx: Ctx, hf_rows: list[int]) -> torch.Tensor:
+        """How many times each HF row appears in the Megatron tensors (replicated Mamba groups: more than once)."""
+        ids = torch.arange(sum(hf_rows)).split(hf_rows)
+        return torch.bincount(torch.cat(list(self.to_megatron(ctx, *ids).values())), minlength=sum(hf_rows))
 
 
 class Copy(Transform):
@@ -87,6 +112,8 @@ class QKV(Transform):
 class GateUp(Transform):
     """gate, up → linear_fc1 = [gate; up] (megatron-core's SwiGLU layout)."""
 
+    tp_blocks = 2
+
     def to_megatron(self, ctx, gate, up):
         return {"": T.gate_up_fuse(gate, up)}
 
@@ -110,14 +137,14 @@ class MambaSegments(Transform):
 
     def to_megatron(self, ctx, t):
         parts = T.split_rows(t, self._sizes(ctx))
-        for s in ("B", "C"):
+        for s in GROUP_SEGMENTS:
             parts[s] = T.replicate_groups(parts[s], ctx.arch.mamba_n_groups, ctx.group_factor)
         return {f".{s}": p for s, p in parts.items()}
 
     def to_hf_reporting(self, ctx, mg):
         parts = {s: mg[f".{s}"] for s in self.segments}
         divergence = 0.0
-        for s in ("B", "C"):
+        for s in GROUP_SEGMENTS:
             parts[s], d = T.collapse_groups(parts[s], ctx.arch.mamba_n_groups, ctx.group_factor)
             divergence = max(divergence, d)
         return (T.join_rows(parts, self.segments),), divergence
@@ -125,7 +152,7 @@ class MambaSegments(Transform):
     def megatron_shapes(self, ctx, hf_shapes):
         rest = hf_shapes[0][1:]
         sizes = self._sizes(ctx)
-        return {f".{s}": (n * (ctx.group_factor if s in "BC" else 1), *rest) for s, n in sizes.items()}
+        return {f".{s}": (n * (ctx.group_factor if s in GROUP_SEGMENTS else 1), *rest) for s, n in sizes.items()}
 
 
 COPY, VOCAB, QKV_, GATE_UP = Copy(), Vocab(), QKV(), GateUp()
@@ -134,79 +161,149 @@ IN_PROJ, CONV = MambaSegments(SSM_SEGMENTS), MambaSegments(CONV_SEGMENTS)
 
 # ---- the table ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class HFTensor:
+    name: str  # relative to "model.layers.{i}." for layer rules
+    shape: Callable[[FalconH1Arch], Shape]
+    fold: Callable[[FalconH1Arch], Factor] | None  # µP multiplier(s) `--mup fold` multiplies into it; None: none
+    init: Callable  # create-random's initialiser, from core/random_init.py
+
+
+def hf(name: str, shape: Callable[[FalconH1Arch], Shape], fold: Callable[[FalconH1Arch], Factor] | None = None,
+       init: Callable | None = None) -> HFTensor:
+    """An HF tensor of a rule. create-random initialises it as a linear layer's weight (or, for `.bias`, as a bias)
+    unless the rule names another initialiser."""
+    return HFTensor(name, shape, fold, init or (rnd.bias if name.endswith(".bias") else rnd.linear))
+
+
+@dataclass(frozen=True)
 class Rule:
     megatron: str  # Megatron parameter name; checkpoint keys are megatron + each suffix of the transform
-    hf: tuple[tuple[str, Callable[[FalconH1Arch], Shape]], ...]  # (HF name, HF shape) feeding it, in order
+    hf: tuple[HFTensor, ...]  # the HF tensors feeding it, in the transform's order
     transform: Transform
     when: Callable[[FalconH1Arch], bool] = lambda a: True
+    # BitNet linears (ternary in BitNet models, packed in the HF format) say how TP splits the Megatron weight:
+    # COLUMN its rows, ROW its columns. None: not a BitNet linear.
+    bitnet: str | None = None
 
 
-def R(megatron, hf, transform, when=lambda a: True) -> Rule:
-    return Rule(megatron, hf if isinstance(hf[0], tuple) else (hf,), transform, when)
+COLUMN, ROW = "column", "row"
+
+
+def R(megatron, hf_tensors, transform, when=lambda a: True, bitnet=None) -> Rule:
+    return Rule(megatron, hf_tensors if isinstance(hf_tensors, tuple) else (hf_tensors,), transform, when, bitnet)
+
+
+def mult(name: str, index: int | None = None) -> Callable[[FalconH1Arch], float]:
+    """The fold factor that is one µP multiplier (`index`: one entry of a list multiplier)."""
+    return lambda a: getattr(a.multipliers, name) if index is None else getattr(a.multipliers, name)[index]
+
+
+def in_proj_fold(a: FalconH1Arch) -> torch.Tensor:
+    """in_proj's per-row fold factor [rows, 1]: ssm_in (its input's multiplier) × each segment's ssm_multiplier."""
+    m = a.multipliers
+    return torch.cat([torch.full((n, 1), m.ssm_in * s, dtype=torch.float64)
+                      for n, s in zip(a.in_proj_segments().values(), m.ssm)])
 
 
 # Megatron "<name>"  ↔  HF "<name>"
 MODEL_RULES = (
-    R("embedding.word_embeddings.weight", ("model.embed_tokens.weight", lambda a: (a.vocab_size, a.hidden_size)),
+    R("embedding.word_embeddings.weight",
+      hf("model.embed_tokens.weight", lambda a: (a.vocab_size, a.hidden_size), mult("embedding"), rnd.embedding),
       VOCAB),
-    R("decoder.final_norm.weight", ("model.final_layernorm.weight", lambda a: (a.hidden_size,)), COPY),
-    R("output_layer.weight", ("lm_head.weight", lambda a: (a.vocab_size, a.hidden_size)), VOCAB,
+    R("decoder.final_norm.weight", hf("model.final_layernorm.weight", lambda a: (a.hidden_size,), init=rnd.norm),
+      COPY),
+    R("output_layer.weight", hf("lm_head.weight", lambda a: (a.vocab_size, a.hidden_size), mult("lm_head")), VOCAB,
       when=lambda a: not a.tie_word_embeddings),
 )
 
 # Megatron "decoder.layers.{i}.<name>"  ↔  HF "model.layers.{i}.<name>"   (i = global layer index)
 LAYER_RULES = (
     # shared pre-norm of the parallel Mamba and attention branches
-    R("norm.weight", ("input_layernorm.weight", lambda a: (a.hidden_size,)), COPY),
-    # attention
-    R("self_attention.linear_qkv.weight", (("self_attn.q_proj.weight", lambda a: (a.q_width, a.hidden_size)),
-                                           ("self_attn.k_proj.weight", lambda a: (a.kv_width, a.hidden_size)),
-                                           ("self_attn.v_proj.weight", lambda a: (a.kv_width, a.hidden_size))), QKV_),
-    R("self_attention.linear_qkv.bias", (("self_attn.q_proj.bias", lambda a: (a.q_width,)),
-                                         ("self_attn.k_proj.bias", lambda a: (a.kv_width,)),
-                                         ("self_attn.v_proj.bias", lambda a: (a.kv_width,))), QKV_,
-      when=lambda a: a.attention_bias),
-    R("self_attention.linear_proj.weight", ("self_attn.o_proj.weight", lambda a: (a.hidden_size, a.q_width)), COPY),
-    R("self_attention.linear_proj.bias", ("self_attn.o_proj.bias", lambda a: (a.hidden_size,)), COPY,
-      when=lambda a: a.attention_bias),
+    R("norm.weight", hf("input_layernorm.weight", lambda a: (a.hidden_size,), init=rnd.norm), COPY),
+    # attention (attention_in multiplies its input: folded into q, k, v; key_multiplier scales K)
+    R("self_attention.linear_qkv.weight",
+      (hf("self_attn.q_proj.weight", lambda a: (a.q_width, a.hidden_size), mult("attention_in")),
+       hf("self_attn.k_proj.weight", lambda a: (a.kv_width, a.hidden_size),
+          lambda a: a.multipliers.attention_in * a.multipliers.key),
+       hf("self_attn.v_proj.weight", lambda a: (a.kv_width, a.hidden_size), mult("attention_in"))),
+      QKV_, bitnet=COLUMN),
+    R("self_attention.linear_qkv.bias",
+      (hf("self_attn.q_proj.bias", lambda a: (a.q_width,)),
+       hf("self_attn.k_proj.bias", lambda a: (a.kv_width,), mult("key")),
+       hf("self_attn.v_proj.bias", lambda a: (a.kv_width,))),
+      QKV_, when=lambda a: a.attention_bias),
+    R("self_attention.linear_proj.weight",
+      hf("self_attn.o_proj.weight", lambda a: (a.hidden_size, a.q_width), mult("attention_out")), COPY, bitnet=ROW),
+    R("self_attention.linear_proj.bias", hf("self_attn.o_proj.bias", lambda a: (a.hidden_size,),
+                                            mult("attention_out")), COPY, when=lambda a: a.attention_bias),
     # Mamba-2 mixer
-    R("mamba_mixer.in_proj.weight", ("mamba.in_proj.weight", lambda a: (a.in_proj_rows, a.hidden_size)), IN_PROJ),
-    R("mamba_mixer.conv1d.weight", ("mamba.conv1d.weight", lambda a: (a.conv_dim, 1, a.mamba_d_conv)), CONV),
-    R("mamba_mixer.conv1d.bias", ("mamba.conv1d.bias", lambda a: (a.conv_dim,)), CONV),
-    R("mamba_mixer.dt_bias", ("mamba.dt_bias", lambda a: (a.mamba_n_heads,)), COPY),
-    R("mamba_mixer.A_log", ("mamba.A_log", lambda a: (a.mamba_n_heads,)), COPY),
-    R("mamba_mixer.D", ("mamba.D", lambda a: (a.mamba_n_heads,)), COPY),
-    R("mamba_mixer.norm.weight", ("mamba.norm.weight", lambda a: (a.mamba_d_ssm,)), COPY,
+    R("mamba_mixer.in_proj.weight", hf("mamba.in_proj.weight", lambda a: (a.in_proj_rows, a.hidden_size),
+                                       in_proj_fold), IN_PROJ, bitnet=COLUMN),
+    R("mamba_mixer.conv1d.weight", hf("mamba.conv1d.weight", lambda a: (a.conv_dim, 1, a.mamba_d_conv),
+                                      init=rnd.conv), CONV),
+    R("mamba_mixer.conv1d.bias", hf("mamba.conv1d.bias", lambda a: (a.conv_dim,), init=rnd.conv), CONV),
+    R("mamba_mixer.dt_bias", hf("mamba.dt_bias", lambda a: (a.mamba_n_heads,), init=rnd.dt_bias), COPY),
+    R("mamba_mixer.A_log", hf("mamba.A_log", lambda a: (a.mamba_n_heads,), init=rnd.a_log), COPY),
+    R("mamba_mixer.D", hf("mamba.D", lambda a: (a.mamba_n_heads,), init=rnd.skip), COPY),
+    R("mamba_mixer.norm.weight", hf("mamba.norm.weight", lambda a: (a.mamba_d_ssm,), init=rnd.norm), COPY,
       when=lambda a: a.mamba_rms_norm),
-    R("mamba_mixer.out_proj.weight", ("mamba.out_proj.weight", lambda a: (a.hidden_size, a.mamba_d_ssm)), COPY),
-    # MLP (its pre-norm is fused into linear_fc1, as in Megatron-Bridge)
-    R("mlp.linear_fc1.layer_norm_weight", ("pre_ff_layernorm.weight", lambda a: (a.hidden_size,)), COPY),
-    R("mlp.linear_fc1.weight", (("feed_forward.gate_proj.weight", lambda a: (a.intermediate_size, a.hidden_size)),
-                                ("feed_forward.up_proj.weight", lambda a: (a.intermediate_size, a.hidden_size))),
-      GATE_UP),
-    R("mlp.linear_fc1.bias", (("feed_forward.gate_proj.bias", lambda a: (a.intermediate_size,)),
-                              ("feed_forward.up_proj.bias", lambda a: (a.intermediate_size,))), GATE_UP,
-      when=lambda a: a.mlp_bias),
-    R("mlp.linear_fc2.weight", ("feed_forward.down_proj.weight", lambda a: (a.hidden_size, a.intermediate_size)),
+    R("mamba_mixer.out_proj.weight", hf("mamba.out_proj.weight", lambda a: (a.hidden_size, a.mamba_d_ssm),
+                                        mult("ssm_out")), COPY, bitnet=ROW),
+    # MLP (its pre-norm is fused into linear_fc1, as in Megatron-Bridge; mlp_multipliers: gate, down)
+    R("mlp.linear_fc1.layer_norm_weight", hf("pre_ff_layernorm.weight", lambda a: (a.hidden_size,), init=rnd.norm),
       COPY),
-    R("mlp.linear_fc2.bias", ("feed_forward.down_proj.bias", lambda a: (a.hidden_size,)), COPY,
-      when=lambda a: a.mlp_bias),
+    R("mlp.linear_fc1.weight",
+      (hf("feed_forward.gate_proj.weight", lambda a: (a.intermediate_size, a.hidden_size), mult("mlp", 0)),
+       hf("feed_forward.up_proj.weight", lambda a: (a.intermediate_size, a.hidden_size))),
+      GATE_UP, bitnet=COLUMN),
+    R("mlp.linear_fc1.bias",
+      (hf("feed_forward.gate_proj.bias", lambda a: (a.intermediate_size,), mult("mlp", 0)),
+       hf("feed_forward.up_proj.bias", lambda a: (a.intermediate_size,))),
+      GATE_UP, when=lambda a: a.mlp_bias),
+    R("mlp.linear_fc2.weight", hf("feed_forward.down_proj.weight", lambda a: (a.hidden_size, a.intermediate_size),
+                                  mult("mlp", 1)), COPY, bitnet=ROW),
+    R("mlp.linear_fc2.bias", hf("feed_forward.down_proj.bias", lambda a: (a.hidden_size,),
+                                mult("mlp", 1)), COPY, when=lambda a: a.mlp_bias),
 )
 
 
-# HF linears that BitNet ternarizes (all but lm_head; embeddings, norms, conv1d, A_log, D, dt_bias stay float)
-BITNET_LINEARS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                  "self_attn.o_proj.weight", "mamba.in_proj.weight", "mamba.out_proj.weight",
-                  "feed_forward.gate_proj.weight", "feed_forward.up_proj.weight", "feed_forward.down_proj.weight")
+# ---- per-tensor facts read off the table --------------------------------------------------------------------------
+_HF_TENSORS = {t.name: (rule, t) for rule in MODEL_RULES + LAYER_RULES for t in rule.hf}
+
+
+def hf_rule(hf_name: str) -> tuple[Rule, HFTensor] | None:
+    """The rule of a full HF tensor name (`model.layers.7.mamba.D` → the mamba_mixer.D rule), None if unknown."""
+    key = hf_name.split(".", 3)[3] if hf_name.startswith("model.layers.") else hf_name
+    found = _HF_TENSORS.get(key)
+    # a layer tensor's relative name never collides with a model-level one, but it is only valid under layers
+    return found if found and (found[0] in LAYER_RULES) == hf_name.startswith("model.layers.") else None
+
+
+def fold_factor(arch: FalconH1Arch, hf_name: str) -> Factor | None:
+    """The µP factor folded into this HF tensor, or None when none is (norms, conv1d, A_log, D, dt_bias, up_proj)."""
+    found = hf_rule(hf_name)
+    return None if found is None or found[1].fold is None else found[1].fold(arch)
 
 
 def is_bitnet_linear(hf_name: str) -> bool:
-    return hf_name.startswith("model.layers.") and hf_name.endswith(BITNET_LINEARS)
+    """Whether BitNet ternarizes this HF tensor (every linear of the blocks; not embeddings, lm_head, norms, conv1d,
+    A_log, D, dt_bias, biases)."""
+    found = hf_rule(hf_name)
+    return found is not None and found[0].bitnet is not None and found[1].name.endswith(".weight")
 
 
-def bitnet_scale_name(weight_name: str) -> str:
-    """The packed format's companion of `X.weight`: `X.weight_scale`."""
-    return weight_name.removesuffix("weight") + "weight_scale"
+def bitnet_row_sources(rule: Rule, ctx: Ctx, tp_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a BitNet linear's weight on one TP rank: which of the rule's HF tensors each local row comes from
+    (long [rows]), the weight each row's |W| counts with (1/copies, so replicated Mamba B/C rows count once), and
+    each HF tensor's element count — what per-HF-tensor absmean scales need, whatever TP fuses and splits."""
+    shapes = [t.shape(ctx.arch) for t in rule.hf]
+    rows = [s[0] for s in shapes]
+    numel = torch.tensor([math.prod(s) for s in shapes])
+    if rule.bitnet == ROW:  # TP splits the columns: every rank holds all rows, of one HF tensor
+        return torch.zeros(rows[0], dtype=torch.long), torch.ones(rows[0]), numel
+    local = rule.transform.rank_rows(ctx, rows, tp_rank)
+    segment = torch.bucketize(local, torch.tensor(rows).cumsum(0), right=True)
+    return segment, 1.0 / rule.transform.copies(ctx, rows)[local].double(), numel
 
 
 # Modules with an `_extra_state` object: megatron-core's parallel linears (None for the local backend, FP8 metadata
@@ -245,8 +342,8 @@ class Entry:
 def entries(arch: FalconH1Arch) -> list[Entry]:
     """Every tensor of the model, in forward order (embedding, layers, final norm, output layer)."""
     def make(rule: Rule, mg_prefix: str, hf_prefix: str, layer: int | None) -> Entry:
-        return Entry(mg_prefix + rule.megatron, tuple(hf_prefix + n for n, _ in rule.hf),
-                     tuple(shape(arch) for _, shape in rule.hf), rule.transform, layer)
+        return Entry(mg_prefix + rule.megatron, tuple(hf_prefix + t.name for t in rule.hf),
+                     tuple(t.shape(arch) for t in rule.hf), rule.transform, layer)
 
     model = {r.megatron: r for r in MODEL_RULES if r.when(arch)}
     out = [make(model.pop("embedding.word_embeddings.weight"), "", "", None)]
@@ -259,6 +356,10 @@ def entries(arch: FalconH1Arch) -> list[Entry]:
 def hf_tensor_shapes(arch: FalconH1Arch) -> dict[str, Shape]:
     """Every tensor of the HF checkpoint and its shape."""
     return {n: s for e in entries(arch) for n, s in zip(e.hf, e.hf_shapes)}
+
+
+def num_parameters(arch: FalconH1Arch) -> int:
+    return sum(math.prod(s) for s in hf_tensor_shapes(arch).values())
 
 
 def megatron_tensor_shapes(arch: FalconH1Arch, layout: MegatronLayout) -> dict[str, Shape]:

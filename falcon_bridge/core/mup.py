@@ -1,4 +1,5 @@
-"""µP fold: each Falcon-H1 forward multiplier multiplied into the weight next to it, and back.
+"""µP fold: each Falcon-H1 forward multiplier multiplied into the weight next to it, and back. Which factor goes
+into which tensor is the `fold` column of the map (core/mapping.py).
 
 Every multiplier sits beside a bias-free linear map (and RoPE is linear), so the fold is exact in real arithmetic.
 Arithmetic: fp64, one rounding to the storage dtype. Unfolding divides by the same factor: bit-exact when the
@@ -12,44 +13,8 @@ from dataclasses import replace
 import torch
 
 from falcon_bridge.core.config import FalconH1Arch, Multipliers
+from falcon_bridge.core.mapping import fold_factor
 from falcon_bridge.errors import BadInput
-
-
-def _in_proj_rows(a: FalconH1Arch, with_input: bool) -> torch.Tensor:
-    """Per-row factor of in_proj (segments z|x|B|C|dt, as ssm_multipliers are ordered): ssm_in (input side, so
-    weights only) × the segment's ssm_multiplier."""
-    m = a.multipliers
-    scale = m.ssm_in if with_input else 1.0
-    return torch.cat([torch.full((n, 1), scale * s, dtype=torch.float64)
-                      for n, s in zip(a.in_proj_segments().values(), m.ssm)])
-
-
-# HF tensor (model.layers.{i}. prefix dropped) → its fold factor: a scalar, or a [rows, 1] tensor
-FOLD_FACTORS = {
-    "model.embed_tokens.weight": lambda a: a.multipliers.embedding,
-    "lm_head.weight": lambda a: a.multipliers.lm_head,
-    "self_attn.q_proj.weight": lambda a: a.multipliers.attention_in,
-    "self_attn.k_proj.weight": lambda a: a.multipliers.attention_in * a.multipliers.key,
-    "self_attn.k_proj.bias": lambda a: a.multipliers.key,
-    "self_attn.v_proj.weight": lambda a: a.multipliers.attention_in,
-    "self_attn.o_proj.weight": lambda a: a.multipliers.attention_out,
-    "self_attn.o_proj.bias": lambda a: a.multipliers.attention_out,
-    "mamba.in_proj.weight": lambda a: _in_proj_rows(a, with_input=True),
-    "mamba.in_proj.bias": lambda a: _in_proj_rows(a, with_input=False)[:, 0],
-    "mamba.out_proj.weight": lambda a: a.multipliers.ssm_out,
-    "mamba.out_proj.bias": lambda a: a.multipliers.ssm_out,
-    "feed_forward.gate_proj.weight": lambda a: a.multipliers.mlp[0],
-    "feed_forward.gate_proj.bias": lambda a: a.multipliers.mlp[0],
-    "feed_forward.down_proj.weight": lambda a: a.multipliers.mlp[1],
-    "feed_forward.down_proj.bias": lambda a: a.multipliers.mlp[1],
-}
-
-
-def fold_factor(arch: FalconH1Arch, hf_name: str):
-    """The factor folded into this HF tensor, or None when none is (norms, conv1d, A_log, D, dt_bias, up_proj)."""
-    key = hf_name.split(".", 3)[3] if hf_name.startswith("model.layers.") else hf_name
-    fn = FOLD_FACTORS.get(key)
-    return None if fn is None else fn(arch)
 
 
 def _apply(t: torch.Tensor, factor, out_dtype: torch.dtype, divide: bool) -> torch.Tensor:

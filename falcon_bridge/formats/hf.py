@@ -20,8 +20,7 @@ import torch
 from safetensors import safe_open
 
 from falcon_bridge.core.config import FalconH1Arch
-from falcon_bridge.core.mapping import bitnet_scale_name
-from falcon_bridge.core.ternary import VALUES_PER_BYTE, unpack_checkpoint_tensor
+from falcon_bridge.core.packed_ternary import packed_format
 from falcon_bridge.errors import BadInput, first_line
 from falcon_bridge.formats.untrusted import TOKENIZER_MAX_BYTES, read_json, regular_file_size
 
@@ -107,27 +106,27 @@ class HFCheckpoint:
                                   else ""))
         self.packed: dict[str, TensorInfo] = {}  # logical name → its weight_scale (HF BitNet packed checkpoints)
         quant = self.config.get("quantization_config") or {}
+        if not isinstance(quant, dict):
+            raise BadInput(f"{self.path / 'config.json'}: field quantization_config: expected an object")
+        self.packing = None
         if quant.get("quant_method") == "bitnet":
-            self._adopt_bitnet_packing(quant)
+            self.packing = packed_format(quant, str(self.path / "config.json"))
+            self._adopt_packed_linears()
 
-    def _adopt_bitnet_packing(self, quant: dict) -> None:
-        """Present each packed uint8 `X.weight` [out/4, in] + `X.weight_scale` as the float tensor `X.weight`
-        [out, in] (ternary × mean|W|), so the rest of the pipeline sees an ordinary checkpoint."""
-        if quant.get("linear_class", "bitlinear") != "bitlinear":
-            raise BadInput(f"{self.path / 'config.json'}: quantization_config.linear_class "
-                           f"{quant.get('linear_class')!r} is not supported (only 'bitlinear')")
+    def _adopt_packed_linears(self) -> None:
+        """Present each packed uint8 `X.weight` (with its `X.weight_scale`) as the float tensor `X.weight` of the
+        unpacked shape, so the rest of the pipeline sees an ordinary checkpoint."""
         packed = [n for n, i in self.tensors.items() if i.dtype == torch.uint8]
         if not packed:
             raise BadInput(f"{self.path / 'config.json'}: quantization_config says bitnet, but no tensor is packed "
                            "(uint8)")
         for name in packed:
-            scale_name = bitnet_scale_name(name)
+            scale_name = self.packing.scale_name(name)
             scale = self.tensors.pop(scale_name, None)
             if scale is None:
                 raise BadInput(f"{self.tensors[name].file}: tensor {scale_name} is missing (packed {name} needs it)")
             info = self.tensors[name]
-            self.tensors[name] = TensorInfo(info.file, (info.shape[0] * VALUES_PER_BYTE, *info.shape[1:]),
-                                            scale.dtype)
+            self.tensors[name] = TensorInfo(info.file, self.packing.unpacked_shape(info.shape), scale.dtype)
             self.packed[name] = scale
 
     def _shard_path(self, index: Path, tensor: object, file: object) -> Path:
@@ -149,16 +148,10 @@ class HFCheckpoint:
             raise BadInput(f"{self.path}: tensor {name} is missing")
         try:
             if name in self.packed:
-                scale = self.packed[name]
-                with safe_open(str(scale.file), framework="pt") as h:
-                    weight_scale = h.get_tensor(bitnet_scale_name(name))
+                with safe_open(str(self.packed[name].file), framework="pt") as h:
+                    weight_scale = h.get_tensor(self.packing.scale_name(name))
                 with safe_open(str(info.file), framework="pt") as h:
-                    w = unpack_checkpoint_tensor(h.get_tensor(name), weight_scale, info.shape[0], torch.float32)
-                # ternary × mean|W| has a smaller absmean than the original latent weights (zeros count), so
-                # dividing by the non-zero fraction makes re-quantization give back the same ternary values and
-                # the same weight_scale: a packed model survives import → export unchanged.
-                nonzero = (w != 0).float().mean()
-                return (w / nonzero if nonzero > 0 else w).to(info.dtype)
+                    return self.packing.read_back(h.get_tensor(name), weight_scale, info.shape[0]).to(info.dtype)
             with safe_open(str(info.file), framework="pt") as h:
                 return h.get_tensor(name).clone()
         except Exception as e:  # noqa: BLE001

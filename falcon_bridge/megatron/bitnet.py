@@ -17,7 +17,9 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from falcon_bridge.core import ternary
-from falcon_bridge.core.transforms import qkv_interleave
+from falcon_bridge.core.config import FalconH1Arch
+from falcon_bridge.core.mapping import LAYER_RULES, Ctx, bitnet_row_sources
+from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.megatron.model import NormColumnParallelLinear
 
 
@@ -95,50 +97,13 @@ class BitNetRowParallelLinear(_TernaryWeight, RowParallelLinear):
 
 
 # ---- which HF tensor each local row belongs to ------------------------------------------------------------------
-def assign_segments(layer, config, tp_rank: int, tp_size: int) -> None:
-    """Tell each BitNet linear of a FalconH1Layer which HF tensor each of its local rows comes from."""
-    h = config.hidden_size
-    attn, mixer, mlp = layer.self_attention, layer.mamba_mixer, layer.mlp
-    q_width = config.num_attention_heads * config.kv_channels
-    attn.linear_qkv.set_segments(*qkv_segments(config.num_attention_heads, config.num_query_groups,
-                                               config.kv_channels, h, tp_rank, tp_size))
-    attn.linear_proj.set_segments(*whole_tensor_segment(h, h * q_width))
-    hf_groups = config.mamba_hf_num_groups or mixer.ngroups
-    hf_rows = 2 * mixer.d_inner + 2 * hf_groups * mixer.d_state + mixer.nheads
-    mixer.in_proj.set_segments(*in_proj_segments(mixer.in_proj_local_sizes(), mixer.ngroups // hf_groups, h,
-                                                 hf_rows))
-    mixer.out_proj.set_segments(*whole_tensor_segment(h, h * mixer.d_inner))
-    mlp.linear_fc1.set_segments(*gate_up_segments(config.ffn_hidden_size, h, tp_size))
-    mlp.linear_fc2.set_segments(*whole_tensor_segment(h, h * config.ffn_hidden_size))
-
-
-def qkv_segments(num_heads: int, num_groups: int, head_dim: int, hidden: int, tp_rank: int, tp_size: int):
-    """linear_qkv: rows in Megatron's fused q|k|v order (transforms.qkv_interleave), labelled 0 q, 1 k, 2 v;
-    ranks hold contiguous slices."""
-    def label(value: int, heads: int) -> torch.Tensor:
-        return torch.full((heads * head_dim,), value, dtype=torch.long)
-
-    rows = qkv_interleave(label(0, num_heads), label(1, num_groups), label(2, num_groups), num_groups, head_dim)
-    segment = rows.chunk(tp_size)[tp_rank]
-    numel = torch.tensor([num_heads * head_dim * hidden, num_groups * head_dim * hidden,
-                          num_groups * head_dim * hidden])
-    return segment, torch.ones(len(segment)), numel
-
-
-def gate_up_segments(ffn: int, hidden: int, tp_size: int):
-    """linear_fc1: each rank holds [gate_r; up_r]."""
-    local = ffn // tp_size
-    return torch.cat([torch.zeros(local), torch.ones(local)]).long(), torch.ones(2 * local), \
-        torch.tensor([ffn * hidden, ffn * hidden])
-
-
-def in_proj_segments(sizes: tuple[int, ...], replicas: int, hidden: int, hf_rows: int):
-    """Mamba in_proj: one HF tensor; each rank holds [z_r|x_r|B_r|C_r|dt_r] (`sizes`), B/C rows replicated
-    `replicas` times."""
-    weight = torch.cat([torch.full((n,), 1.0 / replicas if i in (2, 3) else 1.0) for i, n in enumerate(sizes)])
-    return torch.zeros(sum(sizes)).long(), weight, torch.tensor([hf_rows * hidden])
-
-
-def whole_tensor_segment(local_rows: int, full_numel: int):
-    """A weight that is one HF tensor (row-parallel layers: o_proj, out_proj, down_proj)."""
-    return torch.zeros(local_rows).long(), torch.ones(local_rows), torch.tensor([full_numel])
+def assign_segments(model, arch: FalconH1Arch, tp_rank: int, tp_size: int) -> None:
+    """Tell each BitNet linear of the model's layers which HF tensor each of its local rows comes from, as the map's
+    BitNet rules say (q/k/v fused in linear_qkv, gate/up in fc1, replicated B/C rows in in_proj)."""
+    ctx = Ctx(arch, MegatronLayout(tp=tp_size))
+    for rule in LAYER_RULES:
+        if rule.bitnet is None or not rule.when(arch):
+            continue
+        sources = bitnet_row_sources(rule, ctx, tp_rank)
+        for layer in model.decoder.layers:
+            layer.get_submodule(rule.megatron.removesuffix(".weight")).set_segments(*sources)

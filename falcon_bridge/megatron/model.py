@@ -360,10 +360,6 @@ class FalconH1Layer(MegatronModule):
         self.self_attention = build_module(submodules.self_attention, config=config, layer_number=layer_number,
                                            pg_collection=pg_collection, pp_layer_offset=pp_layer_offset)
         self.mlp = build_module(submodules.mlp, config=config, tp_group=pg_collection.tp)
-        if hasattr(self.mlp.linear_fc1, "set_segments"):  # BitNet linears (the spec's choice) scale per HF tensor
-            from falcon_bridge.megatron.bitnet import assign_segments
-
-            assign_segments(self, config, pg_collection.tp.rank(), pg_collection.tp.size())
 
     def forward(self, hidden_states, attention_mask, rotary_pos_emb=None, **_):
         c = self.config
