@@ -41,19 +41,6 @@ class FalconH1ModelProvider:
         the architecture's own."""
         return "preserve" if self.multipliers in (None, self.arch.multipliers) else "fold"
 
-    @classmethod
-    def from_card(cls, name: str, **kw) -> FalconH1ModelProvider:
-        from falcon_bridge.formats.cards import load_card
-
-        return cls(load_card(name).arch, **kw)
-
-    @classmethod
-    def from_hf(cls, hf_config, **kw) -> FalconH1ModelProvider:
-        """From a transformers FalconH1Config or a config.json dict."""
-        arch = FalconH1Arch.from_hf(hf_config) if isinstance(hf_config, dict) else FalconH1Arch.from_hf_config(
-            hf_config)
-        return cls(arch, **kw)
-
     # ---- megatron-core config -------------------------------------------------------------------------------
     def transformer_config(self):
         from falcon_bridge.megatron.model import FalconH1TransformerConfig, scaled_silu
@@ -189,5 +176,9 @@ class FalconH1ModelProvider:
             post_process=pp_rank == lay.pp - 1, parallel_output=parallel_output,
             share_embeddings_and_output_weights=a.tie_word_embeddings, rotary_base=a.rope_theta,
             unpadded_vocab_size=a.vocab_size, pg_collection=pg_collection)
+        if self.bitnet:  # BitNet scales are per HF tensor: each linear learns which HF tensor its rows come from
+            from falcon_bridge.megatron.bitnet import assign_segments
+
+            assign_segments(model, a, pg_collection.tp.rank(), pg_collection.tp.size())
         model.provider = self  # what the live bridge (converters/live.py) needs to map the weights back to HF
         return model
