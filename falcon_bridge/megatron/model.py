@@ -32,6 +32,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import sharded_state_dict_default
 
+from falcon_bridge.core.config import CONV_SEGMENTS, GROUP_SEGMENTS, SSM_SEGMENTS, mamba_segment_sizes
+
 
 @dataclass
 class FalconH1TransformerConfig(TransformerConfig):
@@ -196,7 +198,7 @@ class FalconH1MambaMixer(MambaMixer):
         if all(m == 1.0 for m in config.ssm_multipliers):
             return
         vector = torch.cat([torch.full((n,), m, dtype=torch.float32)
-                            for n, m in zip(self.in_proj_local_sizes(), config.ssm_multipliers)])
+                            for n, m in zip(self.local_segment_rows().values(), config.ssm_multipliers)])
         self.register_buffer("mup_vector", vector.to(self.in_proj.weight.device), persistent=False)
         self.in_proj.register_forward_hook(self._scale_zxbcdt)
 
@@ -212,14 +214,9 @@ class FalconH1MambaMixer(MambaMixer):
             "replicated Mamba groups need gradient_accumulation_fusion=False (their gradients are summed in a hook)"
         hf_group = torch.tensor([g for g, _ in self.local_group_copies])
         self.register_buffer("hf_group_of_local", hf_group.to(self.in_proj.weight.device), persistent=False)
-        bc_rows = self.ngroups_local_tp * self.d_state
-        in_proj_b = 2 * self.d_inner_local_tp
-        conv_b = self.d_inner_local_tp
-        self.in_proj.weight.register_hook(partial(self._replica_gradient_sum, hf_groups, (in_proj_b,
-                                                                                        in_proj_b + bc_rows)))
-        for param in (self.conv1d_weight, self.conv1d_bias):
+        for param, starts in self._group_rows():
             if param is not None:
-                param.register_hook(partial(self._replica_gradient_sum, hf_groups, (conv_b, conv_b + bc_rows)))
+                param.register_hook(partial(self._replica_gradient_sum, hf_groups, starts))
 
     def _replica_gradient_sum(self, hf_groups: int, starts: tuple[int, int], grad: torch.Tensor) -> torch.Tensor:
         """grad with its B and C rows (local groups starting at `starts`) replaced by the sum, over every copy on
@@ -241,8 +238,7 @@ class FalconH1MambaMixer(MambaMixer):
         [HF group, copy]."""
         group, rows = self.pg_collection.tp, 2 * self.ngroups_local_tp * self.d_state
         spread = 0.0
-        for param, start in ((self.in_proj.weight, 2 * self.d_inner_local_tp),
-                             (self.conv1d_weight, self.d_inner_local_tp), (self.conv1d_bias, self.d_inner_local_tp)):
+        for param, (start, _) in self._group_rows():
             local = param[start:start + rows].unflatten(0, (2, self.ngroups_local_tp, self.d_state)).contiguous()
             parts = [torch.empty_like(local) for _ in range(group.size())]
             torch.distributed.all_gather(parts, local, group=group)
@@ -287,10 +283,20 @@ class FalconH1MambaMixer(MambaMixer):
                     replica_id=(rid[0], copy, *rid[2:]) if isinstance(rid, tuple) else (rid, copy)))
         return pieces
 
-    def in_proj_local_sizes(self) -> tuple[int, int, int, int, int]:
+    def local_segment_rows(self) -> dict[str, int]:
         """This rank's in_proj output rows per segment z|x|B|C|dt (each rank holds its slice of every segment)."""
-        gn = self.ngroups_local_tp * self.d_state
-        return self.d_inner_local_tp, self.d_inner_local_tp, gn, gn, self.nheads_local_tp
+        return mamba_segment_sizes(self.d_inner_local_tp, self.ngroups_local_tp * self.d_state, self.nheads_local_tp)
+
+    def _group_rows(self):
+        """(parameter, (first local B row, first local C row)) for in_proj's weight and conv1d's weight and bias:
+        where the group-shared rows sit in this rank's z|x|B|C|dt and x|B|C slices."""
+        sizes = self.local_segment_rows()
+
+        def starts(order: tuple[str, ...]) -> tuple[int, ...]:
+            return tuple(sum(sizes[s] for s in order[:order.index(g)]) for g in GROUP_SEGMENTS)
+
+        return ((self.in_proj.weight, starts(SSM_SEGMENTS)), (self.conv1d_weight, starts(CONV_SEGMENTS)),
+                (self.conv1d_bias, starts(CONV_SEGMENTS)))
 
     def _scale_zxbcdt(self, module, inputs, output):
         zxbcdt, bias = output
