@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from falcon_bridge.core.choices import Device, DType, ExportFormat, MupExport, MupMode
 from falcon_bridge.errors import BadInput, Interrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -22,23 +23,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 out = Console(width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True)
 STATE = {"debug": False}
-DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
 # options several commands share
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print a JSON summary.")]
 PPLayers = Annotated[str | None, typer.Option(help="Layers per pipeline stage, e.g. 10,12,14.")]
 ArchCard = Annotated[str | None, typer.Option(help="Architecture, for checkpoints without our run config.")]
 ArchConfig = Annotated[Path | None, typer.Option(help="Architecture from an HF config.json instead.")]
-
-
-def torch_dtype(name: str | None):
-    import torch
-
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise BadInput(f"--dtype {name}: expected one of {', '.join(DTYPES)}")
-    return getattr(torch, DTYPES[name])
 
 
 @contextmanager
@@ -53,13 +43,15 @@ def progress_bar(description: str, quiet: bool):
         yield lambda done, total, item: bar.update(task, completed=done, total=total, item=item)
 
 
-def report(summary: dict, as_json: bool) -> None:
-    for line in summary.get("warnings", []):
+def report(summary, as_json: bool) -> None:
+    """Print a converter's summary (its warnings on stderr)."""
+    fields = summary.to_json()
+    for line in fields.get("warnings", []):
         err.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
     if as_json:
-        out.print_json(json.dumps(summary))
+        out.print_json(json.dumps(fields))
     else:
-        out.print(" ".join(f"[bold]{k}[/]={v}" for k, v in summary.items()))
+        out.print(" ".join(f"[bold]{k}[/]={v}" for k, v in fields.items()))
 
 
 @app.callback()
@@ -70,7 +62,8 @@ def main_options(debug: Annotated[bool, typer.Option(help="Show tracebacks for e
 @app.command()
 def cards():
     """List the model cards (released Falcon-H1 sizes and tiny test shapes)."""
-    from falcon_bridge.formats.cards import all_cards
+    from falcon_bridge.cards import all_cards
+    from falcon_bridge.core.mapping import num_parameters
 
     table = Table("card", "params", "layers", "hidden", "mamba groups", "gated norm", "verified")
     for c in all_cards():
@@ -78,7 +71,7 @@ def cards():
         checked = sum(p.verified for p in c.provenance.values())
         verified = "test shape" if c.is_test else ("yes" if c.verified else
                                                    f"{checked} of {len(c.provenance)} values")
-        table.add_row(c.name, f"{a.num_parameters():,}", str(a.num_layers), str(a.hidden_size),
+        table.add_row(c.name, f"{num_parameters(a):,}", str(a.num_layers), str(a.hidden_size),
                       str(a.mamba_n_groups), "yes" if a.mamba_rms_norm else "no", verified)
     out.print(table)
 
@@ -88,17 +81,20 @@ def create_random(
     card: Annotated[str, typer.Argument(help="Card name (see `falcon-bridge cards`) or a card YAML path.")],
     output: Annotated[Path, typer.Argument(help="Output HF directory.")],
     seed: int = 0,
-    dtype: Annotated[str, typer.Option(help="bf16 | fp32")] = "bf16",
+    dtype: Annotated[DType, typer.Option(help="dtype of the weights.")] = DType.BF16,
     max_shard_size: Annotated[int, typer.Option(help="Bytes per safetensors shard.")] = 2 * 1024**3,
     overwrite: bool = False,
     as_json: JsonFlag = False,
 ):
     """Write an HF checkpoint of a card's exact shape with random, realistic weights (streamed)."""
-    from falcon_bridge.converters.create_random import create_random as run
-    from falcon_bridge.formats.cards import load_card
+    from falcon_bridge.cards import load_card
+    from falcon_bridge.converters.create_random import CreateRandomOptions
+    from falcon_bridge.converters.create_random import create_random as convert
+    from falcon_bridge.converters.run import Run
 
+    options = CreateRandomOptions(load_card(card), output, seed, dtype.torch, max_shard_size, overwrite)
     with progress_bar("create-random", as_json) as cb:
-        summary = run(load_card(card), output, seed, torch_dtype(dtype), max_shard_size, overwrite, cb, sys.argv)
+        summary = convert(options, Run(cb, sys.argv))
     report(summary, as_json)
 
 
@@ -109,9 +105,9 @@ def import_hf(
     tp: Annotated[int, typer.Option(help="Tensor-parallel size the checkpoint is prepared for.")] = 1,
     pp: Annotated[int, typer.Option(help="Pipeline-parallel size.")] = 1,
     pp_layers: PPLayers = None,
-    dtype: Annotated[str | None, typer.Option(help="bf16 | fp32 (default: the source's dtype)")] = None,
-    mup: Annotated[str, typer.Option(help="preserve: the model applies the µP multipliers; fold: into the weights")
-                   ] = "preserve",
+    dtype: Annotated[DType | None, typer.Option(help="Stored dtype (default: the source's dtype).")] = None,
+    mup: Annotated[MupMode, typer.Option(help="preserve: the model applies the µP multipliers; fold: into the "
+                                              "weights")] = MupMode.PRESERVE,
     bitnet: Annotated[bool, typer.Option(help="BitNet b1.58 model: ternary linears in attention, Mamba, MLP.")
                       ] = False,
     allow_extra: Annotated[bool, typer.Option(help="Ignore tensors the architecture does not use.")] = False,
@@ -120,13 +116,15 @@ def import_hf(
     as_json: JsonFlag = False,
 ):
     """Convert a Hugging Face Falcon-H1 checkpoint into a Megatron torch_dist checkpoint (streaming)."""
-    from falcon_bridge.converters.import_hf import import_hf as run
+    from falcon_bridge.converters.import_hf import ImportOptions
+    from falcon_bridge.converters.import_hf import import_hf as convert
+    from falcon_bridge.converters.run import Run
     from falcon_bridge.core.parallel import MegatronLayout
 
-    layout = MegatronLayout(tp=tp, pp=pp, pp_layers=parse_layers(pp_layers))
+    options = ImportOptions(source, output, MegatronLayout(tp=tp, pp=pp, pp_layers=parse_layers(pp_layers)),
+                            dtype.torch if dtype else None, overwrite, mup, allow_extra, check_finite, bitnet)
     with progress_bar("import-hf", as_json) as cb:
-        summary = run(source, output, layout, torch_dtype(dtype), overwrite, cb, mup, allow_extra, check_finite,
-                      sys.argv, bitnet)
+        summary = convert(options, Run(cb, sys.argv))
     report(summary, as_json)
 
 
@@ -136,22 +134,27 @@ def export_hf(
     output: Annotated[Path, typer.Argument(help="Output HF directory.")],
     card: ArchCard = None,
     hf_config: ArchConfig = None,
-    dtype: Annotated[str | None, typer.Option(help="bf16 | fp32 (default: the HF source's dtype)")] = None,
+    dtype: Annotated[DType | None, typer.Option(help="dtype of every tensor (default: the HF source's dtype).")
+                     ] = None,
     max_shard_size: Annotated[int, typer.Option(help="Bytes per safetensors shard.")] = 5 * 10**9,
     check_finite: Annotated[bool, typer.Option(help="Refuse NaN/Inf weights.")] = True,
-    mup: Annotated[str, typer.Option(help="Folded checkpoints: unfold (restore the original weights and "
-                                          "multipliers) or keep-folded (multipliers 1.0)")] = "unfold",
-    fmt: Annotated[str, typer.Option("--format", help="BitNet checkpoints: latent | packed (transformers bitnet) | "
-                                                      "dequantized")] = "latent",
+    mup: Annotated[MupExport, typer.Option(help="Folded checkpoints: unfold (restore the original weights and "
+                                                "multipliers) or keep-folded (multipliers 1.0)")] = MupExport.UNFOLD,
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="BitNet checkpoints: latent (full-precision weights) "
+                                                               "| packed (transformers bitnet) | dequantized")
+                   ] = ExportFormat.LATENT,
     overwrite: bool = False,
     as_json: JsonFlag = False,
 ):
     """Convert a Megatron torch_dist checkpoint into a Hugging Face Falcon-H1 checkpoint (streaming, one process)."""
-    from falcon_bridge.converters.export_hf import export_hf as run
+    from falcon_bridge.converters.export_hf import ExportOptions
+    from falcon_bridge.converters.export_hf import export_hf as convert
+    from falcon_bridge.converters.run import Run
 
+    options = ExportOptions(source, output, card, hf_config, dtype.torch if dtype else None, max_shard_size,
+                            check_finite, overwrite, mup, fmt)
     with progress_bar("export-hf", as_json) as cb:
-        summary = run(source, output, card, hf_config, torch_dtype(dtype), max_shard_size, check_finite, overwrite,
-                      cb, mup, sys.argv, fmt)
+        summary = convert(options, Run(cb, sys.argv))
     report(summary, as_json)
 
 
@@ -168,12 +171,14 @@ def reshard(
     as_json: JsonFlag = False,
 ):
     """Rewrite a Megatron checkpoint for another TP/PP, offline on CPU (streaming)."""
-    from falcon_bridge.converters.reshard import reshard as run
+    from falcon_bridge.converters.reshard import ReshardOptions
+    from falcon_bridge.converters.reshard import reshard as convert
+    from falcon_bridge.converters.run import Run
     from falcon_bridge.core.parallel import MegatronLayout
 
     layout = MegatronLayout(tp=tp, pp=pp, pp_layers=parse_layers(pp_layers))
     with progress_bar("reshard", as_json) as cb:
-        summary = run(source, output, layout, card, hf_config, overwrite, cb, sys.argv)
+        summary = convert(ReshardOptions(source, output, layout, card, hf_config, overwrite), Run(cb, sys.argv))
     report(summary, as_json)
 
 
@@ -205,8 +210,8 @@ def verify(
     megatron_dir: Annotated[Path, typer.Argument(help="Megatron checkpoint directory written by import-hf.")],
     tp: int = 1,
     pp: int = 1,
-    dtype: Annotated[str, typer.Option(help="fp32 | bf16: the dtype both models compute in")] = "fp32",
-    device: Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda when a GPU is visible)")] = None,
+    dtype: Annotated[DType, typer.Option(help="The dtype both models compute in.")] = DType.FP32,
+    device: Annotated[Device | None, typer.Option(help="Default: cuda when a GPU is visible.")] = None,
     tokens: Annotated[Path | None, typer.Option(help="Token ids: a JSON list or whitespace-separated ints.")
                       ] = None,
     prompt: Annotated[str | None, typer.Option(help="Text, tokenized with the checkpoint's tokenizer.")] = None,
@@ -221,11 +226,13 @@ def verify(
     attention and MLP output, the final norm and the logits, and name the first place they part ways.
 
     Exit code 0: everything agrees within tolerance; 1: it does not; 2: bad input."""
+    from falcon_bridge.converters.verify import VerifyOptions
     from falcon_bridge.converters.verify import verify as run
 
-    report_ = run(hf_dir, megatron_dir, tp, pp, torch_dtype(dtype), tolerance, seq_len, device, tokens, prompt)
+    report_ = run(VerifyOptions(hf_dir, megatron_dir, tp, pp, dtype.torch, tolerance, seq_len, device, tokens,
+                                prompt))
     if as_json:
-        out.print_json(json.dumps(report_.to_dict()))
+        out.print_json(json.dumps(report_.to_json()))
     else:
         print_layers(report_)
         print_comparison(f"logits: HF vs Megatron (TP={tp}, PP={pp}, {dtype})", report_.logits)
@@ -280,21 +287,25 @@ def demo(
     """The main job on an embedded default: tiny card → create-random → import-hf (TP=2) → logits compared."""
     import torch
 
+    from falcon_bridge.cards import load_card
+    from falcon_bridge.converters.create_random import CreateRandomOptions
     from falcon_bridge.converters.create_random import create_random as make
+    from falcon_bridge.converters.import_hf import ImportOptions
     from falcon_bridge.converters.import_hf import import_hf as run_import
+    from falcon_bridge.converters.run import Run
+    from falcon_bridge.converters.verify import VerifyOptions
     from falcon_bridge.converters.verify import verify as run_verify
     from falcon_bridge.core.parallel import MegatronLayout
-    from falcon_bridge.formats.cards import load_card
 
     hf_dir, mg_dir = workdir / f"{card}-hf", workdir / f"{card}-megatron-tp{tp}"
     out.print(f"[bold]1/3[/] create-random {card} → {hf_dir}")
     with progress_bar("create-random", False) as cb:
-        report(make(load_card(card), hf_dir, 0, torch.float32, overwrite=True, progress=cb), False)
+        report(make(CreateRandomOptions(load_card(card), hf_dir, 0, torch.float32, overwrite=True), Run(cb)), False)
     out.print(f"[bold]2/3[/] import-hf {hf_dir} → {mg_dir} (TP={tp})")
     with progress_bar("import-hf", False) as cb:
-        report(run_import(str(hf_dir), mg_dir, MegatronLayout(tp=tp), overwrite=True, progress=cb), False)
+        report(run_import(ImportOptions(str(hf_dir), mg_dir, MegatronLayout(tp=tp), overwrite=True), Run(cb)), False)
     out.print(f"[bold]3/3[/] verify: HF FalconH1ForCausalLM vs our Megatron model at TP={tp} ({tp} processes)")
-    result = run_verify(hf_dir, mg_dir, tp=tp)
+    result = run_verify(VerifyOptions(hf_dir, mg_dir, tp=tp))
     print_comparison(f"{card}: HF vs Megatron (TP={tp}, fp32)", result.logits)
     first = result.first_divergence
     out.print(f"every block's Mamba, attention and MLP output compared too: "

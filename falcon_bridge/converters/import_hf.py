@@ -3,26 +3,25 @@
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from falcon_bridge.converters.megatron_sink import MegatronSink
+from falcon_bridge.converters.run import QUIET, Run, Summary, recorded_as, unrecorded
 from falcon_bridge.core import mup
+from falcon_bridge.core.choices import MupMode
 from falcon_bridge.core.config import Multipliers
 from falcon_bridge.core.mapping import Ctx, Entry, entries, hf_tensor_shapes, is_bitnet_linear
 from falcon_bridge.core.parallel import MegatronLayout, stored_as_hf
-from falcon_bridge.core.ternary import VALUES_PER_BYTE
+from falcon_bridge.core.packed_ternary import DEFAULT_PACKED_FORMAT
 from falcon_bridge.core.transforms import all_finite
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.hf import HFCheckpoint, copy_tokenizer, resolve_source
 from falcon_bridge.formats.manifest import BackgroundHashes
-from falcon_bridge.converters.output import atomic_output_dir
 
-Progress = Callable[[int, int, str], None]  # (done, total, current tensor)
 
 
 def check_tensors(ckpt: HFCheckpoint, allow_extra: bool = False) -> None:
@@ -62,9 +61,8 @@ def import_options(ckpt: HFCheckpoint, mup_mode: str, bitnet: bool) -> tuple[boo
             raise BadInput("--mup fold with --bitnet: folding the non-uniform ssm_multipliers before ternarizing "
                            "changes which weights round to 0 and ±1; use --mup preserve")
         for name, shape in hf_tensor_shapes(arch).items():
-            if is_bitnet_linear(name) and shape[0] % VALUES_PER_BYTE:
-                raise BadInput(f"--bitnet: {name} has {shape[0]} rows; the HF packed format needs a multiple of "
-                               f"{VALUES_PER_BYTE}")
+            if is_bitnet_linear(name):
+                DEFAULT_PACKED_FORMAT.check_shape(name, shape)
     return bitnet, mup_record, warnings
 
 
@@ -73,24 +71,55 @@ def folded_if(mup_mode: str, arch, name: str, t: torch.Tensor) -> torch.Tensor:
     return mup.fold(arch, name, t, torch.float64) if mup_mode == "fold" else t
 
 
-def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | None = None,
-              overwrite: bool = False, progress: Progress | None = None, mup_mode: str = "preserve",
-              allow_extra: bool = False, check_finite: bool = False, argv: list[str] | None = None,
-              bitnet: bool = False) -> dict:
-    """mup_mode: "preserve" keeps the weights and lets the model apply the multipliers; "fold" multiplies each
-    multiplier into its weights (one rounding to the storage dtype) and the model applies none.
-    allow_extra: ignore tensors the architecture does not use (default: refuse them). check_finite: refuse
-    NaN/Inf weights. bitnet: the Megatron model uses BitNet b1.58 linears (implied by a packed HF source)."""
-    t0 = time.perf_counter()
-    path = resolve_source(src)
+@dataclass(frozen=True)
+class ImportOptions:
+    """source: an HF checkpoint directory or Hub repo id; out: the Megatron checkpoint directory to write.
+    dtype: of the stored weights (default: the source's). mup_mode: PRESERVE keeps the weights and lets the model
+    apply the multipliers; FOLD multiplies each multiplier into its weights (one rounding to the storage dtype) and
+    the model applies none. allow_extra: ignore tensors the architecture does not use (default: refuse them).
+    check_finite: refuse NaN/Inf weights. bitnet: the Megatron model uses BitNet b1.58 linears (implied by a packed
+    HF source)."""
+
+    source: str
+    out: Path = unrecorded()
+    layout: MegatronLayout = MegatronLayout()
+    dtype: torch.dtype | None = None
+    overwrite: bool = unrecorded(default=False)
+    mup_mode: MupMode = recorded_as("mup", default=MupMode.PRESERVE)
+    allow_extra: bool = False
+    check_finite: bool = False
+    bitnet: bool = False
+
+
+@dataclass(frozen=True)
+class ImportSummary(Summary):
+    command: str = field(default="import-hf", init=False)
+    source: str
+    output: str
+    tp: int
+    pp: int
+    dtype: str
+    mup: str
+    bitnet: bool
+    tensors: int
+    parameters: int
+    mamba_groups: int
+    seconds: float
+    warnings: list[str]
+
+
+def import_hf(options: ImportOptions, run: Run = QUIET) -> ImportSummary:
+    run = run.start()
+    o = options
+    path = resolve_source(o.source)
     ckpt = HFCheckpoint(path)
     arch = ckpt.arch.validate_for_megatron()
-    layout.validate(arch)
-    bitnet, mup_record, warnings = import_options(ckpt, mup_mode, bitnet)
-    check_tensors(ckpt, allow_extra)
+    o.layout.validate(arch)
+    bitnet, mup_record, warnings = import_options(ckpt, o.mup_mode, o.bitnet)
+    check_tensors(ckpt, o.allow_extra)
     hf_dtype = ckpt.tensors["model.embed_tokens.weight"].dtype
-    store_dtype = dtype or hf_dtype
-    if mup_mode == "fold" and store_dtype != torch.float32:
+    store_dtype = o.dtype or hf_dtype
+    if o.mup_mode == MupMode.FOLD and store_dtype != torch.float32:
         warnings.append(f"--mup fold into {str(store_dtype).removeprefix('torch.')}: each folded weight is rounded "
                         f"once to it (relative error up to {torch.finfo(store_dtype).eps / 2:.1e}), so the model's "
                         "logits move slightly from the unfolded model's; verify judges the conversion against HF's "
@@ -102,32 +131,28 @@ def import_hf(src: str, out: Path, layout: MegatronLayout, dtype: torch.dtype | 
 
     def hf_tensors(e: Entry) -> list[torch.Tensor]:
         hf = [ckpt.get(n) for n in e.hf]
-        if check_finite:
+        if o.check_finite:
             for n, t in zip(e.hf, hf):
                 if not all_finite(t):
                     raise BadInput(f"{ckpt.tensors[n].file}: tensor {n} holds NaN or Inf values")
-        return [folded_if(mup_mode, arch, n, t) for n, t in zip(e.hf, hf)]
+        return [folded_if(o.mup_mode, arch, n, t) for n, t in zip(e.hf, hf)]
 
     sources = BackgroundHashes(ckpt.files())
-    options = {"source": str(src), "tp": layout.tp, "pp": layout.pp, "pp_layers": layout.pp_layers,
-               "dtype": str(store_dtype), "mup": mup_mode, "allow_extra": allow_extra, "bitnet": bitnet}
-    with atomic_output_dir(out, overwrite, sink.total_bytes, {"name": "import-hf", "argv": argv, "options": options},
-                           sources, inputs=[path]) as tmp:
+    resolved = replace(o, dtype=store_dtype, bitnet=bitnet)  # the manifest records what was stored
+    with run.output("import-hf", resolved, sink.total_bytes, sources, inputs=[path]) as tmp:
         it_dir = tmp / mg.iteration_dir_name(0)
-        sink.write(it_dir, hf_tensors, progress, mg.common_state(0))
+        sink.write(it_dir, hf_tensors, run.progress, mg.common_state(0))
         tokenizer = copy_tokenizer(ckpt.tokenizer_files(), it_dir)
         run_config = mg.run_config(
-            arch, layout, store_dtype, hf_dtype=str(hf_dtype).removeprefix("torch."), hf_odd_dtypes=odd_dtypes,
-            tokenizer_files=tokenizer, source={"path": str(src), "sha256": sources.result()}, mup=mup_record,
+            arch, o.layout, store_dtype, hf_dtype=str(hf_dtype).removeprefix("torch."), hf_odd_dtypes=odd_dtypes,
+            tokenizer_files=tokenizer, source={"path": str(o.source), "sha256": sources.result()}, mup=mup_record,
             bitnet=bitnet)
         mg.write_run_config(it_dir, run_config)
         mg.write_tracker(tmp, 0)
         mg.write_interop_files(tmp, it_dir, arch, Multipliers.from_hf(mup_record["applied_multipliers"]),
-                               store_dtype, layout.tp, layout.pp)
-    return {
-        "command": "import-hf", "source": str(src), "output": str(out), "tp": layout.tp, "pp": layout.pp,
-        "dtype": run_config["dtype"], "mup": mup_mode, "bitnet": bitnet, "tensors": len(sink.shapes),
-        "parameters": sum(math.prod(s) for s, _ in sink.shapes.values()),
-        "mamba_groups": arch.mamba_n_groups, "seconds": round(time.perf_counter() - t0, 2),
-        "warnings": warnings,
-    }
+                               store_dtype, o.layout.tp, o.layout.pp)
+    return ImportSummary(
+        source=str(o.source), output=str(o.out), tp=o.layout.tp, pp=o.layout.pp, dtype=run_config["dtype"],
+        mup=str(o.mup_mode), bitnet=bitnet, tensors=len(sink.shapes),
+        parameters=sum(math.prod(s) for s, _ in sink.shapes.values()), mamba_groups=arch.mamba_n_groups,
+        seconds=run.seconds(), warnings=warnings)

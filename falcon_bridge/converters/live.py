@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from falcon_bridge.converters.import_hf import check_tensors, folded_if, import_options
+from falcon_bridge.converters.output import atomic_output_dir
 from falcon_bridge.core.hf_export import HFExport
 from falcon_bridge.core.mapping import COPY, VOCAB, Ctx, entries
 from falcon_bridge.core.parallel import MegatronLayout, stored_as_hf
@@ -38,7 +39,6 @@ from falcon_bridge.formats.hf import (
     resolve_source,
     write_config,
 )
-from falcon_bridge.converters.output import atomic_output_dir
 
 
 def _sharded_tensors(sharded_state_dict) -> list:

@@ -8,38 +8,60 @@ tensors → Megatron(HF-shaped).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from falcon_bridge.converters.megatron_sink import MegatronSink
 from falcon_bridge.converters.megatron_source import open_megatron_checkpoint
+from falcon_bridge.converters.run import QUIET, Run, Summary, unrecorded
 from falcon_bridge.core.config import Multipliers
 from falcon_bridge.core.mapping import Ctx
 from falcon_bridge.core.mup import run_config_entry
 from falcon_bridge.core.parallel import MegatronLayout, stored_as_hf
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.hf import copy_tokenizer
-from falcon_bridge.converters.output import atomic_output_dir
 
 
-def reshard(src: Path, out: Path, layout: MegatronLayout, card: str | None = None, hf_config: Path | None = None,
-            overwrite: bool = False, progress: Callable[[int, int, str], None] | None = None,
-            argv: list[str] | None = None) -> dict:
-    t0 = time.perf_counter()
-    source = open_megatron_checkpoint(src, card, hf_config)
+@dataclass(frozen=True)
+class ReshardOptions:
+    """source: a Megatron checkpoint directory; out: the one to write, for `layout`. card / hf_config: the
+    architecture, for checkpoints without our run config."""
+
+    source: Path
+    out: Path = unrecorded()
+    layout: MegatronLayout = MegatronLayout()
+    card: str | None = None
+    hf_config: Path | None = None
+    overwrite: bool = unrecorded(default=False)
+
+
+@dataclass(frozen=True)
+class ReshardSummary(Summary):
+    command: str = field(default="reshard", init=False)
+    source: str
+    output: str
+    tp: int
+    pp: int
+    pp_layers: list[int]
+    mamba_groups: int
+    diverged_group_replicas: dict[str, float]
+    seconds: float
+    warnings: list[str]
+
+
+def reshard(options: ReshardOptions, run: Run = QUIET) -> ReshardSummary:
+    run = run.start()
+    o, layout = options, options.layout
+    source = open_megatron_checkpoint(o.source, o.card, o.hf_config)
     arch = source.arch.validate_for_megatron()
     layout.validate(arch)
     # each entry keeps the dtype it is stored in
     sink = MegatronSink(Ctx(arch, stored_as_hf(arch)), source.entries(),
                         lambda e: source.reader.tensors[next(iter(e.megatron_keys(source.ctx)))][1])
     stored_dtype = sink.shapes["embedding.word_embeddings.weight"][1]
-    options = {"source": str(src), "tp": layout.tp, "pp": layout.pp, "pp_layers": layout.pp_layers, "card": card,
-               "hf_config": str(hf_config) if hf_config else None}
-    with atomic_output_dir(out, overwrite, sink.total_bytes, {"name": "reshard", "argv": argv, "options": options},
-                           source.start_file_hashes(), source.inputs) as tmp:
+    with run.output("reshard", o, sink.total_bytes, source.start_file_hashes(), source.inputs) as tmp:
         it_dir = tmp / mg.iteration_dir_name(0)
-        sink.write(it_dir, lambda e: list(source.hf_tensors(e).values()), progress, mg.common_state(0))
+        sink.write(it_dir, lambda e: list(source.hf_tensors(e).values()), run.progress, mg.common_state(0))
         tokenizer = copy_tokenizer(source.tokenizer_files(), it_dir)
         previous = source.run_config or {}
         mg.write_run_config(it_dir, mg.run_config(
@@ -47,13 +69,13 @@ def reshard(src: Path, out: Path, layout: MegatronLayout, card: str | None = Non
             hf_dtype=previous.get("hf_dtype", str(stored_dtype).removeprefix("torch.")),
             hf_odd_dtypes=previous.get("hf_odd_dtypes", {}), tokenizer_files=tokenizer,
             mup=previous.get("mup") or run_config_entry(arch, "preserve"),
-            source={"path": str(src), "resharded_from": previous.get("layout")},
+            source={"path": str(o.source), "resharded_from": previous.get("layout")},
             bitnet=source.bitnet))
         mg.write_tracker(tmp, 0)
         mup_record = previous.get("mup") or run_config_entry(arch, "preserve")
         mg.write_interop_files(tmp, it_dir, arch, Multipliers.from_hf(mup_record["applied_multipliers"]),
                                stored_dtype, layout.tp, layout.pp)
-    return {"command": "reshard", "source": str(src), "output": str(out), "tp": layout.tp, "pp": layout.pp,
-            "pp_layers": list(layout.stage_layers(arch.num_layers)), "mamba_groups": arch.mamba_n_groups,
-            "diverged_group_replicas": source.divergence, "seconds": round(time.perf_counter() - t0, 2),
-            "warnings": source.divergence_warnings()}
+    return ReshardSummary(
+        source=str(o.source), output=str(o.out), tp=layout.tp, pp=layout.pp,
+        pp_layers=list(layout.stage_layers(arch.num_layers)), mamba_groups=arch.mamba_n_groups,
+        diverged_group_replicas=source.divergence, seconds=run.seconds(), warnings=source.divergence_warnings())

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from falcon_bridge.core.choices import Device
 from falcon_bridge.errors import BadInput
 
 # max |Δ| / max |reference| accepted per compute dtype (fp32: the CPU suite's bar; bf16: a few ulps of the logits)
@@ -46,7 +47,7 @@ class LogitComparison:
     def passed(self) -> bool:
         return self.relative <= self.tolerance
 
-    def to_dict(self) -> dict:
+    def to_json(self) -> dict:
         return {**asdict(self), "passed": self.passed}
 
 
@@ -92,11 +93,11 @@ class VerifyReport:
     def passed(self) -> bool:
         return self.logits.passed and self.first_divergence is None
 
-    def to_dict(self) -> dict:
+    def to_json(self) -> dict:
         return {"passed": self.passed, "tolerance": self.tolerance, "first_divergence": self.first_divergence,
-                "argmax_agreement": self.logits.argmax_agreement, "logits": self.logits.to_dict(),
+                "argmax_agreement": self.logits.argmax_agreement, "logits": self.logits.to_json(),
                 "reference": self.reference,
-                "fold_rounding": self.fold_rounding.to_dict() if self.fold_rounding else None,
+                "fold_rounding": self.fold_rounding.to_json() if self.fold_rounding else None,
                 "layers": self.layers}
 
 
@@ -139,7 +140,7 @@ def folded_hf_model(hf_dir: Path, arch, stored_dtype: torch.dtype, dtype: torch.
 
 def hf_capture(model, tokens: torch.Tensor, device: str) -> dict[str, torch.Tensor]:
     """The HF side of capture_branches (falcon_bridge.megatron.runtime): same names, same quantities."""
-    from falcon_bridge.megatron.runtime import record_scaled_outputs
+    from falcon_bridge.megatron.forward import record_scaled_outputs
 
     c, inner = model.config, model.model
     modules = {"embedding": (inner.embed_tokens, c.embedding_multiplier)}
@@ -225,13 +226,34 @@ def gpus_hidden(hide: bool):
                 os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
 
-def verify(hf_dir: Path, megatron_dir: Path, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32,
-           tolerance: float | None = None, seq_len: int = 32, device: str | None = None,
-           tokens_file: Path | None = None, prompt: str | None = None) -> VerifyReport:
+@dataclass(frozen=True)
+class VerifyOptions:
+    """hf_dir vs megatron_dir, the Megatron model run as tp × pp processes, both computing in `dtype`. tolerance:
+    max |Δ| / max |reference| accepted (default: default_tolerance). device: default cuda when a GPU is visible.
+    The tokens: `tokens_file`, else `prompt` (tokenized with the HF checkpoint's tokenizer), else two rows of
+    `seq_len` fixed random ids."""
+
+    hf_dir: Path
+    megatron_dir: Path
+    tp: int = 1
+    pp: int = 1
+    dtype: torch.dtype = torch.float32
+    tolerance: float | None = None
+    seq_len: int = 32
+    device: Device | None = None
+    tokens_file: Path | None = None
+    prompt: str | None = None
+
+
+def verify(options: VerifyOptions) -> VerifyReport:
     from falcon_bridge.converters.megatron_source import open_megatron_checkpoint
     from falcon_bridge.formats.hf import HFCheckpoint
-    from falcon_bridge.megatron.runtime import launch, megatron_logits_worker, provider_from_checkpoint
+    from falcon_bridge.megatron.checkpoint import provider_from_checkpoint
+    from falcon_bridge.megatron.distributed import launch
+    from falcon_bridge.megatron.forward import megatron_logits_worker
 
+    hf_dir, megatron_dir, tp, pp, dtype = options.hf_dir, options.megatron_dir, options.tp, options.pp, options.dtype
+    tolerance, seq_len, device = options.tolerance, options.seq_len, options.device
     if device not in (None, "cpu", "cuda"):
         raise BadInput(f"--device {device}: expected cpu or cuda")
     for flag, value in (("--tp", tp), ("--pp", pp)):
@@ -242,7 +264,7 @@ def verify(hf_dir: Path, megatron_dir: Path, tp: int = 1, pp: int = 1, dtype: to
     if tolerance is not None and not (0 < tolerance < float("inf")):
         raise BadInput(f"--tolerance {tolerance}: expected a positive number")
     arch = HFCheckpoint(Path(hf_dir)).arch
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(device) if device else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda: no GPU is visible")
     provider, _ = provider_from_checkpoint(Path(megatron_dir), dtype, tp, pp)  # validates TP/PP before any spawn
@@ -251,7 +273,7 @@ def verify(hf_dir: Path, megatron_dir: Path, tp: int = 1, pp: int = 1, dtype: to
         raise BadInput(f"{megatron_dir}: its architecture differs from {hf_dir}/config.json")
     if device == "cuda" and tp * pp > torch.cuda.device_count():
         raise BadInput(f"--tp {tp} × --pp {pp} needs {tp * pp} GPUs, {torch.cuda.device_count()} visible")
-    tokens = choose_tokens(Path(hf_dir), arch.vocab_size, tokens_file, prompt, seq_len)
+    tokens = choose_tokens(Path(hf_dir), arch.vocab_size, options.tokens_file, options.prompt, seq_len)
     if tolerance is None:
         tolerance = default_tolerance(dtype, device)
     reference_name, fold_rounding = HF_REFERENCE, None
