@@ -14,20 +14,14 @@ from pathlib import Path
 
 import torch
 
-from falcon_bridge.converters.create_random import create_random
-from falcon_bridge.converters.export_hf import export_hf
-from falcon_bridge.converters.import_hf import import_hf
+from falcon_bridge.cards import load_card
+from falcon_bridge.converters.create_random import CreateRandomOptions, create_random
+from falcon_bridge.converters.export_hf import ExportOptions, export_hf
+from falcon_bridge.converters.import_hf import ImportOptions, import_hf
 from falcon_bridge.converters.live import hf_weights
 from falcon_bridge.core.parallel import MegatronLayout
-from falcon_bridge.formats.cards import load_card
-from falcon_bridge.megatron.runtime import (
-    init_distributed,
-    launch,
-    load_model,
-    provider_from_checkpoint,
-    save_checkpoint,
-    shutdown_distributed,
-)
+from falcon_bridge.megatron.checkpoint import load_model, provider_from_checkpoint, save_checkpoint
+from falcon_bridge.megatron.distributed import init_distributed, launch, shutdown_distributed
 
 
 def synchronize():
@@ -75,11 +69,11 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        create_random(load_card(args.card), work / "hf", dtype=torch.bfloat16)
-        import_hf(str(work / "hf"), work / "mg", MegatronLayout())
+        create_random(CreateRandomOptions(load_card(args.card), work / "hf", dtype=torch.bfloat16))
+        import_hf(ImportOptions(str(work / "hf"), work / "mg", MegatronLayout()))
         row = launch(worker, args.tp, str(work / "mg"), args.tp, str(work / "saved"))
         t0 = time.perf_counter()
-        export_hf(work / "saved", work / "exported")
+        export_hf(ExportOptions(work / "saved", work / "exported"))
         row["export_hf_s"] = time.perf_counter() - t0
     row |= {"card": args.card, "tp": args.tp,
             "file_path_s": row["dist_checkpointing_save_s"] + row["export_hf_s"]}

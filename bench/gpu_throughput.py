@@ -40,11 +40,11 @@ from pathlib import Path
 
 import torch
 
-from falcon_bridge.converters.create_random import create_random
-from falcon_bridge.converters.import_hf import import_hf
+from falcon_bridge.cards import load_card
+from falcon_bridge.converters.create_random import CreateRandomOptions, create_random
+from falcon_bridge.converters.import_hf import ImportOptions, import_hf
 from falcon_bridge.core.parallel import MegatronLayout
-from falcon_bridge.formats.cards import load_card
-from falcon_bridge.megatron.runtime import launch
+from falcon_bridge.megatron.distributed import launch
 
 KERNEL_KINDS = [  # (kind, pattern on the CUDA kernel name), first match wins (flash kernels name cutlass types)
     ("attention", r"flash|fmha|attention|sdpa"),
@@ -173,13 +173,9 @@ def hf_worker(rank: int, hf_dir: str, tokens: torch.Tensor, steps: int, warmup: 
 
 def megatron_worker(rank: int, mg_root: str, tokens: torch.Tensor, steps: int, warmup: int, option: str) -> dict:
     """option: "default" (the fused Mamba path when available), "unfused", or "graph" (full-iteration CUDA graph)."""
-    from falcon_bridge.megatron.runtime import (
-        init_distributed,
-        load_model,
-        next_token_loss,
-        provider_from_checkpoint,
-        shutdown_distributed,
-    )
+    from falcon_bridge.megatron.checkpoint import load_model, provider_from_checkpoint
+    from falcon_bridge.megatron.distributed import init_distributed, shutdown_distributed
+    from falcon_bridge.megatron.training import next_token_loss
 
     graphed = option == "graph"
     device = init_distributed(rank, 1, 1, 1, cuda_graphs=graphed)
@@ -208,7 +204,7 @@ def megatron_graphed_step(model, tokens: torch.Tensor):
     from megatron.core.full_cuda_graph import FullCudaGraphWrapper
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from falcon_bridge.megatron.runtime import next_token_loss
+    from falcon_bridge.megatron.training import next_token_loss
 
     forward_backward = FullCudaGraphWrapper(get_forward_backward_func(), cuda_graph_warmup_steps=1)
     count = torch.tensor(tokens.shape[0] * (tokens.shape[1] - 1), dtype=torch.int, device=tokens.device)
@@ -237,7 +233,7 @@ def hf_checkpoint(card_name: str, work: Path) -> Path:
     """The card's random bf16 HF checkpoint (reused when present, e.g. from gpu_roundtrip)."""
     hf_dir = work / card_name / "hf"
     if not (hf_dir / "config.json").exists():
-        create_random(load_card(card_name), hf_dir, seed=0, dtype=torch.bfloat16)
+        create_random(CreateRandomOptions(load_card(card_name), hf_dir, seed=0, dtype=torch.bfloat16))
     return hf_dir
 
 
@@ -245,7 +241,7 @@ def megatron_checkpoint(hf_dir: Path, mup_mode: str) -> Path:
     """Its TP=1 import, µP preserved (the model applies the multipliers) or folded into the weights."""
     mg_dir = hf_dir.parent / ("tp1" if mup_mode == "preserve" else "tp1-fold")
     if not mg_dir.exists():
-        import_hf(str(hf_dir), mg_dir, MegatronLayout(tp=1), mup_mode=mup_mode)
+        import_hf(ImportOptions(str(hf_dir), mg_dir, MegatronLayout(tp=1), mup_mode=mup_mode))
     return mg_dir
 
 

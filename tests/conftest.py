@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from falcon_bridge.converters.create_random import create_random
+from falcon_bridge.cards import all_cards, load_card
+from falcon_bridge.converters.create_random import CreateRandomOptions, create_random
 from falcon_bridge.core.config import FalconH1Arch
-from falcon_bridge.formats.cards import all_cards, load_card
 
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
 
@@ -20,7 +20,7 @@ def tiny_hf(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name in TINY_CARDS:
         out[name] = root / name
-        create_random(load_card(name), out[name], seed=1, dtype=torch.float32)
+        create_random(CreateRandomOptions(load_card(name), out[name], seed=1, dtype=torch.float32))
     return out
 
 

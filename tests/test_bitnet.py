@@ -9,9 +9,9 @@ from conftest import TINY_CARDS
 from safetensors import safe_open
 from test_roundtrip import assert_bit_identical, hf_tensors
 
-from falcon_bridge.converters.export_hf import export_hf
-from falcon_bridge.converters.import_hf import import_hf
-from falcon_bridge.converters.verify import compare_logits, hf_logits, sample_tokens, verify
+from falcon_bridge.converters.export_hf import ExportOptions, export_hf
+from falcon_bridge.converters.import_hf import ImportOptions, import_hf
+from falcon_bridge.converters.verify import VerifyOptions, compare_logits, hf_logits, sample_tokens, verify
 from falcon_bridge.core import packed_ternary, ternary
 from falcon_bridge.core.mapping import is_bitnet_linear
 from falcon_bridge.core.parallel import MegatronLayout
@@ -27,9 +27,9 @@ CARDS = [c for c in TINY_CARDS if c != "tiny-attn-width"]  # 6 attention heads: 
 def bitnet_checkpoints(tiny_hf, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bitnet")
     for name in CARDS:
-        import_hf(str(tiny_hf[name]), tmp / f"{name}-tp2", MegatronLayout(tp=2), bitnet=True)
-        import_hf(str(tiny_hf[name]), tmp / f"{name}-tp4", MegatronLayout(tp=4), bitnet=True)
-        export_hf(tmp / f"{name}-tp2", tmp / f"{name}-packed", fmt="packed")
+        import_hf(ImportOptions(str(tiny_hf[name]), tmp / f"{name}-tp2", MegatronLayout(tp=2), bitnet=True))
+        import_hf(ImportOptions(str(tiny_hf[name]), tmp / f"{name}-tp4", MegatronLayout(tp=4), bitnet=True))
+        export_hf(ExportOptions(tmp / f"{name}-tp2", tmp / f"{name}-packed", fmt="packed"))
     return tmp
 
 
@@ -77,23 +77,23 @@ def test_packed_format_matches_transformers_layout_and_config(bitnet_checkpoints
 
 
 def test_latent_and_dequantized_formats(bitnet_checkpoints, tiny_hf, tmp_path):
-    export_hf(bitnet_checkpoints / "tiny-mup-tp2", tmp_path / "latent")
+    export_hf(ExportOptions(bitnet_checkpoints / "tiny-mup-tp2", tmp_path / "latent"))
     assert_bit_identical(tiny_hf["tiny-mup"], tmp_path / "latent")
-    export_hf(bitnet_checkpoints / "tiny-mup-tp2", tmp_path / "deq", fmt="dequantized")
+    export_hf(ExportOptions(bitnet_checkpoints / "tiny-mup-tp2", tmp_path / "deq", fmt="dequantized"))
     deq, source = hf_tensors(tmp_path / "deq"), hf_tensors(tiny_hf["tiny-mup"])
     for name in source:
         expected = ternary.weight_fake_quant(source[name]) if is_bitnet_linear(name) else source[name]
         assert torch.equal(deq[name], expected), name
-    import_hf(str(tiny_hf["tiny-mup"]), tmp_path / "plain", MegatronLayout())
+    import_hf(ImportOptions(str(tiny_hf["tiny-mup"]), tmp_path / "plain", MegatronLayout()))
     with pytest.raises(BadInput, match="not a BitNet checkpoint"):
-        export_hf(tmp_path / "plain", tmp_path / "x", fmt="packed")
+        export_hf(ExportOptions(tmp_path / "plain", tmp_path / "x", fmt="packed"))
 
 
 def test_packed_checkpoint_survives_import_and_export(bitnet_checkpoints, tmp_path):
     packed = bitnet_checkpoints / "tiny-groups-gated-norm-packed"
-    summary = import_hf(str(packed), tmp_path / "mg", MegatronLayout(tp=2))
-    assert summary["bitnet"] and "latent" in summary["warnings"][0]
-    export_hf(tmp_path / "mg", tmp_path / "again", fmt="packed")
+    summary = import_hf(ImportOptions(str(packed), tmp_path / "mg", MegatronLayout(tp=2)))
+    assert summary.bitnet and "latent" in summary.warnings[0]
+    export_hf(ExportOptions(tmp_path / "mg", tmp_path / "again", fmt="packed"))
     a, b = hf_tensors(packed), hf_tensors(tmp_path / "again")
     for name in a:
         if a[name].dtype == torch.uint8:
@@ -103,9 +103,9 @@ def test_packed_checkpoint_survives_import_and_export(bitnet_checkpoints, tmp_pa
 
 
 def test_verify_accepts_a_packed_hf_directory(bitnet_checkpoints):
-    report = verify(bitnet_checkpoints / "tiny-one-group-packed", bitnet_checkpoints / "tiny-one-group-tp2", tp=2,
-                    dtype=torch.float32, tolerance=1e-2)
-    assert report.passed, report.to_dict()
+    report = verify(VerifyOptions(bitnet_checkpoints / "tiny-one-group-packed",
+                                  bitnet_checkpoints / "tiny-one-group-tp2", tp=2, dtype=torch.float32, tolerance=1e-2))
+    assert report.passed, report.to_json()
     assert report.layers[1]["relative"] < 1e-5  # layer 0's Mamba branch: quantized on both sides, fp32 noise apart
 
 
@@ -119,22 +119,22 @@ def test_bitnet_bad_inputs(bitnet_checkpoints, tmp_path):
     del tensors["model.layers.1.mamba.in_proj.weight_scale"]
     save_file(tensors, missing_scale / "model.safetensors")
     with pytest.raises(BadInput, match="model.layers.1.mamba.in_proj.weight_scale is missing"):
-        import_hf(str(missing_scale), tmp_path / "out", MegatronLayout())
+        import_hf(ImportOptions(str(missing_scale), tmp_path / "out", MegatronLayout()))
     claims = tmp_path / "claims"
     shutil.copytree(bitnet_checkpoints / "tiny-mup-tp2", tmp_path / "mg")
-    export_hf(tmp_path / "mg", claims)  # latent floats …
+    export_hf(ExportOptions(tmp_path / "mg", claims))  # latent floats …
     cfg = json.loads((claims / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "bitnet"}  # … under a config that claims packed weights
     (claims / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(BadInput, match="no tensor is packed"):
-        import_hf(str(claims), tmp_path / "out", MegatronLayout())
+        import_hf(ImportOptions(str(claims), tmp_path / "out", MegatronLayout()))
     odd = tmp_path / "odd"
     shutil.copytree(packed, odd)
     tensors = load_file(odd / "model.safetensors")
     tensors["model.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"][:-1]
     save_file(tensors, odd / "model.safetensors")
     with pytest.raises(BadInput, match="q_proj.weight has shape \\[60, 64\\]"):
-        import_hf(str(odd), tmp_path / "out", MegatronLayout())
+        import_hf(ImportOptions(str(odd), tmp_path / "out", MegatronLayout()))
     with pytest.raises(BadInput, match="--mup fold with --bitnet"):
-        import_hf(str(packed), tmp_path / "out", MegatronLayout(), mup_mode="fold")
+        import_hf(ImportOptions(str(packed), tmp_path / "out", MegatronLayout(), mup_mode="fold"))
     assert not (tmp_path / "out").exists()

@@ -4,23 +4,23 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from falcon_bridge.converters.create_random import create_random
-from falcon_bridge.core.mapping import hf_tensor_shapes
-from falcon_bridge.formats.cards import load_card
+from falcon_bridge.cards import load_card
+from falcon_bridge.converters.create_random import CreateRandomOptions, create_random
+from falcon_bridge.core.mapping import hf_tensor_shapes, num_parameters
 
 
 def test_sharded_output_loads_in_transformers_with_every_tensor(tmp_path):
     card = load_card("tiny-groups-gated-norm")
     out = tmp_path / "ckpt"
-    summary = create_random(card, out, seed=3, dtype=torch.bfloat16, max_shard_bytes=100_000)
-    assert len(summary["files"]) > 1
+    summary = create_random(CreateRandomOptions(card, out, seed=3, dtype=torch.bfloat16, max_shard_bytes=100_000))
+    assert len(summary.files) > 1
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(hf_tensor_shapes(card.arch))
     config = json.loads((out / "config.json").read_text())
     assert config["head_dim"] == card.arch.head_dim and config["ssm_multipliers"] == list(card.arch.multipliers.ssm)
     assert (out / "generation_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert sum(p.numel() for p in model.parameters()) == card.arch.num_parameters() == summary["parameters"]
+    assert sum(p.numel() for p in model.parameters()) == num_parameters(card.arch) == summary.parameters
     state = model.state_dict()
     for name, file in index["weight_map"].items():
         with safe_open(out / file, "pt") as f:
@@ -30,8 +30,8 @@ def test_sharded_output_loads_in_transformers_with_every_tensor(tmp_path):
 def test_weights_are_realistic_and_reproducible(tmp_path):
     card = load_card("tiny-one-group")
     a, b = tmp_path / "a", tmp_path / "b"
-    create_random(card, a, seed=7, dtype=torch.float32)
-    create_random(card, b, seed=7, dtype=torch.float32)
+    create_random(CreateRandomOptions(card, a, seed=7, dtype=torch.float32))
+    create_random(CreateRandomOptions(card, b, seed=7, dtype=torch.float32))
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     with safe_open(a / "model.safetensors", "pt") as f:
         a_log = f.get_tensor("model.layers.0.mamba.A_log")
@@ -50,10 +50,11 @@ def test_a_small_tokenizer_is_built_offline_with_the_configs_special_ids(tmp_pat
     from transformers import AutoTokenizer
 
     card = load_card("tiny-vocab-pad")  # vocabularies under 512 ids get none (too small for byte-level BPE)
-    summary = create_random(card, tmp_path / "ckpt", dtype=torch.float32)
-    assert "tokenizer.json" in summary["tokenizer_files"]
+    summary = create_random(CreateRandomOptions(card, tmp_path / "ckpt", dtype=torch.float32))
+    assert "tokenizer.json" in summary.tokenizer_files
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
     ids = tokenizer("Falcon-H1 is a parallel hybrid").input_ids
     assert tokenizer.decode(ids) == "Falcon-H1 is a parallel hybrid" and max(ids) < card.arch.vocab_size
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
-    assert create_random(load_card("tiny-mup"), tmp_path / "small", dtype=torch.float32)["tokenizer_files"] == []
+    small = CreateRandomOptions(load_card("tiny-mup"), tmp_path / "small", dtype=torch.float32)
+    assert create_random(small).tokenizer_files == []

@@ -17,15 +17,15 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from falcon_bridge.cards import load_card
 from falcon_bridge.cli import app as cli_app
-from falcon_bridge.converters.create_random import create_random
-from falcon_bridge.converters.import_hf import import_hf
+from falcon_bridge.converters.create_random import CreateRandomOptions, create_random
+from falcon_bridge.converters.import_hf import ImportOptions, import_hf
+from falcon_bridge.converters.output import OWNER_FILE, TMP_MARK, _owner_record, _process_start
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
-from falcon_bridge.formats.cards import load_card
 from falcon_bridge.formats.manifest import MANIFEST_FILE, check_manifest
-from falcon_bridge.converters.output import OWNER_FILE, TMP_MARK, _owner_record, _process_start
 
 CARD = "tiny-one-group"
 TRACEBACK = "Traceback (most recent call last)"
@@ -64,7 +64,7 @@ def src(tiny_hf, tmp_path):
 def sharded_src(tmp_path):
     """A sharded fp32 HF checkpoint (index + several shards) with a tokenizer."""
     path = tmp_path / "sharded"
-    create_random(load_card("tiny-vocab-pad"), path, dtype=torch.float32, max_shard_bytes=40_000)
+    create_random(CreateRandomOptions(load_card("tiny-vocab-pad"), path, dtype=torch.float32, max_shard_bytes=40_000))
     assert (path / "model.safetensors.index.json").exists() and (path / "tokenizer.json").exists()
     return path
 
@@ -72,7 +72,7 @@ def sharded_src(tmp_path):
 @pytest.fixture(scope="module")
 def megatron_ckpt(tiny_hf, tmp_path_factory):
     out = tmp_path_factory.mktemp("mg") / "ckpt"
-    import_hf(str(tiny_hf[CARD]), out, MegatronLayout(tp=2))
+    import_hf(ImportOptions(str(tiny_hf[CARD]), out, MegatronLayout(tp=2)))
     return out
 
 
@@ -112,10 +112,10 @@ def test_config_values_are_checked_by_type_and_range(case, src, tmp_path, capsys
 def test_eos_token_list_is_accepted_and_kept(src, tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps(cfg | {"eos_token_id": [11, 228]}))
-    import_hf(str(src), tmp_path / "mg", MegatronLayout())
-    from falcon_bridge.converters.export_hf import export_hf
+    import_hf(ImportOptions(str(src), tmp_path / "mg", MegatronLayout()))
+    from falcon_bridge.converters.export_hf import ExportOptions, export_hf
 
-    export_hf(tmp_path / "mg", tmp_path / "hf")
+    export_hf(ExportOptions(tmp_path / "mg", tmp_path / "hf"))
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == [11, 228]
     assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == [11, 228]
 
@@ -183,7 +183,7 @@ def test_special_files_are_never_read(sharded_src, tmp_path, capsys, monkeypatch
 
 
 def test_tokenizer_files_are_hashed_into_the_manifest(sharded_src, tmp_path):
-    import_hf(str(sharded_src), tmp_path / "mg", MegatronLayout())
+    import_hf(ImportOptions(str(sharded_src), tmp_path / "mg", MegatronLayout()))
     sources = json.loads((tmp_path / "mg" / MANIFEST_FILE).read_text())["sources"]
     assert str(sharded_src / "tokenizer.json") in sources
 
@@ -375,12 +375,12 @@ def test_a_run_removes_only_its_own_dead_partial_outputs(src, tmp_path):
                   partial_dir(tmp_path, "mg.v3", dead.pid),  # dead, but not ours
                   partial_dir(tmp_path, "mg", None)]  # no owner record: never ours
         stale = partial_dir(tmp_path, "mg", dead.pid)
-        import_hf(str(src), tmp_path / "mg", MegatronLayout())
+        import_hf(ImportOptions(str(src), tmp_path / "mg", MegatronLayout()))
         assert not stale.exists() and all((p / "keep.bin").exists() for p in others)
         assert check_manifest(tmp_path / "mg") == []
         partial_dir(tmp_path, "mg", live.pid)
         with pytest.raises(BadInput, match="another falcon-bridge run .* is writing it"):
-            import_hf(str(src), tmp_path / "mg", MegatronLayout(), overwrite=True)
+            import_hf(ImportOptions(str(src), tmp_path / "mg", MegatronLayout(), overwrite=True))
         assert check_manifest(tmp_path / "mg") == []
     finally:
         live.kill()

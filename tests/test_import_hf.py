@@ -11,15 +11,16 @@ import torch
 from conftest import legacy_layout_checkpoint
 from safetensors.torch import load_file, save_file
 
-from falcon_bridge.converters.import_hf import import_hf
+from falcon_bridge.cards import load_card
+from falcon_bridge.converters.import_hf import ImportOptions, import_hf
 from falcon_bridge.converters.verify import compare_logits, hf_logits, sample_tokens
 from falcon_bridge.core.config import FalconH1Arch
 from falcon_bridge.core.mapping import megatron_extra_state_keys, megatron_tensor_shapes
 from falcon_bridge.core.parallel import MegatronLayout, stored_as_hf
 from falcon_bridge.errors import BadInput
-from falcon_bridge.formats.cards import load_card
 from falcon_bridge.formats.megatron import TorchDistReader, find_iteration_dir
-from falcon_bridge.megatron.runtime import launch, megatron_logits_worker
+from falcon_bridge.megatron.distributed import launch
+from falcon_bridge.megatron.forward import megatron_logits_worker
 
 TOKENS = sample_tokens(vocab_size=256, batch=2, seq_len=24)  # 24 > mamba_chunk_size 8: the scan crosses chunks
 
@@ -43,7 +44,7 @@ def test_megatron_logits_equal_hf(layout, tiny_hf, reference_logits, tmp_path):
     cards = [c for c in tiny_hf if fits(FalconH1Arch.from_hf(json.loads((tiny_hf[c] / "config.json").read_text())),
                                         tp, pp)]
     for name in cards:
-        import_hf(str(tiny_hf[name]), tmp_path / name, MegatronLayout(*imported_as), mup_mode=mup_mode)
+        import_hf(ImportOptions(str(tiny_hf[name]), tmp_path / name, MegatronLayout(*imported_as), mup_mode=mup_mode))
     assert len(cards) >= 4
     results = launch(megatron_logits_worker, tp * pp, [str(tmp_path / c) for c in cards], tp, pp, TOKENS, "float32")
     for name, logits in zip(cards, results):
@@ -58,7 +59,7 @@ def test_checkpoints_that_stored_a_tp_layout_still_load(tiny_hf, reference_logit
     groups; they still load at any TP (each local group reads its HF group's first stored copy) and export."""
     roots = []
     for name in ("tiny-vocab-pad", "tiny-one-group-gated-norm", "tiny-tied"):
-        import_hf(str(tiny_hf[name]), tmp_path / f"{name}-new", MegatronLayout())
+        import_hf(ImportOptions(str(tiny_hf[name]), tmp_path / f"{name}-new", MegatronLayout()))
         roots.append(legacy_layout_checkpoint(tmp_path / f"{name}-new", tmp_path / name, tp=2))
     tokens = sample_tokens(vocab_size=256, batch=2, seq_len=24)
     for name, logits in zip(("tiny-vocab-pad", "tiny-one-group-gated-norm", "tiny-tied"),
@@ -78,7 +79,7 @@ def test_checkpoint_holds_exactly_the_model_keys(tiny_hf, tmp_path):
     """Keys and global shapes equal what the Megatron model's sharded_state_dict() asks for (checked in a real
     megatron process by test_megatron_logits_equal_hf, which loads with megatron's strict default)."""
     arch = load_card("tiny-vocab-pad").arch
-    import_hf(str(tiny_hf["tiny-vocab-pad"]), tmp_path / "ckpt", MegatronLayout(tp=2))
+    import_hf(ImportOptions(str(tiny_hf["tiny-vocab-pad"]), tmp_path / "ckpt", MegatronLayout(tp=2)))
     reader = TorchDistReader(find_iteration_dir(tmp_path / "ckpt"))
     expected = megatron_tensor_shapes(arch, stored_as_hf(arch))
     assert {k: v[0] for k, v in reader.tensors.items()} == expected
@@ -127,7 +128,7 @@ def test_bad_input_is_one_clear_error_and_nothing_is_written(case, tiny_hf, tmp_
     src = _copy(tiny_hf["tiny-one-group"], tmp_path / "src", edit, config_edit)
     before = {p.name: p.read_bytes() for p in src.iterdir()}
     with pytest.raises(BadInput, match=message.replace("[", r"\[")):
-        import_hf(str(src), tmp_path / "out", MegatronLayout(**layout))
+        import_hf(ImportOptions(str(src), tmp_path / "out", MegatronLayout(**layout)))
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == [src]
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # the source is never modified
 
@@ -152,4 +153,4 @@ def test_cli_reports_bad_input_in_one_line_with_exit_code_2(tiny_hf, tmp_path):
 def test_offline_hub_id_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(BadInput, match="Hub could not provide it"):
-        import_hf("tiiuae/Falcon-H1-0.5B-Base", tmp_path / "out", MegatronLayout())
+        import_hf(ImportOptions("tiiuae/Falcon-H1-0.5B-Base", tmp_path / "out", MegatronLayout()))

@@ -15,16 +15,16 @@ import torch
 import yaml
 from megatron_workers import train_and_save_as_bridge
 
-from falcon_bridge.converters.export_hf import export_hf
-from falcon_bridge.converters.import_hf import import_hf
+from falcon_bridge.cards import load_card
+from falcon_bridge.converters.export_hf import ExportOptions, export_hf
+from falcon_bridge.converters.import_hf import ImportOptions, import_hf
 from falcon_bridge.converters.verify import sample_tokens
 from falcon_bridge.core.mapping import megatron_extra_state_keys
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
-from falcon_bridge.formats.cards import load_card
 from falcon_bridge.formats.hf import existing_tokenizer_files, ulp_differences
-from falcon_bridge.megatron.runtime import launch
+from falcon_bridge.megatron.distributed import launch
 
 CARD = "tiny-mup"  # non-unit multipliers everywhere: a run config that drops one is caught
 
@@ -32,7 +32,7 @@ CARD = "tiny-mup"  # non-unit multipliers everywhere: a run config that drops on
 @pytest.fixture(scope="module")
 def imported(tiny_hf, tmp_path_factory):
     out = tmp_path_factory.mktemp("interop") / "mg"
-    import_hf(str(tiny_hf[CARD]), out, MegatronLayout(tp=2))
+    import_hf(ImportOptions(str(tiny_hf[CARD]), out, MegatronLayout(tp=2)))
     return out
 
 
@@ -103,7 +103,7 @@ def test_run_config_yaml_is_bridges_provider_with_our_architecture(imported):
 
 
 def test_folded_import_tells_bridge_to_apply_no_multiplier(tiny_hf, tmp_path):
-    import_hf(str(tiny_hf[CARD]), tmp_path / "mg", MegatronLayout(), mup_mode="fold")
+    import_hf(ImportOptions(str(tiny_hf[CARD]), tmp_path / "mg", MegatronLayout(), mup_mode="fold"))
     model = yaml.safe_load((tmp_path / "mg" / "iter_0000000" / mg.BRIDGE_RUN_CONFIG_FILE).read_text())["model"]
     assert model["embedding_multiplier"] == 1.0 and model["ssm_multipliers"] == [1.0] * 5
 
@@ -122,8 +122,8 @@ def bridge_checkpoint(imported, tiny_hf, tmp_path_factory):
 def test_export_reads_a_bridge_checkpoint_without_flags(bridge_checkpoint, tiny_hf, tmp_path):
     """Optimizer and RNG state, iteration 5, Megatron-LM args in the common state, Bridge's run_config.yaml and
     tokenizer/ folder, no run config of ours: export-hf needs no flag, and gives what --hf-config gives."""
-    summary = export_hf(bridge_checkpoint, tmp_path / "hf")
-    export_hf(bridge_checkpoint, tmp_path / "given", hf_config=tiny_hf[CARD] / "config.json")
+    summary = export_hf(ExportOptions(bridge_checkpoint, tmp_path / "hf"))
+    export_hf(ExportOptions(bridge_checkpoint, tmp_path / "given", hf_config=tiny_hf[CARD] / "config.json"))
     assert set(ulp_differences(tmp_path / "hf", tmp_path / "given").values()) == {0}
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     source = json.loads((tiny_hf[CARD] / "config.json").read_text())
@@ -131,7 +131,7 @@ def test_export_reads_a_bridge_checkpoint_without_flags(bridge_checkpoint, tiny_
                 "key_multiplier", "embedding_multiplier", "tie_word_embeddings", "rope_theta"):
         assert config[key] == source[key], key
     tokenizer = sorted(p.name for p in (bridge_checkpoint / "iter_0000005" / "tokenizer").iterdir())
-    assert "tokenizer.json" in tokenizer and sorted(summary["tokenizer_files"]) == tokenizer
+    assert "tokenizer.json" in tokenizer and sorted(summary.tokenizer_files) == tokenizer
 
 
 def test_a_run_config_yaml_that_is_not_bridges_falcon_h1_is_refused(bridge_checkpoint, tmp_path):
@@ -141,8 +141,8 @@ def test_a_run_config_yaml_that_is_not_bridges_falcon_h1_is_refused(bridge_check
     doc = yaml.safe_load(path.read_text())
     path.write_text(yaml.safe_dump({**doc, "model": {**doc["model"], "_target_": "megatron.bridge.models.Llama"}}))
     with pytest.raises(BadInput, match="run_config.yaml: field model._target_"):
-        export_hf(bad, tmp_path / "out")
+        export_hf(ExportOptions(bad, tmp_path / "out"))
     path.write_text(yaml.safe_dump({**doc, "model": {**doc["model"], "hidden_size": 96}}))
     with pytest.raises(BadInput, match="has shape .* the architecture implies"):
-        export_hf(bad, tmp_path / "out")
+        export_hf(ExportOptions(bad, tmp_path / "out"))
     assert not (tmp_path / "out").exists()

@@ -13,13 +13,13 @@ import torch
 from megatron_workers import live_bridge_checks, live_bridge_misuse, train_and_save
 from safetensors import safe_open
 
-from falcon_bridge.converters.export_hf import export_hf
-from falcon_bridge.converters.import_hf import import_hf
+from falcon_bridge.converters.export_hf import ExportOptions, export_hf
+from falcon_bridge.converters.import_hf import ImportOptions, import_hf
 from falcon_bridge.converters.verify import sample_tokens
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.formats.hf import ulp_differences
 from falcon_bridge.formats.manifest import check_manifest
-from falcon_bridge.megatron.runtime import launch
+from falcon_bridge.megatron.distributed import launch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,8 +45,8 @@ def stored(directory):
 def test_live_bridge_equals_the_file_path(case, tiny_hf, tmp_path):
     card, tp, pp, mup, bitnet, fmt = CASES[case]
     hf = tiny_hf[card]
-    import_hf(str(hf), tmp_path / "mg", MegatronLayout(), mup_mode=mup, bitnet=bitnet)
-    export_hf(tmp_path / "mg", tmp_path / "exported", fmt=fmt)
+    import_hf(ImportOptions(str(hf), tmp_path / "mg", MegatronLayout(), mup_mode=mup, bitnet=bitnet))
+    export_hf(ExportOptions(tmp_path / "mg", tmp_path / "exported", fmt=fmt))
     result = launch(live_bridge_checks, tp * pp, str(hf), str(tmp_path / "mg"), tp, pp, mup, bitnet, fmt,
                     str(tmp_path / "live"))
     assert result["differ"] == []  # HF → live model: the weights import-hf + dist_checkpointing.load give
@@ -63,11 +63,11 @@ def test_live_bridge_equals_the_file_path(case, tiny_hf, tmp_path):
 
 def test_trained_model_saved_live_equals_saved_and_exported_through_files(tiny_hf, tmp_path):
     card = "tiny-groups-gated-norm"
-    import_hf(str(tiny_hf[card]), tmp_path / "mg", MegatronLayout())
+    import_hf(ImportOptions(str(tiny_hf[card]), tmp_path / "mg", MegatronLayout()))
     batches = [sample_tokens(256, 2, 16, seed=s) for s in range(3)]
     launch(train_and_save, 4, str(tmp_path / "mg"), 4, 1, batches, str(tmp_path / "trained"), False,
            str(tmp_path / "live"))
-    export_hf(tmp_path / "trained", tmp_path / "exported")
+    export_hf(ExportOptions(tmp_path / "trained", tmp_path / "exported"))
     differences = ulp_differences(tmp_path / "exported", tmp_path / "live")
     assert differences and set(differences.values()) == {0}
     assert stored(tmp_path / "live")["model.layers.0.mamba.in_proj.weight"].ne(

@@ -8,16 +8,16 @@ import torch
 from safetensors import safe_open
 from test_roundtrip import assert_bit_identical, hf_tensors
 
-from falcon_bridge.converters.create_random import create_random
-from falcon_bridge.converters.export_hf import export_hf
-from falcon_bridge.converters.import_hf import import_hf
-from falcon_bridge.converters.reshard import reshard
+from falcon_bridge.cards import Card, load_card
+from falcon_bridge.converters.create_random import CreateRandomOptions, create_random
+from falcon_bridge.converters.export_hf import ExportOptions, export_hf
+from falcon_bridge.converters.import_hf import ImportOptions, import_hf
+from falcon_bridge.converters.reshard import ReshardOptions, reshard
 from falcon_bridge.converters.verify import compare_logits, hf_logits, sample_tokens
 from falcon_bridge.core import mup
 from falcon_bridge.core.config import Multipliers
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput
-from falcon_bridge.formats.cards import Card, load_card
 
 
 def test_fold_table_on_a_hand_checkable_in_proj():
@@ -72,9 +72,9 @@ def test_tied_embeddings_fold_only_when_the_ratio_is_exact():
 
 
 def test_fold_refused_for_inexact_tied_card_writes_nothing(tmp_path):
-    create_random(inexact_tied_card(), tmp_path / "src", seed=1, dtype=torch.float32)
+    create_random(CreateRandomOptions(inexact_tied_card(), tmp_path / "src", seed=1, dtype=torch.float32))
     with pytest.raises(BadInput, match="tied embeddings"):
-        import_hf(str(tmp_path / "src"), tmp_path / "out", MegatronLayout(), mup_mode="fold")
+        import_hf(ImportOptions(str(tmp_path / "src"), tmp_path / "out", MegatronLayout(), mup_mode="fold"))
     assert not (tmp_path / "out").exists()
 
 
@@ -86,20 +86,20 @@ def power_of_two_card() -> Card:
 
 
 def test_fold_then_unfold_round_trip_is_bit_identical_for_power_of_two_multipliers(tmp_path):
-    create_random(power_of_two_card(), tmp_path / "src", seed=2, dtype=torch.float32)
-    import_hf(str(tmp_path / "src"), tmp_path / "mg", MegatronLayout(tp=2), mup_mode="fold")
-    reshard(tmp_path / "mg", tmp_path / "mg2", MegatronLayout(pp=2))  # reshard keeps the mode
+    create_random(CreateRandomOptions(power_of_two_card(), tmp_path / "src", seed=2, dtype=torch.float32))
+    import_hf(ImportOptions(str(tmp_path / "src"), tmp_path / "mg", MegatronLayout(tp=2), mup_mode="fold"))
+    reshard(ReshardOptions(tmp_path / "mg", tmp_path / "mg2", MegatronLayout(pp=2)))  # reshard keeps the mode
     rc = json.loads((tmp_path / "mg2" / "iter_0000000" / "falcon_bridge_run_config.json").read_text())
     assert rc["mup"]["mode"] == "fold" and all(v == 1.0 for v in Multipliers.from_hf(
         rc["mup"]["applied_multipliers"]).flat())
-    summary = export_hf(tmp_path / "mg2", tmp_path / "hf")
-    assert summary["mup"] == "unfolded"
+    summary = export_hf(ExportOptions(tmp_path / "mg2", tmp_path / "hf"))
+    assert summary.mup == "unfolded"
     assert_bit_identical(tmp_path / "src", tmp_path / "hf")
 
 
 def test_unfold_of_general_multipliers_is_within_one_ulp(tiny_hf, tmp_path):
-    import_hf(str(tiny_hf["tiny-mup"]), tmp_path / "mg", MegatronLayout(), mup_mode="fold")
-    export_hf(tmp_path / "mg", tmp_path / "hf")
+    import_hf(ImportOptions(str(tiny_hf["tiny-mup"]), tmp_path / "mg", MegatronLayout(), mup_mode="fold"))
+    export_hf(ExportOptions(tmp_path / "mg", tmp_path / "hf"))
     source, result = hf_tensors(tiny_hf["tiny-mup"]), hf_tensors(tmp_path / "hf")
     for name in source:
         ulps = (source[name].view(torch.int32) - result[name].view(torch.int32)).abs().max()
@@ -108,8 +108,8 @@ def test_unfold_of_general_multipliers_is_within_one_ulp(tiny_hf, tmp_path):
 
 
 def test_keep_folded_export_has_unit_multipliers_and_the_same_logits(tiny_hf, tmp_path):
-    import_hf(str(tiny_hf["tiny-mup"]), tmp_path / "mg", MegatronLayout(), mup_mode="fold")
-    export_hf(tmp_path / "mg", tmp_path / "hf", mup_export="keep-folded")
+    import_hf(ImportOptions(str(tiny_hf["tiny-mup"]), tmp_path / "mg", MegatronLayout(), mup_mode="fold"))
+    export_hf(ExportOptions(tmp_path / "mg", tmp_path / "hf", mup_export="keep-folded"))
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert all(v == 1.0 for v in Multipliers.from_hf(config).flat())
     with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:

@@ -14,16 +14,17 @@ import torch
 from conftest import edited_megatron_checkpoint
 from safetensors.torch import load_file, save_file
 
-from falcon_bridge.converters.create_random import create_random
-from falcon_bridge.converters.export_hf import export_hf
-from falcon_bridge.converters.import_hf import import_hf
-from falcon_bridge.converters.reshard import reshard
+from falcon_bridge.cards import load_card
+from falcon_bridge.converters.create_random import CreateRandomOptions, create_random
+from falcon_bridge.converters.export_hf import ExportOptions, export_hf
+from falcon_bridge.converters.import_hf import ImportOptions, import_hf
+from falcon_bridge.converters.output import TMP_MARK
+from falcon_bridge.converters.reshard import ReshardOptions, reshard
+from falcon_bridge.converters.run import Run
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import hf as hf_format
-from falcon_bridge.formats.cards import load_card
 from falcon_bridge.formats.manifest import MANIFEST_FILE, BackgroundHashes, HashingCancelled, check_manifest
-from falcon_bridge.converters.output import TMP_MARK
 
 CARD = "tiny-one-group"
 
@@ -89,20 +90,20 @@ def test_import_bad_input_matrix(case, src, tmp_path):
     before = snapshot(src)
     options = {k: v for k, v in kwargs.items() if k != "layout"}  # the shared table is left as it is
     with pytest.raises(BadInput, match=message):
-        import_hf(str(src), tmp_path / "out", kwargs.get("layout", MegatronLayout()), **options)
+        import_hf(ImportOptions(str(src), tmp_path / "out", kwargs.get("layout", MegatronLayout()), **options))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing at OUT, no partial output left
     assert snapshot(src) == before  # the source is never modified
 
 
 def test_allow_extra_ignores_unknown_tensors(src, tmp_path):
     rewrite_weights(src, lambda t: t.update(extra=torch.zeros(1)))
-    import_hf(str(src), tmp_path / "out", MegatronLayout(), allow_extra=True)
+    import_hf(ImportOptions(str(src), tmp_path / "out", MegatronLayout(), allow_extra=True))
     assert check_manifest(tmp_path / "out") == []
 
 
 @pytest.fixture
 def megatron_ckpt(src, tmp_path):
-    import_hf(str(src), tmp_path / "mg", MegatronLayout(tp=2))
+    import_hf(ImportOptions(str(src), tmp_path / "mg", MegatronLayout(tp=2)))
     return tmp_path / "mg"
 
 
@@ -110,9 +111,9 @@ def test_export_refuses_nan_by_default(megatron_ckpt, tmp_path):
     bad = edited_megatron_checkpoint(megatron_ckpt, tmp_path / "bad",
                                      lambda t: t["decoder.layers.1.mamba_mixer.D"].__setitem__(2, float("inf")))
     with pytest.raises(BadInput, match="decoder.layers.1.mamba_mixer.D holds NaN or Inf"):
-        export_hf(bad, tmp_path / "out")
+        export_hf(ExportOptions(bad, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
-    export_hf(bad, tmp_path / "out", check_finite=False)  # explicitly allowed
+    export_hf(ExportOptions(bad, tmp_path / "out", check_finite=False))  # explicitly allowed
 
 
 def test_megatron_bad_input_matrix(megatron_ckpt, tmp_path):
@@ -127,12 +128,12 @@ def test_megatron_bad_input_matrix(megatron_ckpt, tmp_path):
              (tmp_path / "nowhere", "no such directory")]
     for path, message in cases:
         with pytest.raises(BadInput, match=message):
-            export_hf(path, tmp_path / "out")
+            export_hf(ExportOptions(path, tmp_path / "out"))
         with pytest.raises(BadInput, match=message):
-            reshard(path, tmp_path / "out", MegatronLayout())
+            reshard(ReshardOptions(path, tmp_path / "out", MegatronLayout()))
         assert not (tmp_path / "out").exists()
     with pytest.raises(BadInput, match="--pp 3 does not divide"):
-        reshard(megatron_ckpt, tmp_path / "out", MegatronLayout(pp=3))
+        reshard(ReshardOptions(megatron_ckpt, tmp_path / "out", MegatronLayout(pp=3)))
     assert not (tmp_path / "out").exists()
 
 
@@ -141,16 +142,16 @@ def test_existing_output_is_refused_unless_overwrite(src, tmp_path):
     out.mkdir()
     (out / "keep").write_text("mine")
     with pytest.raises(BadInput, match="already exists .*--overwrite"):
-        import_hf(str(src), out, MegatronLayout())
+        import_hf(ImportOptions(str(src), out, MegatronLayout()))
     assert (out / "keep").read_text() == "mine"
-    import_hf(str(src), out, MegatronLayout(), overwrite=True)
+    import_hf(ImportOptions(str(src), out, MegatronLayout(), overwrite=True))
     assert not (out / "keep").exists() and check_manifest(out) == []
 
 
 def test_not_enough_disk_space_is_checked_before_writing(src, tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(BadInput, match="not enough disk space"):
-        import_hf(str(src), tmp_path / "out", MegatronLayout())
+        import_hf(ImportOptions(str(src), tmp_path / "out", MegatronLayout()))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
@@ -160,15 +161,15 @@ def test_disk_full_while_writing_is_one_clear_error(megatron_ckpt, tmp_path, mon
 
     monkeypatch.setattr(hf_format.ShardedSafetensorsWriter, "put", full)
     with pytest.raises(BadInput, match="disk full while writing"):
-        export_hf(megatron_ckpt, tmp_path / "out")
+        export_hf(ExportOptions(megatron_ckpt, tmp_path / "out"))
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(f"{TMP_MARK}*"))
 
 
 def test_every_command_writes_a_manifest_that_check_verifies(src, tmp_path):
-    create_random(load_card(CARD), tmp_path / "rand", dtype=torch.float32)
-    import_hf(str(src), tmp_path / "mg", MegatronLayout(tp=2), argv=["falcon-bridge", "import-hf"])
-    reshard(tmp_path / "mg", tmp_path / "mg2", MegatronLayout(pp=2))
-    export_hf(tmp_path / "mg2", tmp_path / "hf")
+    create_random(CreateRandomOptions(load_card(CARD), tmp_path / "rand", dtype=torch.float32))
+    import_hf(ImportOptions(str(src), tmp_path / "mg", MegatronLayout(tp=2)), Run(argv=["falcon-bridge", "import-hf"]))
+    reshard(ReshardOptions(tmp_path / "mg", tmp_path / "mg2", MegatronLayout(pp=2)))
+    export_hf(ExportOptions(tmp_path / "mg2", tmp_path / "hf"))
     for name in ("rand", "mg", "mg2", "hf"):
         assert check_manifest(tmp_path / name) == [], name
     manifest = json.loads((tmp_path / "mg" / MANIFEST_FILE).read_text())
@@ -196,7 +197,8 @@ def test_kill_minus_nine_leaves_nothing_at_the_output(tmp_path):
     assert not out.exists()
     leftovers = list(tmp_path.glob(f"{TMP_MARK}big.*"))
     assert leftovers, "the interrupted run's partial output is named clearly"
-    create_random(load_card(CARD), out, dtype=torch.float32)  # the next run for the same target cleans it
+    # the next run for the same target cleans it
+    create_random(CreateRandomOptions(load_card(CARD), out, dtype=torch.float32))
     assert not list(tmp_path.glob(f"{TMP_MARK}big.*")) and check_manifest(out) == []
 
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 from megatron_workers import loss_and_gradients
 
-from falcon_bridge.converters.import_hf import import_hf
-from falcon_bridge.converters.reshard import reshard
+from falcon_bridge.converters.import_hf import ImportOptions, import_hf
+from falcon_bridge.converters.reshard import ReshardOptions, reshard
 from falcon_bridge.converters.verify import sample_tokens
 from falcon_bridge.core.parallel import MegatronLayout
-from falcon_bridge.megatron.runtime import launch
+from falcon_bridge.megatron.distributed import launch
 
 CARD = "tiny-one-group-gated-norm"
 TOKENS = sample_tokens(256, batch=2, seq_len=20, seed=3)
@@ -23,8 +23,8 @@ PARAMETERS = {"decoder.layers.0.norm.weight": None, "decoder.layers.3.mlp.linear
 @pytest.fixture(scope="module")
 def checkpoints(tiny_hf, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gated")
-    import_hf(str(tiny_hf[CARD]), tmp / "tp2", MegatronLayout(tp=2))  # one group replicated to 2
-    reshard(tmp / "tp2", tmp / "tp4", MegatronLayout(tp=4))  # … and to 4
+    import_hf(ImportOptions(str(tiny_hf[CARD]), tmp / "tp2", MegatronLayout(tp=2)))  # one group replicated to 2
+    reshard(ReshardOptions(tmp / "tp2", tmp / "tp4", MegatronLayout(tp=4)))  # … and to 4
     return tmp
 
 

@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from megatron_workers import loss_and_gradients, train_and_save
 from safetensors.torch import load_file
 
-from falcon_bridge.converters.export_hf import export_hf
-from falcon_bridge.converters.import_hf import import_hf
+from falcon_bridge.converters.export_hf import ExportOptions, export_hf
+from falcon_bridge.converters.import_hf import ImportOptions, import_hf
 from falcon_bridge.converters.verify import hf_model, sample_tokens
 from falcon_bridge.core.parallel import MegatronLayout
-from falcon_bridge.megatron.runtime import launch, megatron_logits_worker
+from falcon_bridge.megatron.distributed import launch
+from falcon_bridge.megatron.forward import megatron_logits_worker
 
 TOKENS = sample_tokens(256, batch=2, seq_len=24, seed=5)
 # (card, TP, PP): one Mamba group with and without the gated norm, two groups with it, µP, vocabulary padding,
@@ -74,13 +75,13 @@ def hf_reference(tiny_hf):
 
 @pytest.mark.parametrize("card,tp,pp", GRADIENT_CASES, ids=[f"{c}-tp{t}pp{p}" for c, t, p in GRADIENT_CASES])
 def test_every_gradient_equals_hf(tiny_hf, hf_reference, tmp_path, card, tp, pp):
-    import_hf(str(tiny_hf[card]), tmp_path / "mg", MegatronLayout(tp=tp, pp=pp))
+    import_hf(ImportOptions(str(tiny_hf[card]), tmp_path / "mg", MegatronLayout(tp=tp, pp=pp)))
     spread = launch(train_and_save, tp * pp, str(tmp_path / "mg"), tp, pp, [hf_tokens(card)], str(tmp_path / "grads"),
                     True)
     assert spread == 0  # every TP rank's copy of a B/C group got the same, whole gradient
-    summary = export_hf(tmp_path / "grads", tmp_path / "grads-hf")
+    summary = export_hf(ExportOptions(tmp_path / "grads", tmp_path / "grads-hf"))
     # the B/C copies of each replicated group received bit-identical gradients
-    assert summary["diverged_group_replicas"] == {} and summary["warnings"] == []
+    assert summary.diverged_group_replicas == {} and summary.warnings == []
     ours, reference = exported(tmp_path / "grads-hf"), hf_reference(card)
     assert set(ours) == set(reference) - {"loss"}
     errors = {name: relative_error(ours[name], reference[name]) for name in ours}
@@ -93,7 +94,7 @@ def test_every_gradient_equals_hf(tiny_hf, hf_reference, tmp_path, card, tp, pp)
 def test_per_token_loss_equals_hf(tiny_hf, hf_reference, tmp_path, card, tp):
     """The per-token loss megatron trains with (vocab-parallel cross entropy; tiny-vocab-pad: 1001 ids padded to
     1024, the padding kept out of the softmax) is HF's, and the vocabulary padding gets no gradient."""
-    import_hf(str(tiny_hf[card]), tmp_path / "mg", MegatronLayout(tp=tp))
+    import_hf(ImportOptions(str(tiny_hf[card]), tmp_path / "mg", MegatronLayout(tp=tp)))
     ours = launch(loss_and_gradients, tp, str(tmp_path / "mg"), tp, hf_tokens(card),
                   {"embedding.word_embeddings.weight": 0, "output_layer.weight": 0})
     reference = hf_reference(card)
@@ -114,12 +115,13 @@ def trained(tiny_hf, tmp_path_factory):
     """5 AdamW steps of TRAIN_CARD at each layout, saved and exported: {layout: (megatron dir, HF dir, summary,
     largest difference between the TP ranks' copies of a B/C group after training)}."""
     tmp = tmp_path_factory.mktemp("trained")
-    import_hf(str(tiny_hf[TRAIN_CARD]), tmp / "mg", MegatronLayout())  # one import serves every layout
+    import_hf(ImportOptions(str(tiny_hf[TRAIN_CARD]), tmp / "mg", MegatronLayout()))  # one import serves every layout
     out = {}
     for tp, pp in [(1, 1), (2, 1), (4, 1), (2, 2)]:
         name = f"tp{tp}pp{pp}"
         spread = launch(train_and_save, tp * pp, str(tmp / "mg"), tp, pp, STEPS, str(tmp / name))
-        out[(tp, pp)] = (tmp / name, tmp / f"{name}-hf", export_hf(tmp / name, tmp / f"{name}-hf"), spread)
+        exported = export_hf(ExportOptions(tmp / name, tmp / f"{name}-hf"))
+        out[(tp, pp)] = (tmp / name, tmp / f"{name}-hf", exported, spread)
     return out
 
 
@@ -129,8 +131,8 @@ def test_trained_model_exports_exactly(trained, tp):
     logits, loaded at TP=2 and at TP=1 (the saved checkpoint holds HF's one group, not TP=2's copies)."""
     megatron_dir, hf_dir, summary, spread = trained[(2, 1)]
     assert spread == 0  # the TP ranks' copies of the one group stayed bit-identical through 5 steps
-    assert summary["diverged_group_replicas"] == {} and summary["warnings"] == []
-    assert summary["mamba_groups_collapsed"] is False
+    assert summary.diverged_group_replicas == {} and summary.warnings == []
+    assert summary.mamba_groups_collapsed is False
     ours = launch(megatron_logits_worker, tp, [str(megatron_dir)], tp, 1, TOKENS, None)[0]
     with torch.no_grad():
         reference = hf_model(hf_dir, torch.float32, "cpu")(TOKENS).logits
@@ -154,11 +156,11 @@ def test_bitnet_gradients_do_not_depend_on_tp(tiny_hf, tmp_path):
     """BitNet (latent weights, STE): the gradients at TP=2 (one group replicated) are TP=1's, replicas included."""
     card, grads = "tiny-one-group-gated-norm", {}
     for tp in (1, 2):
-        import_hf(str(tiny_hf[card]), tmp_path / f"mg{tp}", MegatronLayout(tp=tp), bitnet=True)
+        import_hf(ImportOptions(str(tiny_hf[card]), tmp_path / f"mg{tp}", MegatronLayout(tp=tp), bitnet=True))
         assert launch(train_and_save, tp, str(tmp_path / f"mg{tp}"), tp, 1, [TOKENS], str(tmp_path / f"g{tp}"),
                       True) == 0
-        summary = export_hf(tmp_path / f"g{tp}", tmp_path / f"g{tp}-hf")
-        assert summary["diverged_group_replicas"] == {}
+        summary = export_hf(ExportOptions(tmp_path / f"g{tp}", tmp_path / f"g{tp}-hf"))
+        assert summary.diverged_group_replicas == {}
         grads[tp] = exported(tmp_path / f"g{tp}-hf")
     errors = {n: relative_error(grads[2][n], grads[1][n]) for n in grads[1]}
     worst = max(errors, key=errors.get)

@@ -16,15 +16,16 @@ from pathlib import Path
 
 import torch
 
-from falcon_bridge.converters.create_random import create_random
-from falcon_bridge.converters.export_hf import export_hf
-from falcon_bridge.converters.import_hf import import_hf
-from falcon_bridge.converters.reshard import reshard
+from falcon_bridge.cards import load_card
+from falcon_bridge.converters.create_random import CreateRandomOptions, create_random
+from falcon_bridge.converters.export_hf import ExportOptions, export_hf
+from falcon_bridge.converters.import_hf import ImportOptions, import_hf
+from falcon_bridge.converters.reshard import ReshardOptions, reshard
 from falcon_bridge.converters.verify import DEFAULT_TOLERANCE, compare_logits, hf_logits, sample_tokens
 from falcon_bridge.core.parallel import MegatronLayout
-from falcon_bridge.formats.cards import load_card
 from falcon_bridge.formats.hf import ulp_differences
-from falcon_bridge.megatron.runtime import launch, megatron_logits_worker
+from falcon_bridge.megatron.distributed import launch
+from falcon_bridge.megatron.forward import megatron_logits_worker
 
 
 def max_ulps(a_dir: Path, b_dir: Path) -> float:
@@ -51,7 +52,7 @@ def main(argv=None) -> list[dict]:
         for dtype in (torch.float32, torch.bfloat16):
             name = str(dtype).removeprefix("torch.")
             hf[name] = tmp / f"hf-{name}"
-            create_random(card, hf[name], seed=0, dtype=dtype)
+            create_random(CreateRandomOptions(card, hf[name], seed=0, dtype=dtype))
             reference[name] = hf_logits(hf[name], tokens, dtype, "cuda" if torch.cuda.is_available() else "cpu")
         # route → (run TP, TP import-hf prepares for, µP mode); a run TP other than the import's goes through reshard
         routes = {f"tp{tp}": (tp, tp if args.direct else max(tp // 2, 1), "preserve")
@@ -62,10 +63,10 @@ def main(argv=None) -> list[dict]:
             roots = []
             for name, hf_dir in hf.items():
                 first, final = tmp / f"{route}-{name}-import", tmp / f"{route}-{name}"
-                import_hf(str(hf_dir), first if import_tp != tp else final, MegatronLayout(tp=import_tp),
-                          mup_mode=mup_mode)
+                import_hf(ImportOptions(str(hf_dir), first if import_tp != tp else final,
+                                        MegatronLayout(tp=import_tp), mup_mode=mup_mode))
                 if import_tp != tp:
-                    reshard(first, final, MegatronLayout(tp=tp))
+                    reshard(ReshardOptions(first, final, MegatronLayout(tp=tp)))
                 roots.append(str(final))
             t0 = time.perf_counter()
             results = launch(megatron_logits_worker, tp, roots, tp, 1, tokens, None)
@@ -73,12 +74,12 @@ def main(argv=None) -> list[dict]:
             for (name, hf_dir), root, logits in zip(hf.items(), roots, results):
                 ulps = 0
                 if not args.no_export:
-                    export_hf(Path(root), tmp / f"{route}-{name}-export")
+                    export_hf(ExportOptions(Path(root), tmp / f"{route}-{name}-export"))
                     ulps = max_ulps(hf_dir, tmp / f"{route}-{name}-export")
                 r = compare_logits(reference[name], logits, DEFAULT_TOLERANCE[name])
                 rows.append({"card": card.name, "route": route, "tp": tp, "dtype": name, "seq_len": args.seq_len,
                              "export_max_ulps": None if args.no_export else ulps,
-                             "megatron_seconds": round(seconds, 1), **r.to_dict()})
+                             "megatron_seconds": round(seconds, 1), **r.to_json()})
                 rows[-1]["passed"] = r.passed and (ulps == 0 if mup_mode == "preserve" else ulps <= 1)
     print(f"\n{'route':10} {'dtype':8} {'max|Δ|':>10} {'mean|Δ|':>10} {'max|logit|':>10} {'rel':>10} "
           f"{'argmax':>7} {'export ulps':>11}  result")

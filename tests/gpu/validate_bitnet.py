@@ -14,22 +14,17 @@ from pathlib import Path
 
 import torch
 
-from falcon_bridge.converters.create_random import create_random
-from falcon_bridge.converters.export_hf import export_hf
-from falcon_bridge.converters.import_hf import import_hf
+from falcon_bridge.cards import load_card
+from falcon_bridge.converters.create_random import CreateRandomOptions, create_random
+from falcon_bridge.converters.export_hf import ExportOptions, export_hf
+from falcon_bridge.converters.import_hf import ImportOptions, import_hf
 from falcon_bridge.converters.verify import compare_logits, hf_logits, sample_tokens
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.formats import megatron as mg
-from falcon_bridge.formats.cards import load_card
-from falcon_bridge.megatron.runtime import (
-    init_distributed,
-    launch,
-    load_model,
-    next_token_loss,
-    pipeline_forward,
-    provider_from_checkpoint,
-    shutdown_distributed,
-)
+from falcon_bridge.megatron.checkpoint import load_model, provider_from_checkpoint
+from falcon_bridge.megatron.distributed import init_distributed, launch, shutdown_distributed
+from falcon_bridge.megatron.forward import pipeline_forward
+from falcon_bridge.megatron.training import next_token_loss
 
 
 def train_worker(rank: int, root: str, out: str, tp: int, steps: int, batch: torch.Tensor, probe: torch.Tensor):
@@ -94,15 +89,15 @@ def main(argv=None) -> dict:
     probe = sample_tokens(card.arch.vocab_size, batch=2, seq_len=args.seq_len, seed=2)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        create_random(card, tmp / "hf", seed=0, dtype=torch.float32)
-        import_hf(str(tmp / "hf"), tmp / "mg", MegatronLayout(tp=args.tp), bitnet=True)
+        create_random(CreateRandomOptions(card, tmp / "hf", seed=0, dtype=torch.float32))
+        import_hf(ImportOptions(str(tmp / "hf"), tmp / "mg", MegatronLayout(tp=args.tp), bitnet=True))
         trained = tmp / "trained"
         (trained / "iter_0000000").mkdir(parents=True)
         losses, logits = launch(train_worker, args.tp, str(tmp / "mg"), str(trained / "iter_0000000"), args.tp,
                                 args.steps, batch, probe)
         shutil.copy(tmp / "mg" / "iter_0000000" / mg.RUN_CONFIG_FILE, trained / "iter_0000000")
         mg.write_tracker(trained)
-        export_hf(trained, tmp / "packed", fmt="packed")
+        export_hf(ExportOptions(trained, tmp / "packed", fmt="packed"))
         reference = hf_logits(tmp / "packed", probe, torch.float32, "cuda" if torch.cuda.is_available() else "cpu")
     r = compare_logits(reference, logits, tolerance=1e-2)
     from falcon_bridge.megatron.bitnet import onebitllms_activation_kernel
@@ -112,7 +107,7 @@ def main(argv=None) -> dict:
         kernels["agreement_with_torch_reference"] = kernel_agreement()
     result = {"card": card.name, "tp": args.tp, "steps": args.steps, "losses": losses, **kernels,
               "loss_falls": all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0],
-              **{f"packed_vs_megatron_{k}": v for k, v in r.to_dict().items()}}
+              **{f"packed_vs_megatron_{k}": v for k, v in r.to_json().items()}}
     result["passed"] = result["loss_falls"] and r.passed and r.argmax_agreement >= 0.95
     print(json.dumps(result, indent=2))
     if args.json:

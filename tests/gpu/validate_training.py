@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from falcon_bridge.converters.create_random import create_random
-from falcon_bridge.converters.export_hf import export_hf
-from falcon_bridge.converters.import_hf import import_hf
+from falcon_bridge.cards import load_card
+from falcon_bridge.converters.create_random import CreateRandomOptions, create_random
+from falcon_bridge.converters.export_hf import ExportOptions, export_hf
+from falcon_bridge.converters.import_hf import ImportOptions, import_hf
 from falcon_bridge.converters.verify import (
     compare_logits,
     default_tolerance,
@@ -37,19 +38,10 @@ from falcon_bridge.converters.verify import (
     sample_tokens,
 )
 from falcon_bridge.core.parallel import MegatronLayout
-from falcon_bridge.formats.cards import load_card
-from falcon_bridge.megatron.runtime import (
-    init_distributed,
-    launch,
-    load_model,
-    megatron_logits_worker,
-    next_token_loss,
-    pipeline_forward,
-    provider_from_checkpoint,
-    save_checkpoint,
-    shutdown_distributed,
-    wrap_for_training,
-)
+from falcon_bridge.megatron.checkpoint import load_model, provider_from_checkpoint, save_checkpoint
+from falcon_bridge.megatron.distributed import init_distributed, launch, shutdown_distributed
+from falcon_bridge.megatron.forward import megatron_logits_worker, pipeline_forward
+from falcon_bridge.megatron.training import next_token_loss, wrap_for_training
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -160,22 +152,23 @@ def main(argv=None) -> dict:
     def compare(what: str, reference: torch.Tensor, candidate: torch.Tensor, *dtypes: torch.dtype) -> None:
         # the coarser compute dtype of the two sides sets the tolerance
         tolerance = default_tolerance(torch.bfloat16 if torch.bfloat16 in dtypes else torch.float32, args.device)
-        result["comparisons"].append({"comparison": what, **compare_logits(reference, candidate, tolerance).to_dict()})
+        result["comparisons"].append({"comparison": what, **compare_logits(reference, candidate, tolerance).to_json()})
 
     # a CPU run on a GPU machine: the spawned Megatron processes must not see the GPUs
     with tempfile.TemporaryDirectory() as tmp, gpus_hidden(args.device == "cpu" and torch.cuda.is_available()):
         tmp = Path(tmp)
-        create_random(card, tmp / "hf", seed=0, dtype=dtype)
-        import_hf(str(tmp / "hf"), tmp / "mg", MegatronLayout(tp=1))  # TP-agnostic: every run loads this import
+        create_random(CreateRandomOptions(card, tmp / "hf", seed=0, dtype=dtype))
+        # TP-agnostic: every run loads this import
+        import_hf(ImportOptions(str(tmp / "hf"), tmp / "mg", MegatronLayout(tp=1)))
         logits = {}
         for name, (run_tp, graphed) in runs.items():
             r = launch(train_worker, run_tp, str(tmp / "mg"), run_tp, batches, probe, str(tmp / name), graphed)
-            summary = export_hf(tmp / name, tmp / f"{name}-hf")
+            summary = export_hf(ExportOptions(tmp / name, tmp / f"{name}-hf"))
             logits[name] = r["logits"]
             result["runs"][name] = {"tp": run_tp, "cuda_graph": graphed, "losses": r["losses"],
                                     "replica_max_abs_diff_per_layer": r["replicas"],
-                                    "export_warnings": summary["warnings"],
-                                    "diverged_group_replicas": summary["diverged_group_replicas"]}
+                                    "export_warnings": summary.warnings,
+                                    "diverged_group_replicas": summary.diverged_group_replicas}
         at_tp1 = launch(megatron_logits_worker, 1, [str(tmp / name) for name in tested_runs], 1, 1, probe, None)
         for name, reloaded in zip(tested_runs, at_tp1):
             compare(f"{name} vs its checkpoint at TP=1", reloaded, logits[name], dtype)
