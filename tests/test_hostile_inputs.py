@@ -255,7 +255,7 @@ MEGATRON_DAMAGE = {
     "run config asks for int8": (edit_run_config(hf_dtype="int8"), "field hf_dtype: expected one of float32"),
     "run config layout as strings": (edit_run_config(layout={"tp": "2"}), "field layout: expected"),
     "run config architecture types": (edit_run_config(architecture={"vocab_size": "big"}),
-                                      "required positional argument"),
+                                      "missing required field(s)"),
     "tracker not a number": (write(mg.TRACKER_FILE, "last"), "expected an iteration number or 'release'"),
 }
 

@@ -14,14 +14,13 @@ from falcon_bridge.core import mup
 from falcon_bridge.core.choices import MupMode
 from falcon_bridge.core.config import Multipliers
 from falcon_bridge.core.mapping import Ctx, Entry, entries, hf_tensor_shapes, is_bitnet_linear
-from falcon_bridge.core.parallel import MegatronLayout, stored_as_hf
 from falcon_bridge.core.packed_ternary import DEFAULT_PACKED_FORMAT
+from falcon_bridge.core.parallel import MegatronLayout, stored_as_hf
 from falcon_bridge.core.transforms import all_finite
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.hf import HFCheckpoint, copy_tokenizer, resolve_source
 from falcon_bridge.formats.manifest import BackgroundHashes
-
 
 
 def check_tensors(ckpt: HFCheckpoint, allow_extra: bool = False) -> None:

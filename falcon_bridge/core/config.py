@@ -408,7 +408,8 @@ class FalconH1Arch:
         if not isinstance(multipliers, dict):
             raise BadInput(f"{source}: field multipliers: expected an object, got {multipliers!r:.80}")
         kw["multipliers"] = Multipliers.from_hf(multipliers, source)
-        try:
-            return cls(**kw).validate(source)
-        except TypeError as e:
-            raise BadInput(f"{source}: {e}") from None
+        missing = sorted(f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+                         and f.name not in kw)
+        if missing:
+            raise BadInput(f"{source}: missing required field(s) {missing}")
+        return cls(**kw).validate(source)
