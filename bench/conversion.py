@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from falcon_bridge.cards import load_card
 from falcon_bridge.core.mapping import hf_tensor_shapes
-from falcon_bridge.formats.cards import load_card
 
 CLI = [sys.executable, "-m", "falcon_bridge.cli.app"]
 

@@ -20,7 +20,7 @@ import torch
 def measure(card: str, seq: int) -> dict:
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, ssd_chunk_scan_combined_ref
 
-    from falcon_bridge.formats.cards import load_card
+    from falcon_bridge.cards import load_card
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference's einsums in true fp32
     arch = load_card(card).arch

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from falcon_bridge.converters.live import hf_weights, model_from_hf, save_hf_pretrained
-from falcon_bridge.megatron.runtime import init_distributed, launch, next_token_loss, shutdown_distributed
+from falcon_bridge.megatron.distributed import init_distributed, launch, shutdown_distributed
+from falcon_bridge.megatron.training import next_token_loss
 
 
 def worker(rank: int, hf_dir: str, out: str, tp: int) -> dict | None:

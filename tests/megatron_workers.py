@@ -4,15 +4,9 @@ from pathlib import Path
 
 import torch
 
-from falcon_bridge.megatron.runtime import (
-    init_distributed,
-    load_model,
-    next_token_loss,
-    provider_from_checkpoint,
-    save_checkpoint,
-    shutdown_distributed,
-    wrap_for_training,
-)
+from falcon_bridge.megatron.checkpoint import load_model, provider_from_checkpoint, save_checkpoint
+from falcon_bridge.megatron.distributed import init_distributed, shutdown_distributed
+from falcon_bridge.megatron.training import next_token_loss, wrap_for_training
 
 
 def loss_and_gradients(rank: int, root: str, tp: int, tokens: torch.Tensor, gather_dims: dict[str, int | None]

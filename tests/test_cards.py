@@ -2,9 +2,9 @@ import pytest
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import FalconH1Config
 
+from falcon_bridge.cards import all_cards, load_card
 from falcon_bridge.core.config import REQUIRED_HF_KEYS, FalconH1Arch
 from falcon_bridge.errors import BadInput
-from falcon_bridge.formats.cards import all_cards, load_card
 
 RELEASED = ["falcon-h1-0.5b", "falcon-h1-1.5b", "falcon-h1-1.5b-deep", "falcon-h1-3b", "falcon-h1-7b", "falcon-h1-34b",
             "falcon-h1-tiny-90m"]

@@ -1,6 +1,6 @@
 """CPU support: the pure-torch Mamba-2 ops against the plain recurrence, and megatron's MambaMixer on CPU.
 
-The references here are written independently of falcon_bridge.megatron.cpu_support (per-token loops in
+The references here are written independently of falcon_bridge.megatron.reference_ops (per-token loops in
 fp64), so a shared misunderstanding of the math cannot make both sides agree.
 """
 
@@ -15,12 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from falcon_bridge.megatron.cpu_support import (
-    RMSNormGated,
-    install,
-    mamba_split_conv1d_scan_combined,
-    ssd_chunk_scan,
-)
+from falcon_bridge.megatron.cpu_support import install
+from falcon_bridge.megatron.reference_ops import RMSNormGated, mamba_split_conv1d_scan_combined, ssd_chunk_scan
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only support; GPU runs use mamba_ssm")
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
+from falcon_bridge.cards import load_card
 from falcon_bridge.core.config import FalconH1Arch
 from falcon_bridge.core.mapping import Ctx, Entry, entries, megatron_tensor_shapes
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.core.transforms import all_finite
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
-from falcon_bridge.formats.cards import load_card
 from falcon_bridge.formats.hf import existing_tokenizer_files
 from falcon_bridge.formats.manifest import BackgroundHashes
 from falcon_bridge.formats.untrusted import read_json

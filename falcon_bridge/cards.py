@@ -16,7 +16,7 @@ import yaml
 from falcon_bridge.core.config import FalconH1Arch
 from falcon_bridge.errors import BadInput
 
-CARDS_DIR = Path(os.environ.get("FALCON_BRIDGE_CARDS", Path(__file__).resolve().parents[1] / "model_cards"))
+CARDS_DIR = Path(os.environ.get("FALCON_BRIDGE_CARDS", Path(__file__).resolve().parent / "model_cards"))
 
 
 @dataclass(frozen=True)
