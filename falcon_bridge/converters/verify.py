@@ -139,7 +139,7 @@ def folded_hf_model(hf_dir: Path, arch, stored_dtype: torch.dtype, dtype: torch.
 
 
 def hf_capture(model, tokens: torch.Tensor, device: str) -> dict[str, torch.Tensor]:
-    """The HF side of capture_branches (falcon_bridge.megatron.runtime): same names, same quantities."""
+    """The HF side of capture_branches (falcon_bridge.megatron.forward): same names, same quantities."""
     from falcon_bridge.megatron.forward import record_scaled_outputs
 
     c, inner = model.config, model.model

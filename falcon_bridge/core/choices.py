@@ -37,7 +37,14 @@ class DType(StrEnum):
 
     @property
     def torch(self) -> torch.dtype:
-        return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[self.value]
+        return _TORCH_DTYPES[self]
+
+    @classmethod
+    def of(cls, dtype: torch.dtype) -> DType:
+        return next(d for d, t in _TORCH_DTYPES.items() if t == dtype)
+
+
+_TORCH_DTYPES = {DType.BF16: torch.bfloat16, DType.FP32: torch.float32, DType.FP16: torch.float16}
 
 
 class Device(StrEnum):
