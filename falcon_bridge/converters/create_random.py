@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -40,7 +41,7 @@ class CreateRandomOptions:
 
 @dataclass(frozen=True)
 class CreateRandomSummary(Summary):
-    command: str = field(default="create-random", init=False)
+    command: ClassVar[str] = "create-random"
     card: str
     output: str
     seed: int
@@ -49,7 +50,6 @@ class CreateRandomSummary(Summary):
     parameters: int
     files: list[str]
     tokenizer_files: list[str]
-    seconds: float
 
 
 def create_random(options: CreateRandomOptions, run: Run = QUIET) -> CreateRandomSummary:

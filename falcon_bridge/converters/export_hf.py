@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -40,7 +41,7 @@ class ExportOptions:
 
 @dataclass(frozen=True)
 class ExportSummary(Summary):
-    command: str = field(default="export-hf", init=False)
+    command: ClassVar[str] = "export-hf"
     source: str
     output: str
     files: list[str]
@@ -51,8 +52,6 @@ class ExportSummary(Summary):
     tokenizer_files: list[str]
     mamba_groups_collapsed: bool
     diverged_group_replicas: dict[str, float]
-    seconds: float
-    warnings: list[str]
 
 
 def export_hf(options: ExportOptions, run: Run = QUIET) -> ExportSummary:

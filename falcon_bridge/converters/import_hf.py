@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -92,7 +93,7 @@ class ImportOptions:
 
 @dataclass(frozen=True)
 class ImportSummary(Summary):
-    command: str = field(default="import-hf", init=False)
+    command: ClassVar[str] = "import-hf"
     source: str
     output: str
     tp: int
@@ -103,8 +104,6 @@ class ImportSummary(Summary):
     tensors: int
     parameters: int
     mamba_groups: int
-    seconds: float
-    warnings: list[str]
 
 
 def import_hf(options: ImportOptions, run: Run = QUIET) -> ImportSummary:

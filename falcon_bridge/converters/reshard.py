@@ -8,8 +8,9 @@ tensors → Megatron(HF-shaped).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from falcon_bridge.converters.megatron_sink import MegatronSink
 from falcon_bridge.converters.megatron_source import open_megatron_checkpoint
@@ -37,7 +38,7 @@ class ReshardOptions:
 
 @dataclass(frozen=True)
 class ReshardSummary(Summary):
-    command: str = field(default="reshard", init=False)
+    command: ClassVar[str] = "reshard"
     source: str
     output: str
     tp: int
@@ -45,8 +46,6 @@ class ReshardSummary(Summary):
     pp_layers: list[int]
     mamba_groups: int
     diverged_group_replicas: dict[str, float]
-    seconds: float
-    warnings: list[str]
 
 
 def reshard(options: ReshardOptions, run: Run = QUIET) -> ReshardSummary:

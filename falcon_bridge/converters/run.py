@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -97,9 +97,16 @@ class Run:
 QUIET = Run()  # the converters' default: no progress callback, no command line recorded
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Summary:
-    """What a converter returns: its fields, in order, are the JSON object the CLI prints."""
+    """What a converter returns. The JSON object the CLI prints: `command`, the converter's own fields in order,
+    then `seconds` and `warnings` (printed on stderr too)."""
+
+    command: ClassVar[str]
+    seconds: float
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        own = [f.name for f in dataclasses.fields(self) if f.name not in ("seconds", "warnings")]
+        return {"command": self.command, **{name: getattr(self, name) for name in own}, "seconds": self.seconds,
+                "warnings": self.warnings}
