@@ -145,7 +145,7 @@ def test_training_is_tp_pp_invariant(trained, layout):
     reduction order, and Adam's normalization turns that noise into up to ~0.4 % of one step's update where a
     gradient is near zero (measured 5.1e-5 of a tensor's largest weight at TP=2, 2.8e-5 at TP=4). Without the
     replica gradient sum the B/C copies would step along different partial gradients (52 % off) and diverge."""
-    assert trained[layout][2]["diverged_group_replicas"] == {} and trained[layout][3] == 0
+    assert trained[layout][2].diverged_group_replicas == {} and trained[layout][3] == 0
     reference, ours = exported(trained[(1, 1)][1]), exported(trained[layout][1])
     errors = {n: relative_error(ours[n], reference[n]) for n in reference}
     worst = max(errors, key=errors.get)
