@@ -86,12 +86,6 @@ REQUIRED_HF_KEYS = (
 # config.json spelling of the fields whose name differs from ours
 HF_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
            "num_kv_heads": "num_key_value_heads"}
-POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                       "head_dim", "mamba_d_ssm", "mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state",
-                       "mamba_d_conv", "mamba_chunk_size", "max_position_embeddings")
-BOOL_FIELDS = ("mamba_conv_bias", "mamba_proj_bias", "projectors_bias", "attention_bias", "mlp_bias",
-               "mamba_rms_norm", "mamba_norm_before_gate", "tie_word_embeddings")
-POSITIVE_FLOAT_FIELDS = ("rms_norm_eps", "rope_theta")
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -223,16 +217,17 @@ class FalconH1Arch:
             if not cond:
                 raise BadInput(msg)
 
-        for name in POSITIVE_INT_FIELDS:
-            _positive_int(getattr(self, name), source, HF_KEYS.get(name, name))
-        for name in BOOL_FIELDS:
-            need(type(getattr(self, name)) is bool,
-                 f"{source}: field {name}: expected true or false, got {getattr(self, name)!r:.80}")
-        for name in POSITIVE_FLOAT_FIELDS:
-            need(_finite(getattr(self, name), source, name) > 0,
-                 f"{source}: field {name}: expected a positive number, got {getattr(self, name)!r}")
-        for name in TOKEN_ID_FIELDS:
-            _token_id(getattr(self, name), source, name)
+        for f in fields(self):  # by declared type: every int is a positive size, every float a positive number
+            name, value = f.name, getattr(self, f.name)
+            if f.type == "int":
+                _positive_int(value, source, HF_KEYS.get(name, name))
+            elif f.type == "bool":
+                need(type(value) is bool, f"{source}: field {name}: expected true or false, got {value!r:.80}")
+            elif f.type == "float":
+                need(_finite(value, source, name) > 0, f"{source}: field {name}: expected a positive number, got "
+                                                       f"{value!r}")
+            elif name in TOKEN_ID_FIELDS:
+                _token_id(value, source, name)
         need(isinstance(self.multipliers, Multipliers), f"{source}: multipliers: expected the 14 µP multipliers")
 
         need(self.mamba_d_head * self.mamba_n_heads == self.mamba_d_ssm,
@@ -280,98 +275,37 @@ class FalconH1Arch:
         heads = _positive_int(hf["num_attention_heads"], source, "num_attention_heads")
         n_heads = _positive_int(hf["mamba_n_heads"], source, "mamba_n_heads")
         _refuse_unsupported(hf, source)
-        defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
-
-        def value(name: str):
-            """config.json's value, or (absent) transformers' default, which is this class's."""
-            return hf.get(HF_KEYS.get(name, name), defaults[name])
-
-        d_ssm = value("mamba_d_ssm")  # null: expand × hidden
-        if d_ssm is None:
-            d_ssm = _positive_int(hf.get("mamba_expand", 2), source, "mamba_expand") * hidden
-        d_head = hf.get("mamba_d_head", "auto")
-        if d_head in (None, "auto"):
-            d_head = _positive_int(d_ssm, source, "mamba_d_ssm") // n_heads
+        # every field: config.json's value, or (absent) transformers' default, which is this class's; the fields
+        # transformers derives when absent or null follow
+        kw = {f.name: hf.get(HF_KEYS.get(f.name, f.name), None if f.default is MISSING else f.default)
+              for f in fields(cls) if f.name != "multipliers"}
+        if kw["num_kv_heads"] is None:  # one KV head per query head
+            kw["num_kv_heads"] = heads
+        kw["head_dim"] = kw["head_dim"] or hidden // heads
+        if kw["mamba_d_ssm"] is None:
+            kw["mamba_d_ssm"] = _positive_int(hf.get("mamba_expand", 2), source, "mamba_expand") * hidden
+        if kw["mamba_d_head"] in (None, "auto"):
+            kw["mamba_d_head"] = _positive_int(kw["mamba_d_ssm"], source, "mamba_d_ssm") // n_heads
         rope = hf.get("rope_parameters") or {}
-        rope_theta = rope.get("rope_theta", hf.get("rope_theta"))
-        if rope_theta is None:  # transformers 4 defaults it to 1e5, transformers 5 to 1e4: the config must say
+        kw["rope_theta"] = rope.get("rope_theta", hf.get("rope_theta"))
+        if kw["rope_theta"] is None:  # transformers 4 defaults it to 1e5, transformers 5 to 1e4: the config must say
             raise BadInput(f"{source}: field rope_theta is missing (transformers' default differs between "
                            "versions); write it explicitly")
         for key in TOKEN_ID_FIELDS:
-            _token_id(hf.get(key), source, key)
-
-        def ids(key: str):
-            v = value(key)
-            return tuple(v) if isinstance(v, list) else v
-
-        hidden_act = value("hidden_act")
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hidden,
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=heads if (kv := value("num_kv_heads")) is None else kv,
-            head_dim=hf.get("head_dim") or hidden // heads,
-            mamba_d_ssm=d_ssm,
-            mamba_n_heads=n_heads,
-            mamba_d_head=d_head,
-            mamba_n_groups=hf["mamba_n_groups"],
-            mamba_d_state=hf["mamba_d_state"],
-            mamba_d_conv=value("mamba_d_conv"),
-            mamba_chunk_size=value("mamba_chunk_size"),
-            mamba_conv_bias=value("mamba_conv_bias"),
-            mamba_proj_bias=value("mamba_proj_bias"),
-            projectors_bias=value("projectors_bias"),
-            attention_bias=value("attention_bias"),
-            mlp_bias=value("mlp_bias"),
-            mamba_rms_norm=value("mamba_rms_norm"),
-            mamba_norm_before_gate=value("mamba_norm_before_gate"),
-            rms_norm_eps=value("rms_norm_eps"),
-            rope_theta=rope_theta,
-            max_position_embeddings=value("max_position_embeddings"),
-            tie_word_embeddings=value("tie_word_embeddings"),
-            hidden_act=hidden_act if isinstance(hidden_act, str) else repr(hidden_act),
-            bos_token_id=ids("bos_token_id"),
-            eos_token_id=ids("eos_token_id"),
-            pad_token_id=ids("pad_token_id"),
-            multipliers=Multipliers.from_hf(hf, source),
-        ).validate(source)
+            _token_id(kw[key], source, key)
+            kw[key] = tuple(kw[key]) if isinstance(kw[key], list) else kw[key]
+        if not isinstance(kw["hidden_act"], str):
+            kw["hidden_act"] = repr(kw["hidden_act"])
+        return cls(**kw, multipliers=Multipliers.from_hf(hf, source)).validate(source)
 
     def to_hf(self) -> dict[str, Any]:
-        """config.json fields (every shape-defining key written explicitly, see falcon_h1_hf.md §10)."""
-        out = {
-            "architectures": ["FalconH1ForCausalLM"],
-            "model_type": "falcon_h1",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "mamba_d_ssm": self.mamba_d_ssm,
-            "mamba_n_heads": self.mamba_n_heads,
-            "mamba_d_head": self.mamba_d_head,
-            "mamba_n_groups": self.mamba_n_groups,
-            "mamba_d_state": self.mamba_d_state,
-            "mamba_d_conv": self.mamba_d_conv,
-            "mamba_chunk_size": self.mamba_chunk_size,
-            "mamba_conv_bias": self.mamba_conv_bias,
-            "mamba_proj_bias": self.mamba_proj_bias,
-            "projectors_bias": self.projectors_bias,
-            "attention_bias": self.attention_bias,
-            "mlp_bias": self.mlp_bias,
-            "mamba_rms_norm": self.mamba_rms_norm,
-            "mamba_norm_before_gate": self.mamba_norm_before_gate,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "hidden_act": self.hidden_act,
-            **{key: list(v) if isinstance(v, tuple) else v
-               for key, v in ((k, getattr(self, k)) for k in TOKEN_ID_FIELDS)},
-        }
+        """config.json fields: every field written explicitly, in declaration order (see falcon_h1_hf.md §10), and
+        the 14 multipliers."""
+        out: dict[str, Any] = {"architectures": ["FalconH1ForCausalLM"], "model_type": "falcon_h1"}
+        for f in fields(self):
+            if f.name != "multipliers":
+                value = getattr(self, f.name)
+                out[HF_KEYS.get(f.name, f.name)] = list(value) if isinstance(value, tuple) else value
         out.update(self.multipliers.to_hf())
         return out
 
