@@ -48,7 +48,7 @@ def import_options(ckpt: HFCheckpoint, mup_mode: str, bitnet: bool) -> tuple[boo
     """The checks every HF → Megatron route makes on its options (file or live): (BitNet, the run config's µP record,
     warnings). A packed ternary source implies BitNet."""
     arch = ckpt.arch
-    if mup_mode not in ("preserve", "fold"):
+    if mup_mode not in set(MupMode):
         raise BadInput(f"--mup {mup_mode}: expected preserve or fold")
     mup_record = mup.run_config_entry(arch, mup_mode)  # refuses folds that cannot be exact (tied embeddings)
     warnings = []
@@ -57,7 +57,7 @@ def import_options(ckpt: HFCheckpoint, mup_mode: str, bitnet: bool) -> tuple[boo
         warnings.append(f"{ckpt.path}: packed ternary checkpoint: imported as ternary × scale; the latent (pre-"
                         "quantization) weights are not in it, so continued training starts from those")
     if bitnet:
-        if mup_mode == "fold":
+        if mup_mode == MupMode.FOLD:
             raise BadInput("--mup fold with --bitnet: folding the non-uniform ssm_multipliers before ternarizing "
                            "changes which weights round to 0 and ±1; use --mup preserve")
         for name, shape in hf_tensor_shapes(arch).items():
@@ -68,7 +68,7 @@ def import_options(ckpt: HFCheckpoint, mup_mode: str, bitnet: bool) -> tuple[boo
 
 def folded_if(mup_mode: str, arch, name: str, t: torch.Tensor) -> torch.Tensor:
     """An HF tensor as the Megatron weights hold it: µP folded in fp64 (rounded once, when stored) or as it is."""
-    return mup.fold(arch, name, t, torch.float64) if mup_mode == "fold" else t
+    return mup.fold(arch, name, t, torch.float64) if mup_mode == MupMode.FOLD else t
 
 
 @dataclass(frozen=True)

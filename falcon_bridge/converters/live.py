@@ -25,8 +25,10 @@ from pathlib import Path
 
 import torch
 
+from falcon_bridge.converters.export_hf import DEFAULT_MAX_SHARD_BYTES
 from falcon_bridge.converters.import_hf import check_tensors, folded_if, import_options
 from falcon_bridge.converters.output import atomic_output_dir
+from falcon_bridge.core.choices import ExportFormat, MupExport, MupMode
 from falcon_bridge.core.hf_export import HFExport
 from falcon_bridge.core.mapping import COPY, VOCAB, Ctx, entries
 from falcon_bridge.core.parallel import MegatronLayout, stored_as_hf
@@ -74,7 +76,7 @@ def _owners(arch) -> tuple[Ctx, dict]:
 
 
 # ---- HF → live model ------------------------------------------------------------------------------------------
-def model_from_hf(source: str | Path, mup: str = "preserve", bitnet: bool = False,
+def model_from_hf(source: str | Path, mup: MupMode = MupMode.PRESERVE, bitnet: bool = False,
                   params_dtype: torch.dtype | None = None, parallel_output: bool = True,
                   device: torch.device | str | None = None):
     """Our Megatron Falcon-H1 model for this rank's TP/PP position, its weights read from an HF directory or Hub id.
@@ -94,7 +96,7 @@ def model_from_hf(source: str | Path, mup: str = "preserve", bitnet: bool = Fals
                             pp=ps.get_pipeline_model_parallel_world_size()).validate(arch)
     bitnet, _, _ = import_options(ckpt, mup, bitnet)
     check_tensors(ckpt)
-    applied = mup_rules.folded_arch(arch).multipliers if mup == "fold" else arch.multipliers
+    applied = mup_rules.folded_arch(arch).multipliers if mup == MupMode.FOLD else arch.multipliers
     provider = FalconH1ModelProvider(arch, layout, params_dtype or ckpt.tensors["model.embed_tokens.weight"].dtype,
                                      multipliers=applied, bitnet=bitnet)
     model = provider.provide(parallel_output=parallel_output)
@@ -105,7 +107,7 @@ def model_from_hf(source: str | Path, mup: str = "preserve", bitnet: bool = Fals
 
 
 @torch.no_grad()
-def load_hf_weights(model, ckpt: HFCheckpoint, mup: str = "preserve") -> None:
+def load_hf_weights(model, ckpt: HFCheckpoint, mup: MupMode = MupMode.PRESERVE) -> None:
     """Fill a model built by our provider from an HF checkpoint, the way dist_checkpointing.load fills it from a
     torch_dist checkpoint: every shard of the model's sharded_state_dict gets its slice of the global tensor the map
     makes of the HF tensors; factories merge their pieces back; vocabulary padding is zero."""
@@ -168,8 +170,9 @@ def _agree(group, what: str, value) -> None:
                                                                    if v != values[0])[:400])
 
 
-def hf_weights(model, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", mup: str = "unfold",
-               fmt: str = "latent", divergence: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_weights(model, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+               mup: MupExport = MupExport.UNFOLD, fmt: ExportFormat = ExportFormat.LATENT,
+               divergence: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) for every HF tensor of a live model (any TP/PP, trained or not), in HF layout and map
     order, on every rank of the model-parallel group, which must all iterate it to the end together.
 
@@ -240,8 +243,9 @@ def hf_weights(model, dtype: torch.dtype | None = None, device: torch.device | s
             torch.distributed.all_reduce(torch.zeros(1, device=compute), torch.distributed.ReduceOp.MIN, group=group)
 
 
-def save_hf_pretrained(model, out: Path, dtype: torch.dtype | None = None, mup: str = "unfold",
-                       fmt: str = "latent", tokenizer_from: Path | None = None, max_shard_bytes: int = 5 * 10**9,
+def save_hf_pretrained(model, out: Path, dtype: torch.dtype | None = None, mup: MupExport = MupExport.UNFOLD,
+                       fmt: ExportFormat = ExportFormat.LATENT, tokenizer_from: Path | None = None,
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                        overwrite: bool = False) -> dict | None:
     """Write a live model as an HF checkpoint directory, as export-hf writes it (safetensors shards, config.json,
     generation_config.json, the tokenizer files of directory `tokenizer_from`, manifest; atomic). Every rank calls

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from falcon_bridge.cards import load_card
+from falcon_bridge.core.choices import MupMode
 from falcon_bridge.core.config import FalconH1Arch
 from falcon_bridge.core.mapping import Ctx, Entry, entries, megatron_tensor_shapes
 from falcon_bridge.core.parallel import MegatronLayout
@@ -72,8 +73,8 @@ class MegatronSource:
         return bool((self.run_config or {}).get("bitnet", False))
 
     @property
-    def mup_mode(self) -> str:
-        return (self.run_config or {}).get("mup", {}).get("mode", "preserve")
+    def mup_mode(self) -> MupMode:
+        return MupMode((self.run_config or {}).get("mup", {}).get("mode", MupMode.PRESERVE))
 
     def start_file_hashes(self) -> BackgroundHashes:
         """Start hashing every file of the checkpoint read (tracker and iteration folder) in the background."""

@@ -15,6 +15,7 @@ from typing import ClassVar
 from falcon_bridge.converters.megatron_sink import MegatronSink
 from falcon_bridge.converters.megatron_source import open_megatron_checkpoint
 from falcon_bridge.converters.run import QUIET, Run, Summary, unrecorded
+from falcon_bridge.core.choices import MupMode
 from falcon_bridge.core.config import Multipliers
 from falcon_bridge.core.mapping import Ctx
 from falcon_bridge.core.mup import run_config_entry
@@ -63,15 +64,14 @@ def reshard(options: ReshardOptions, run: Run = QUIET) -> ReshardSummary:
         sink.write(it_dir, lambda e: list(source.hf_tensors(e).values()), run.progress, mg.common_state(0))
         tokenizer = copy_tokenizer(source.tokenizer_files(), it_dir)
         previous = source.run_config or {}
+        mup_record = previous.get("mup") or run_config_entry(arch, MupMode.PRESERVE)
         mg.write_run_config(it_dir, mg.run_config(
             arch, layout, stored_dtype,
             hf_dtype=previous.get("hf_dtype", str(stored_dtype).removeprefix("torch.")),
-            hf_odd_dtypes=previous.get("hf_odd_dtypes", {}), tokenizer_files=tokenizer,
-            mup=previous.get("mup") or run_config_entry(arch, "preserve"),
+            hf_odd_dtypes=previous.get("hf_odd_dtypes", {}), tokenizer_files=tokenizer, mup=mup_record,
             source={"path": str(o.source), "resharded_from": previous.get("layout")},
             bitnet=source.bitnet))
         mg.write_tracker(tmp, 0)
-        mup_record = previous.get("mup") or run_config_entry(arch, "preserve")
         mg.write_interop_files(tmp, it_dir, arch, Multipliers.from_hf(mup_record["applied_multipliers"]),
                                stored_dtype, layout.tp, layout.pp)
     return ReshardSummary(

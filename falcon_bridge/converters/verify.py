@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from falcon_bridge.core.choices import Device
+from falcon_bridge.core.choices import Device, MupMode
 from falcon_bridge.errors import BadInput
 
 # max |Δ| / max |reference| accepted per compute dtype (fp32: the CPU suite's bar; bf16: a few ulps of the logits)
@@ -277,7 +277,7 @@ def verify(options: VerifyOptions) -> VerifyReport:
     if tolerance is None:
         tolerance = default_tolerance(dtype, device)
     reference_name, fold_rounding = HF_REFERENCE, None
-    if source.mup_mode == "fold":
+    if source.mup_mode == MupMode.FOLD:
         # Folding rounds each folded weight once to the stored dtype (in bf16 that moves logits by ~1e-3, more
         # than the fp32 bar): the conversion is judged against the same fold and rounding done on HF's weights,
         # at the usual bar, and the rounding's own effect on the logits is reported beside it.
@@ -290,7 +290,7 @@ def verify(options: VerifyOptions) -> VerifyReport:
         model = hf_model(Path(hf_dir), dtype, device)
     reference = hf_capture(model, tokens, device)
     del model
-    if source.mup_mode == "fold":
+    if source.mup_mode == MupMode.FOLD:
         fold_rounding = compare_logits(unfolded_logits, reference["logits"], tolerance)
     with gpus_hidden(device == "cpu" and torch.cuda.is_available()):
         (candidate,) = launch(megatron_logits_worker, tp * pp, [str(megatron_dir)], tp, pp, tokens,

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, StorageM
 from torch.distributed.checkpoint.planner import WriteItemType
 
 from falcon_bridge import __version__
+from falcon_bridge.core.choices import MupMode
 from falcon_bridge.core.config import FalconH1Arch
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput, Interrupted, first_line, root_cause
@@ -241,9 +242,9 @@ def read_run_config(it_dir: Path) -> dict:
     need(isinstance(odd, dict) and all(v in FLOAT_DTYPES for v in odd.values()), "hf_odd_dtypes",
          f"an object of tensor name → one of {', '.join(FLOAT_DTYPES)}")
     mup = rc.get("mup")
-    need(isinstance(mup, dict) and mup.get("mode") in ("preserve", "fold")
+    need(isinstance(mup, dict) and mup.get("mode") in set(MupMode)
          and isinstance(mup.get("applied_multipliers"), dict)
-         and (mup["mode"] == "preserve" or isinstance(mup.get("folded_multipliers"), dict)),
+         and (mup["mode"] == MupMode.PRESERVE or isinstance(mup.get("folded_multipliers"), dict)),
          "mup", "{mode: preserve|fold, applied_multipliers: {...}[, folded_multipliers: {...}]}")
     layout = rc.get("layout")
     need(isinstance(layout, dict) and all(type(layout.get(k)) is int and layout[k] >= 1

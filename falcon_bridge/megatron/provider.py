@@ -9,6 +9,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from falcon_bridge.core.choices import MupMode
 from falcon_bridge.core.config import FalconH1Arch, Multipliers
 from falcon_bridge.core.parallel import MegatronLayout
 
@@ -36,10 +37,10 @@ class FalconH1ModelProvider:
     bitnet: bool = False  # BitNet b1.58 linears in attention, Mamba and MLP (not embedding, lm_head, norms, conv)
 
     @property
-    def mup_mode(self) -> str:
+    def mup_mode(self) -> MupMode:
         """fold: the weights carry the multipliers (the model applies the folded ones); preserve: the model applies
         the architecture's own."""
-        return "preserve" if self.multipliers in (None, self.arch.multipliers) else "fold"
+        return MupMode.PRESERVE if self.multipliers in (None, self.arch.multipliers) else MupMode.FOLD
 
     # ---- megatron-core config -------------------------------------------------------------------------------
     def transformer_config(self):
