@@ -143,7 +143,7 @@ def small_architectures(draw):
         intermediate_size=draw(st.sampled_from([16, 40])), num_layers=draw(st.sampled_from([2, 4])),
         num_heads=heads, num_kv_heads=kv, head_dim=head_dim, mamba_d_ssm=mamba_heads * mamba_head_dim,
         mamba_n_heads=mamba_heads, mamba_d_head=mamba_head_dim, mamba_n_groups=groups, mamba_d_state=state,
-        mamba_rms_norm=draw(st.booleans()), mamba_norm_before_gate=False, rope_theta=1e11,
+        mamba_rms_norm=draw(st.booleans()), mamba_norm_before_gate=False, mamba_chunk_size=128, rope_theta=1e11,
         tie_word_embeddings=draw(st.booleans()))
     return arch
 

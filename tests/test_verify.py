@@ -77,7 +77,7 @@ def test_bf16_fold_is_judged_against_the_same_rounding_and_a_wrong_fold_still_fa
     if card == "tiny-tied":
         return  # the shared matrix's fold is what this card adds; the wrong fold is one card's job
 
-    right = mup.fold_factor
+    right = mup.fold_factor  # mup.fold looks the factor up through this module-level name: patch it there
     monkeypatch.setattr(mup, "fold_factor", lambda a, name: right(a, name) * 1.05
                         if name.endswith("mamba.out_proj.weight") else right(a, name))
     import_hf(ImportOptions(str(tmp_path / "hf"), tmp_path / "wrong", MegatronLayout(), mup_mode="fold"))

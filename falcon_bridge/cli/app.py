@@ -15,12 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from falcon_bridge.converters.create_random import CreateRandomOptions
-from falcon_bridge.converters.export_hf import ExportOptions
-from falcon_bridge.converters.import_hf import ImportOptions
-from falcon_bridge.converters.verify import VerifyOptions
+from falcon_bridge.core import choices
 from falcon_bridge.core.choices import Device, DType, ExportFormat, MupExport, MupMode
-from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput, Interrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -29,8 +25,8 @@ out = Console(width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True)
 STATE = {"debug": False}
 
-# options several commands share (every default is the converter options' own)
-CREATE_RANDOM_DTYPE, VERIFY_DTYPE = DType.of(CreateRandomOptions.dtype), DType.of(VerifyOptions.dtype)
+# options several commands share (defaults: core/choices, which the converters' options use too; the converters
+# themselves are imported by the command that runs, so --help and `check` start without torch)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print a JSON summary.")]
 PPLayers = Annotated[str | None, typer.Option(help="Layers per pipeline stage, e.g. 10,12,14.")]
 ArchCard = Annotated[str | None, typer.Option(help="Architecture, for checkpoints without our run config.")]
@@ -86,19 +82,21 @@ def cards():
 def create_random(
     card: Annotated[str, typer.Argument(help="Card name (see `falcon-bridge cards`) or a card YAML path.")],
     output: Annotated[Path, typer.Argument(help="Output HF directory.")],
-    seed: int = CreateRandomOptions.seed,
-    dtype: Annotated[DType, typer.Option(help="dtype of the weights.")] = CREATE_RANDOM_DTYPE,
+    seed: int = 0,
+    dtype: Annotated[DType, typer.Option(help="dtype of the weights.")] = choices.CREATE_RANDOM_DTYPE,
     max_shard_size: Annotated[int, typer.Option(help="Bytes per safetensors shard.")
-                              ] = CreateRandomOptions.max_shard_bytes,
+                              ] = choices.CREATE_RANDOM_MAX_SHARD_BYTES,
     overwrite: bool = False,
     as_json: JsonFlag = False,
 ):
     """Write an HF checkpoint of a card's exact shape with random, realistic weights (streamed)."""
     from falcon_bridge.cards import load_card
+    from falcon_bridge.converters.create_random import CreateRandomOptions
     from falcon_bridge.converters.create_random import create_random as convert
     from falcon_bridge.converters.run import Run
 
-    options = CreateRandomOptions(load_card(card), output, seed, dtype.torch, max_shard_size, overwrite)
+    options = CreateRandomOptions(card=load_card(card), out=output, seed=seed, dtype=dtype.torch,
+                                  max_shard_bytes=max_shard_size, overwrite=overwrite)
     with progress_bar("create-random", as_json) as cb:
         summary = convert(options, Run(cb, sys.argv))
     report(summary, as_json)
@@ -108,25 +106,29 @@ def create_random(
 def import_hf(
     source: Annotated[str, typer.Argument(help="HF checkpoint directory or Hub repo id.")],
     output: Annotated[Path, typer.Argument(help="Output Megatron checkpoint directory.")],
-    tp: Annotated[int, typer.Option(help="Tensor-parallel size the checkpoint is prepared for.")] = MegatronLayout.tp,
-    pp: Annotated[int, typer.Option(help="Pipeline-parallel size.")] = MegatronLayout.pp,
+    tp: Annotated[int, typer.Option(help="Tensor-parallel size the checkpoint is prepared for.")] = 1,
+    pp: Annotated[int, typer.Option(help="Pipeline-parallel size.")] = 1,
     pp_layers: PPLayers = None,
     dtype: Annotated[DType | None, typer.Option(help="Stored dtype (default: the source's dtype).")] = None,
     mup: Annotated[MupMode, typer.Option(help="preserve: the model applies the µP multipliers; fold: into the "
-                                              "weights")] = ImportOptions.mup_mode,
+                                              "weights")] = MupMode.PRESERVE,
     bitnet: Annotated[bool, typer.Option(help="BitNet b1.58 model: ternary linears in attention, Mamba, MLP.")
                       ] = False,
     allow_extra: Annotated[bool, typer.Option(help="Ignore tensors the architecture does not use.")] = False,
-    check_finite: Annotated[bool, typer.Option(help="Refuse NaN/Inf weights.")] = ImportOptions.check_finite,
+    check_finite: Annotated[bool, typer.Option(help="Refuse NaN/Inf weights.")] = choices.IMPORT_CHECK_FINITE,
     overwrite: bool = False,
     as_json: JsonFlag = False,
 ):
     """Convert a Hugging Face Falcon-H1 checkpoint into a Megatron torch_dist checkpoint (streaming)."""
+    from falcon_bridge.converters.import_hf import ImportOptions
     from falcon_bridge.converters.import_hf import import_hf as convert
     from falcon_bridge.converters.run import Run
+    from falcon_bridge.core.parallel import MegatronLayout
 
-    options = ImportOptions(source, output, MegatronLayout(tp=tp, pp=pp, pp_layers=parse_layers(pp_layers)),
-                            dtype.torch if dtype else None, overwrite, mup, allow_extra, check_finite, bitnet)
+    options = ImportOptions(
+        source=source, out=output, layout=MegatronLayout(tp=tp, pp=pp, pp_layers=parse_layers(pp_layers)),
+        dtype=dtype.torch if dtype else None, overwrite=overwrite, mup_mode=mup, allow_extra=allow_extra,
+        check_finite=check_finite, bitnet=bitnet)
     with progress_bar("import-hf", as_json) as cb:
         summary = convert(options, Run(cb, sys.argv))
     report(summary, as_json)
@@ -141,23 +143,25 @@ def export_hf(
     dtype: Annotated[DType | None, typer.Option(help="dtype of every tensor (default: the HF source's dtype).")
                      ] = None,
     max_shard_size: Annotated[int, typer.Option(help="Bytes per safetensors shard.")
-                              ] = ExportOptions.max_shard_bytes,
-    check_finite: Annotated[bool, typer.Option(help="Refuse NaN/Inf weights.")] = ExportOptions.check_finite,
+                              ] = choices.EXPORT_MAX_SHARD_BYTES,
+    check_finite: Annotated[bool, typer.Option(help="Refuse NaN/Inf weights.")] = choices.EXPORT_CHECK_FINITE,
     mup: Annotated[MupExport, typer.Option(help="Folded checkpoints: unfold (restore the original weights and "
                                                 "multipliers) or keep-folded (multipliers 1.0)")
-                   ] = ExportOptions.mup_export,
+                   ] = MupExport.UNFOLD,
     fmt: Annotated[ExportFormat, typer.Option("--format", help="BitNet checkpoints: latent (full-precision weights) "
                                                                "| packed (transformers bitnet) | dequantized")
-                   ] = ExportOptions.fmt,
+                   ] = ExportFormat.LATENT,
     overwrite: bool = False,
     as_json: JsonFlag = False,
 ):
     """Convert a Megatron torch_dist checkpoint into a Hugging Face Falcon-H1 checkpoint (streaming, one process)."""
+    from falcon_bridge.converters.export_hf import ExportOptions
     from falcon_bridge.converters.export_hf import export_hf as convert
     from falcon_bridge.converters.run import Run
 
-    options = ExportOptions(source, output, card, hf_config, dtype.torch if dtype else None, max_shard_size,
-                            check_finite, overwrite, mup, fmt)
+    options = ExportOptions(source=source, out=output, card=card, hf_config=hf_config,
+                            dtype=dtype.torch if dtype else None, max_shard_bytes=max_shard_size,
+                            check_finite=check_finite, overwrite=overwrite, mup_export=mup, fmt=fmt)
     with progress_bar("export-hf", as_json) as cb:
         summary = convert(options, Run(cb, sys.argv))
     report(summary, as_json)
@@ -167,8 +171,8 @@ def export_hf(
 def reshard(
     source: Annotated[Path, typer.Argument(help="Megatron checkpoint directory.")],
     output: Annotated[Path, typer.Argument(help="Output Megatron checkpoint directory.")],
-    tp: int = MegatronLayout.tp,
-    pp: int = MegatronLayout.pp,
+    tp: int = 1,
+    pp: int = 1,
     pp_layers: PPLayers = None,
     card: ArchCard = None,
     hf_config: ArchConfig = None,
@@ -179,10 +183,13 @@ def reshard(
     from falcon_bridge.converters.reshard import ReshardOptions
     from falcon_bridge.converters.reshard import reshard as convert
     from falcon_bridge.converters.run import Run
+    from falcon_bridge.core.parallel import MegatronLayout
 
-    layout = MegatronLayout(tp=tp, pp=pp, pp_layers=parse_layers(pp_layers))
+    options = ReshardOptions(source=source, out=output,
+                             layout=MegatronLayout(tp=tp, pp=pp, pp_layers=parse_layers(pp_layers)), card=card,
+                             hf_config=hf_config, overwrite=overwrite)
     with progress_bar("reshard", as_json) as cb:
-        summary = convert(ReshardOptions(source, output, layout, card, hf_config, overwrite), Run(cb, sys.argv))
+        summary = convert(options, Run(cb, sys.argv))
     report(summary, as_json)
 
 
@@ -212,9 +219,9 @@ def parse_layers(value: str | None) -> tuple[int, ...] | None:
 def verify(
     hf_dir: Annotated[Path, typer.Argument(help="HF checkpoint directory.")],
     megatron_dir: Annotated[Path, typer.Argument(help="Megatron checkpoint directory written by import-hf.")],
-    tp: int = VerifyOptions.tp,
-    pp: int = VerifyOptions.pp,
-    dtype: Annotated[DType, typer.Option(help="The dtype both models compute in.")] = VERIFY_DTYPE,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: Annotated[DType, typer.Option(help="The dtype both models compute in.")] = choices.VERIFY_DTYPE,
     device: Annotated[Device | None, typer.Option(help="Default: cuda when a GPU is visible.")] = None,
     tokens: Annotated[Path | None, typer.Option(help="Token ids: a JSON list or whitespace-separated ints.")
                       ] = None,
@@ -223,17 +230,19 @@ def verify(
         help="Max |Δ| / max |reference| accepted (default 1e-4 fp32, 3e-2 bf16; 1e-3 fp32 on cuda, where "
              "mamba-ssm's Triton scan computes in TF32 unless TRITON_F32_DEFAULT=ieee).")] = None,
     seq_len: Annotated[int, typer.Option(help="Length of the fixed random ids used without --tokens/--prompt.")
-                       ] = VerifyOptions.seq_len,
+                       ] = choices.VERIFY_SEQ_LEN,
     as_json: JsonFlag = False,
 ):
     """Run the HF model and our Megatron model (TP×PP processes) on the same tokens; compare every block's Mamba,
     attention and MLP output, the final norm and the logits, and name the first place they part ways.
 
     Exit code 0: everything agrees within tolerance; 1: it does not; 2: bad input."""
+    from falcon_bridge.converters.verify import VerifyOptions
     from falcon_bridge.converters.verify import verify as run
 
-    report_ = run(VerifyOptions(hf_dir, megatron_dir, tp, pp, dtype.torch, tolerance, seq_len, device, tokens,
-                                prompt))
+    report_ = run(VerifyOptions(hf_dir=hf_dir, megatron_dir=megatron_dir, tp=tp, pp=pp, dtype=dtype.torch,
+                                tolerance=tolerance, seq_len=seq_len, device=device, tokens_file=tokens,
+                                prompt=prompt))
     if as_json:
         out.print_json(json.dumps(report_.to_json()))
     else:
@@ -291,20 +300,26 @@ def demo(
     import torch
 
     from falcon_bridge.cards import load_card
+    from falcon_bridge.converters.create_random import CreateRandomOptions
     from falcon_bridge.converters.create_random import create_random as make
+    from falcon_bridge.converters.import_hf import ImportOptions
     from falcon_bridge.converters.import_hf import import_hf as run_import
     from falcon_bridge.converters.run import Run
+    from falcon_bridge.converters.verify import VerifyOptions
     from falcon_bridge.converters.verify import verify as run_verify
+    from falcon_bridge.core.parallel import MegatronLayout
 
     hf_dir, mg_dir = workdir / f"{card}-hf", workdir / f"{card}-megatron-tp{tp}"
     out.print(f"[bold]1/3[/] create-random {card} → {hf_dir}")
     with progress_bar("create-random", False) as cb:
-        report(make(CreateRandomOptions(load_card(card), hf_dir, 0, torch.float32, overwrite=True), Run(cb)), False)
+        report(make(CreateRandomOptions(card=load_card(card), out=hf_dir, dtype=torch.float32, overwrite=True),
+                    Run(cb)), False)
     out.print(f"[bold]2/3[/] import-hf {hf_dir} → {mg_dir} (TP={tp})")
     with progress_bar("import-hf", False) as cb:
-        report(run_import(ImportOptions(str(hf_dir), mg_dir, MegatronLayout(tp=tp), overwrite=True), Run(cb)), False)
+        report(run_import(ImportOptions(source=str(hf_dir), out=mg_dir, layout=MegatronLayout(tp=tp), overwrite=True),
+                          Run(cb)), False)
     out.print(f"[bold]3/3[/] verify: HF FalconH1ForCausalLM vs our Megatron model at TP={tp} ({tp} processes)")
-    result = run_verify(VerifyOptions(hf_dir, mg_dir, tp=tp))
+    result = run_verify(VerifyOptions(hf_dir=hf_dir, megatron_dir=mg_dir, tp=tp))
     print_comparison(f"{card}: HF vs Megatron (TP={tp}, fp32)", result.logits)
     first = result.first_divergence
     out.print(f"every block's Mamba, attention and MLP output compared too: "

@@ -13,11 +13,10 @@ import torch
 from falcon_bridge.cards import Card
 from falcon_bridge.converters.run import QUIET, Run, Summary, unrecorded
 from falcon_bridge.converters.tokenizer import build_tokenizer
+from falcon_bridge.core.choices import CREATE_RANDOM_DTYPE, CREATE_RANDOM_MAX_SHARD_BYTES
 from falcon_bridge.core.config import FalconH1Arch
 from falcon_bridge.core.mapping import hf_rule, hf_tensor_shapes
 from falcon_bridge.formats.hf import ShardedSafetensorsWriter, write_config
-
-DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 
 def random_tensor(name: str, shape: tuple[int, ...], arch: FalconH1Arch, seed: int) -> torch.Tensor:
@@ -34,8 +33,8 @@ class CreateRandomOptions:
     card: Card
     out: Path = unrecorded()
     seed: int = 0
-    dtype: torch.dtype = torch.bfloat16
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    dtype: torch.dtype = CREATE_RANDOM_DTYPE.torch
+    max_shard_bytes: int = CREATE_RANDOM_MAX_SHARD_BYTES
     overwrite: bool = unrecorded(default=False)
 
 
@@ -54,18 +53,18 @@ class CreateRandomSummary(Summary):
 
 def create_random(options: CreateRandomOptions, run: Run = QUIET) -> CreateRandomSummary:
     run = run.start()
-    o, arch, dtype = options, options.card.arch, options.dtype
+    arch, dtype = options.card.arch, options.dtype
     shapes = hf_tensor_shapes(arch)
     total = sum(math.prod(s) for s in shapes.values()) * dtype.itemsize
-    with run.output("create-random", o, total) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, [(n, s, dtype) for n, s in shapes.items()], o.max_shard_bytes)
+    with run.output(CreateRandomSummary.command, options, total) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, [(n, s, dtype) for n, s in shapes.items()], options.max_shard_bytes)
         for i, (name, shape) in enumerate(shapes.items()):
-            writer.put(name, random_tensor(name, shape, arch, o.seed).to(dtype))
+            writer.put(name, random_tensor(name, shape, arch, options.seed).to(dtype))
             run.step(i + 1, len(shapes), name)
         writer.close()
         write_config(tmp, arch, dtype)
         tokenizer = build_tokenizer(arch, tmp)
     return CreateRandomSummary(
-        card=o.card.name, output=str(o.out), seed=o.seed, dtype=str(dtype).removeprefix("torch."),
+        card=options.card.name, output=str(options.out), seed=options.seed, dtype=str(dtype).removeprefix("torch."),
         tensors=len(shapes), parameters=sum(math.prod(s) for s in shapes.values()), files=writer.file_names,
         tokenizer_files=tokenizer, seconds=run.seconds())

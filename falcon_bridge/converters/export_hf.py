@@ -11,11 +11,9 @@ import torch
 
 from falcon_bridge.converters.megatron_source import open_megatron_checkpoint
 from falcon_bridge.converters.run import QUIET, Run, Summary, recorded_as, unrecorded
-from falcon_bridge.core.choices import ExportFormat, MupExport
+from falcon_bridge.core.choices import EXPORT_CHECK_FINITE, EXPORT_MAX_SHARD_BYTES, ExportFormat, MupExport
 from falcon_bridge.core.hf_export import HFExport
 from falcon_bridge.formats.hf import ShardedSafetensorsWriter, copy_tokenizer, write_config
-
-DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 
 @dataclass(frozen=True)
@@ -32,8 +30,8 @@ class ExportOptions:
     card: str | None = None
     hf_config: Path | None = None
     dtype: torch.dtype | None = None
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
-    check_finite: bool = True
+    max_shard_bytes: int = EXPORT_MAX_SHARD_BYTES
+    check_finite: bool = EXPORT_CHECK_FINITE
     overwrite: bool = unrecorded(default=False)
     mup_export: MupExport = recorded_as("mup", default=MupExport.UNFOLD)
     fmt: ExportFormat = recorded_as("format", default=ExportFormat.LATENT)
@@ -56,17 +54,16 @@ class ExportSummary(Summary):
 
 def export_hf(options: ExportOptions, run: Run = QUIET) -> ExportSummary:
     run = run.start()
-    o = options
-    source = open_megatron_checkpoint(o.source, o.card, o.hf_config)
-    policy = HFExport(source.arch, source.mup_mode, source.bitnet, lambda name: o.dtype or source.hf_dtype(name),
-                      o.mup_export, o.fmt)
+    source = open_megatron_checkpoint(options.source, options.card, options.hf_config)
+    policy = HFExport(source.arch, source.mup_mode, source.bitnet, lambda name: options.dtype or source.hf_dtype(name),
+                      options.mup_export, options.fmt)
     plan = source.entries()
     layout = [item for e in plan for name, shape in zip(e.hf, e.hf_shapes) for item in policy.layout(name, shape)]
     expected = sum(math.prod(s) * d.itemsize for _, s, d in layout)
-    with run.output("export-hf", o, expected, source.start_file_hashes(), source.inputs) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, layout, o.max_shard_bytes)
+    with run.output(ExportSummary.command, options, expected, source.start_file_hashes(), source.inputs) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, layout, options.max_shard_bytes)
         for i, entry in enumerate(plan):
-            for name, tensor in source.hf_tensors(entry, o.check_finite).items():
+            for name, tensor in source.hf_tensors(entry, options.check_finite).items():
                 for item in policy.tensors(name, tensor):
                     writer.put(*item)
             run.step(i + 1, len(plan), entry.megatron)
@@ -74,7 +71,7 @@ def export_hf(options: ExportOptions, run: Run = QUIET) -> ExportSummary:
         write_config(tmp, policy.config_arch, policy.dtype_of("model.embed_tokens.weight"), policy.config_extra)
         tokenizer = copy_tokenizer(source.tokenizer_files(), tmp)
     return ExportSummary(
-        source=str(o.source), output=str(o.out), files=writer.file_names, tensors=len(layout),
-        mup="unfolded" if policy.unfolding else source.mup_mode, format=str(o.fmt), bytes=writer.total_bytes,
+        source=str(options.source), output=str(options.out), files=writer.file_names, tensors=len(layout),
+        mup="unfolded" if policy.unfolding else source.mup_mode, format=str(options.fmt), bytes=writer.total_bytes,
         tokenizer_files=tokenizer, mamba_groups_collapsed=source.layout.group_factor(source.arch) > 1,
         diverged_group_replicas=source.divergence, seconds=run.seconds(), warnings=source.divergence_warnings())

@@ -12,7 +12,7 @@ import torch
 from falcon_bridge.converters.megatron_sink import MegatronSink
 from falcon_bridge.converters.run import QUIET, Run, Summary, recorded_as, unrecorded
 from falcon_bridge.core import mup
-from falcon_bridge.core.choices import MupMode
+from falcon_bridge.core.choices import IMPORT_CHECK_FINITE, MupMode, one_of
 from falcon_bridge.core.config import Multipliers
 from falcon_bridge.core.mapping import Ctx, Entry, entries, hf_tensor_shapes, is_bitnet_linear
 from falcon_bridge.core.packed_ternary import DEFAULT_PACKED_FORMAT
@@ -48,8 +48,8 @@ def import_options(ckpt: HFCheckpoint, mup_mode: str, bitnet: bool) -> tuple[boo
     """The checks every HF → Megatron route makes on its options (file or live): (BitNet, the run config's µP record,
     warnings). A packed ternary source implies BitNet."""
     arch = ckpt.arch
-    if mup_mode not in set(MupMode):
-        raise BadInput(f"--mup {mup_mode}: expected preserve or fold")
+    if mup_mode not in tuple(MupMode):
+        raise BadInput(f"--mup {mup_mode}: expected {one_of(MupMode)}")
     mup_record = mup.run_config_entry(arch, mup_mode)  # refuses folds that cannot be exact (tied embeddings)
     warnings = []
     if ckpt.packed:
@@ -61,8 +61,9 @@ def import_options(ckpt: HFCheckpoint, mup_mode: str, bitnet: bool) -> tuple[boo
             raise BadInput("--mup fold with --bitnet: folding the non-uniform ssm_multipliers before ternarizing "
                            "changes which weights round to 0 and ±1; use --mup preserve")
         for name, shape in hf_tensor_shapes(arch).items():
-            if is_bitnet_linear(name):
-                DEFAULT_PACKED_FORMAT.check_shape(name, shape)
+            problem = DEFAULT_PACKED_FORMAT.shape_problem(name, shape) if is_bitnet_linear(name) else None
+            if problem:
+                raise BadInput(f"--bitnet: {problem}")
     return bitnet, mup_record, warnings
 
 
@@ -87,7 +88,7 @@ class ImportOptions:
     overwrite: bool = unrecorded(default=False)
     mup_mode: MupMode = recorded_as("mup", default=MupMode.PRESERVE)
     allow_extra: bool = False
-    check_finite: bool = False
+    check_finite: bool = IMPORT_CHECK_FINITE
     bitnet: bool = False
 
 
@@ -108,16 +109,15 @@ class ImportSummary(Summary):
 
 def import_hf(options: ImportOptions, run: Run = QUIET) -> ImportSummary:
     run = run.start()
-    o = options
-    path = resolve_source(o.source)
+    path = resolve_source(options.source)
     ckpt = HFCheckpoint(path)
     arch = ckpt.arch.validate_for_megatron()
-    o.layout.validate(arch)
-    bitnet, mup_record, warnings = import_options(ckpt, o.mup_mode, o.bitnet)
-    check_tensors(ckpt, o.allow_extra)
+    options.layout.validate(arch)
+    bitnet, mup_record, warnings = import_options(ckpt, options.mup_mode, options.bitnet)
+    check_tensors(ckpt, options.allow_extra)
     hf_dtype = ckpt.tensors["model.embed_tokens.weight"].dtype
-    store_dtype = o.dtype or hf_dtype
-    if o.mup_mode == MupMode.FOLD and store_dtype != torch.float32:
+    store_dtype = options.dtype or hf_dtype
+    if options.mup_mode == MupMode.FOLD and store_dtype != torch.float32:
         warnings.append(f"--mup fold into {str(store_dtype).removeprefix('torch.')}: each folded weight is rounded "
                         f"once to it (relative error up to {torch.finfo(store_dtype).eps / 2:.1e}), so the model's "
                         "logits move slightly from the unfolded model's; verify judges the conversion against HF's "
@@ -129,28 +129,28 @@ def import_hf(options: ImportOptions, run: Run = QUIET) -> ImportSummary:
 
     def hf_tensors(e: Entry) -> list[torch.Tensor]:
         hf = [ckpt.get(n) for n in e.hf]
-        if o.check_finite:
+        if options.check_finite:
             for n, t in zip(e.hf, hf):
                 if not all_finite(t):
                     raise BadInput(f"{ckpt.tensors[n].file}: tensor {n} holds NaN or Inf values")
-        return [folded_if(o.mup_mode, arch, n, t) for n, t in zip(e.hf, hf)]
+        return [folded_if(options.mup_mode, arch, n, t) for n, t in zip(e.hf, hf)]
 
     sources = BackgroundHashes(ckpt.files())
-    resolved = replace(o, dtype=store_dtype, bitnet=bitnet)  # the manifest records what was stored
-    with run.output("import-hf", resolved, sink.total_bytes, sources, inputs=[path]) as tmp:
+    resolved = replace(options, dtype=store_dtype, bitnet=bitnet)  # the manifest records what was stored
+    with run.output(ImportSummary.command, resolved, sink.total_bytes, sources, inputs=[path]) as tmp:
         it_dir = tmp / mg.iteration_dir_name(0)
-        sink.write(it_dir, hf_tensors, run.progress, mg.common_state(0))
+        sink.write(it_dir, hf_tensors, run.step, mg.common_state(0))
         tokenizer = copy_tokenizer(ckpt.tokenizer_files(), it_dir)
         run_config = mg.run_config(
-            arch, o.layout, store_dtype, hf_dtype=str(hf_dtype).removeprefix("torch."), hf_odd_dtypes=odd_dtypes,
-            tokenizer_files=tokenizer, source={"path": str(o.source), "sha256": sources.result()}, mup=mup_record,
+            arch, options.layout, store_dtype, hf_dtype=str(hf_dtype).removeprefix("torch."), hf_odd_dtypes=odd_dtypes,
+            tokenizer_files=tokenizer, source={"path": str(options.source), "sha256": sources.result()}, mup=mup_record,
             bitnet=bitnet)
         mg.write_run_config(it_dir, run_config)
         mg.write_tracker(tmp, 0)
         mg.write_interop_files(tmp, it_dir, arch, Multipliers.from_hf(mup_record["applied_multipliers"]),
-                               store_dtype, o.layout.tp, o.layout.pp)
+                               store_dtype, options.layout.tp, options.layout.pp)
     return ImportSummary(
-        source=str(o.source), output=str(o.out), tp=o.layout.tp, pp=o.layout.pp, dtype=run_config["dtype"],
-        mup=str(o.mup_mode), bitnet=bitnet, tensors=len(sink.shapes),
+        source=str(options.source), output=str(options.out), tp=options.layout.tp, pp=options.layout.pp,
+        dtype=run_config["dtype"], mup=str(options.mup_mode), bitnet=bitnet, tensors=len(sink.shapes),
         parameters=sum(math.prod(s) for s, _ in sink.shapes.values()), mamba_groups=arch.mamba_n_groups,
         seconds=run.seconds(), warnings=warnings)

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import torch
 
-from falcon_bridge.converters.export_hf import DEFAULT_MAX_SHARD_BYTES
 from falcon_bridge.converters.import_hf import check_tensors, folded_if, import_options
 from falcon_bridge.converters.output import atomic_output_dir
-from falcon_bridge.core.choices import ExportFormat, MupExport, MupMode
+from falcon_bridge.core.choices import EXPORT_MAX_SHARD_BYTES, ExportFormat, MupExport, MupMode
 from falcon_bridge.core.hf_export import HFExport
 from falcon_bridge.core.mapping import COPY, VOCAB, Ctx, entries
 from falcon_bridge.core.parallel import MegatronLayout, stored_as_hf
@@ -64,7 +63,7 @@ def _local(region: tuple[slice, ...]) -> tuple[slice, ...]:
     return tuple(slice(0, r.stop - r.start) for r in region)
 
 
-def _export_policy(provider, dtype: torch.dtype | None, mup: str, fmt: str) -> HFExport:
+def _export_policy(provider, dtype: torch.dtype | None, mup: MupExport, fmt: ExportFormat) -> HFExport:
     return HFExport(provider.arch, provider.mup_mode, provider.bitnet, lambda name: dtype or provider.params_dtype,
                     mup, fmt)
 
@@ -245,7 +244,7 @@ def hf_weights(model, dtype: torch.dtype | None = None, device: torch.device | s
 
 def save_hf_pretrained(model, out: Path, dtype: torch.dtype | None = None, mup: MupExport = MupExport.UNFOLD,
                        fmt: ExportFormat = ExportFormat.LATENT, tokenizer_from: Path | None = None,
-                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                       max_shard_bytes: int = EXPORT_MAX_SHARD_BYTES,
                        overwrite: bool = False) -> dict | None:
     """Write a live model as an HF checkpoint directory, as export-hf writes it (safetensors shards, config.json,
     generation_config.json, the tokenizer files of directory `tokenizer_from`, manifest; atomic). Every rank calls

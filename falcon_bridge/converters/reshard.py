@@ -51,17 +51,18 @@ class ReshardSummary(Summary):
 
 def reshard(options: ReshardOptions, run: Run = QUIET) -> ReshardSummary:
     run = run.start()
-    o, layout = options, options.layout
-    source = open_megatron_checkpoint(o.source, o.card, o.hf_config)
+    layout = options.layout
+    source = open_megatron_checkpoint(options.source, options.card, options.hf_config)
     arch = source.arch.validate_for_megatron()
     layout.validate(arch)
     # each entry keeps the dtype it is stored in
     sink = MegatronSink(Ctx(arch, stored_as_hf(arch)), source.entries(),
                         lambda e: source.reader.tensors[next(iter(e.megatron_keys(source.ctx)))][1])
     stored_dtype = sink.shapes["embedding.word_embeddings.weight"][1]
-    with run.output("reshard", o, sink.total_bytes, source.start_file_hashes(), source.inputs) as tmp:
+    with run.output(ReshardSummary.command, options, sink.total_bytes, source.start_file_hashes(),
+                    source.inputs) as tmp:
         it_dir = tmp / mg.iteration_dir_name(0)
-        sink.write(it_dir, lambda e: list(source.hf_tensors(e).values()), run.progress, mg.common_state(0))
+        sink.write(it_dir, lambda e: list(source.hf_tensors(e).values()), run.step, mg.common_state(0))
         tokenizer = copy_tokenizer(source.tokenizer_files(), it_dir)
         previous = source.run_config or {}
         mup_record = previous.get("mup") or run_config_entry(arch, MupMode.PRESERVE)
@@ -69,12 +70,12 @@ def reshard(options: ReshardOptions, run: Run = QUIET) -> ReshardSummary:
             arch, layout, stored_dtype,
             hf_dtype=previous.get("hf_dtype", str(stored_dtype).removeprefix("torch.")),
             hf_odd_dtypes=previous.get("hf_odd_dtypes", {}), tokenizer_files=tokenizer, mup=mup_record,
-            source={"path": str(o.source), "resharded_from": previous.get("layout")},
+            source={"path": str(options.source), "resharded_from": previous.get("layout")},
             bitnet=source.bitnet))
         mg.write_tracker(tmp, 0)
         mg.write_interop_files(tmp, it_dir, arch, Multipliers.from_hf(mup_record["applied_multipliers"]),
                                stored_dtype, layout.tp, layout.pp)
     return ReshardSummary(
-        source=str(o.source), output=str(o.out), tp=layout.tp, pp=layout.pp,
+        source=str(options.source), output=str(options.out), tp=layout.tp, pp=layout.pp,
         pp_layers=list(layout.stage_layers(arch.num_layers)), mamba_groups=arch.mamba_n_groups,
         diverged_group_replicas=source.divergence, seconds=run.seconds(), warnings=source.divergence_warnings())

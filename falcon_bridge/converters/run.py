@@ -1,8 +1,9 @@
 """What every converter shares around its own work: the caller's progress callback and command line, the timing,
 the atomic output directory and its manifest's command record, and the summary it returns.
 
-A converter reads: `run = run.start()` → validate → `with run.output(name, options, expected_bytes, sources,
-inputs) as tmp:` write into tmp → `return XSummary(..., seconds=run.seconds())`.
+A converter reads: `run = run.start()` → validate → `with run.output(XSummary.command, options, expected_bytes,
+sources, inputs) as tmp:` write into tmp, reporting progress through `run.step` → `return XSummary(...,
+seconds=run.seconds())`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from falcon_bridge.cards import Card
 from falcon_bridge.converters.output import atomic_output_dir
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.formats.manifest import BackgroundHashes
@@ -43,7 +45,7 @@ def _jsonable(value: Any) -> Any:
         return str(value)
     if isinstance(value, tuple | list):
         return [_jsonable(v) for v in value]
-    if isinstance(getattr(value, "name", None), str):  # a model card: by its name
+    if isinstance(value, Card):  # by its name
         return value.name
     raise TypeError(f"{type(value).__name__}: no JSON form for the manifest")
 

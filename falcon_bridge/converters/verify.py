@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from falcon_bridge.core.choices import Device, MupMode
+from falcon_bridge.core.choices import VERIFY_DTYPE, VERIFY_SEQ_LEN, Device, MupMode, one_of
 from falcon_bridge.errors import BadInput
 
 # max |Δ| / max |reference| accepted per compute dtype (fp32: the CPU suite's bar; bf16: a few ulps of the logits)
@@ -237,9 +237,9 @@ class VerifyOptions:
     megatron_dir: Path
     tp: int = 1
     pp: int = 1
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype = VERIFY_DTYPE.torch
     tolerance: float | None = None
-    seq_len: int = 32
+    seq_len: int = VERIFY_SEQ_LEN
     device: Device | None = None
     tokens_file: Path | None = None
     prompt: str | None = None
@@ -254,8 +254,8 @@ def verify(options: VerifyOptions) -> VerifyReport:
 
     hf_dir, megatron_dir, tp, pp, dtype = options.hf_dir, options.megatron_dir, options.tp, options.pp, options.dtype
     tolerance, seq_len, device = options.tolerance, options.seq_len, options.device
-    if device not in (None, "cpu", "cuda"):
-        raise BadInput(f"--device {device}: expected cpu or cuda")
+    if device is not None and device not in tuple(Device):
+        raise BadInput(f"--device {device}: expected {one_of(Device)}")
     for flag, value in (("--tp", tp), ("--pp", pp)):
         if value < 1:
             raise BadInput(f"{flag} {value}: expected a positive integer")

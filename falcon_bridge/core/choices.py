@@ -1,11 +1,10 @@
-"""The closed sets of values options take, one enum each: the CLI lists them in --help and the converters and the
-export policy compare against them. StrEnum members equal their strings, so a library caller may pass either."""
+"""The closed sets of values options take, one enum each, and the defaults the converters' options and the CLI
+share. The CLI lists the enums in --help and the converters and the export policy compare against them; StrEnum
+members equal their strings, so a library caller may pass either. Torch-free at import, so the CLI starts fast."""
 
 from __future__ import annotations
 
 from enum import StrEnum
-
-import torch
 
 
 class MupMode(StrEnum):
@@ -36,17 +35,28 @@ class DType(StrEnum):
     FP16 = "fp16"
 
     @property
-    def torch(self) -> torch.dtype:
-        return _TORCH_DTYPES[self]
+    def torch(self):
+        import torch
 
-    @classmethod
-    def of(cls, dtype: torch.dtype) -> DType:
-        return next(d for d, t in _TORCH_DTYPES.items() if t == dtype)
-
-
-_TORCH_DTYPES = {DType.BF16: torch.bfloat16, DType.FP32: torch.float32, DType.FP16: torch.float16}
+        return getattr(torch, {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[self.value])
 
 
 class Device(StrEnum):
     CPU = "cpu"
     CUDA = "cuda"
+
+
+def one_of(enum: type[StrEnum]) -> str:
+    """'a or b' / 'a, b or c': an enum's values for an error message."""
+    values = [e.value for e in enum]
+    return ", ".join(values[:-1]) + " or " + values[-1]
+
+
+# ---- defaults the converters' options and the CLI share ---------------------------------------------------------
+CREATE_RANDOM_DTYPE = DType.BF16
+CREATE_RANDOM_MAX_SHARD_BYTES = 2 * 1024**3
+EXPORT_MAX_SHARD_BYTES = 5 * 10**9
+IMPORT_CHECK_FINITE = False  # import reads a checkpoint someone published; export reads one we trained
+EXPORT_CHECK_FINITE = True
+VERIFY_DTYPE = DType.FP32
+VERIFY_SEQ_LEN = 32

@@ -1,11 +1,12 @@
 """Falcon-H1 architecture: one frozen dataclass, read from an HF config or a model card, with derived sizes.
 
-Pure: no file I/O here (cards and config.json are read in `falcon_bridge.formats`).
+Pure: no file I/O here (config.json is read in `falcon_bridge.formats.hf`, cards in `falcon_bridge.cards`).
 """
 
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
@@ -146,7 +147,8 @@ class FalconH1Arch:
     """Everything that fixes tensor shapes and forward arithmetic of a Falcon-H1 model.
 
     The defaults are transformers' FalconH1Config defaults, and `from_hf` uses them for absent config.json keys:
-    one source. Fields without a default must be given (config.json must hold them: REQUIRED_HF_KEYS, rope_theta).
+    one source. Fields without a default must be given; config.json must hold REQUIRED_HF_KEYS and rope_theta, and
+    from_hf derives head_dim and mamba_d_head when it lacks them, as transformers does.
     """
 
     vocab_size: int
@@ -217,13 +219,14 @@ class FalconH1Arch:
             if not cond:
                 raise BadInput(msg)
 
+        types = typing.get_type_hints(FalconH1Arch)
         for f in fields(self):  # by declared type: every int is a positive size, every float a positive number
             name, value = f.name, getattr(self, f.name)
-            if f.type == "int":
+            if types[name] is int:
                 _positive_int(value, source, HF_KEYS.get(name, name))
-            elif f.type == "bool":
+            elif types[name] is bool:
                 need(type(value) is bool, f"{source}: field {name}: expected true or false, got {value!r:.80}")
-            elif f.type == "float":
+            elif types[name] is float:
                 need(_finite(value, source, name) > 0, f"{source}: field {name}: expected a positive number, got "
                                                        f"{value!r}")
             elif name in TOKEN_ID_FIELDS:

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from falcon_bridge.core import mup, ternary
-from falcon_bridge.core.choices import ExportFormat, MupExport, MupMode
+from falcon_bridge.core.choices import ExportFormat, MupExport, MupMode, one_of
 from falcon_bridge.core.config import FalconH1Arch
 from falcon_bridge.core.mapping import is_bitnet_linear
-from falcon_bridge.core.packed_ternary import DEFAULT_PACKED_FORMAT
+from falcon_bridge.core.packed_ternary import DEFAULT_PACKED_FORMAT, BitLinearFormat
 from falcon_bridge.errors import BadInput
 
 
@@ -24,17 +25,17 @@ class HFExport:
     dtype_of: the HF dtype each tensor is written in."""
 
     arch: FalconH1Arch
-    mup_mode: str
+    mup_mode: MupMode
     bitnet: bool
     dtype_of: Callable[[str], torch.dtype]
     mup_export: MupExport = MupExport.UNFOLD
     fmt: ExportFormat = ExportFormat.LATENT
-    packing = DEFAULT_PACKED_FORMAT  # the packed format `--format packed` writes
+    packing: ClassVar[BitLinearFormat] = DEFAULT_PACKED_FORMAT  # the format `--format packed` writes
 
     def __post_init__(self):
         for flag, value, choices in (("--mup", self.mup_export, MupExport), ("--format", self.fmt, ExportFormat)):
-            if value not in set(choices):
-                raise BadInput(f"{flag} {value}: expected {' or '.join(choices)}")
+            if value not in tuple(choices):
+                raise BadInput(f"{flag} {value}: expected {one_of(choices)}")
         if self.fmt != ExportFormat.LATENT and not self.bitnet:
             raise BadInput(f"--format {self.fmt}: not a BitNet checkpoint (import it with --bitnet)")
 

@@ -273,10 +273,11 @@ _HF_TENSORS = {t.name: (rule, t) for rule in MODEL_RULES + LAYER_RULES for t in 
 
 def hf_rule(hf_name: str) -> tuple[Rule, HFTensor] | None:
     """The rule of a full HF tensor name (`model.layers.7.mamba.D` → the mamba_mixer.D rule), None if unknown."""
-    key = hf_name.split(".", 3)[3] if hf_name.startswith("model.layers.") else hf_name
+    in_layer = hf_name.startswith("model.layers.")
+    key = hf_name.split(".", 3)[-1] if in_layer else hf_name
     found = _HF_TENSORS.get(key)
     # a layer tensor's relative name never collides with a model-level one, but it is only valid under layers
-    return found if found and (found[0] in LAYER_RULES) == hf_name.startswith("model.layers.") else None
+    return found if found and (found[0] in LAYER_RULES) == in_layer else None
 
 
 def fold_factor(arch: FalconH1Arch, hf_name: str) -> Factor | None:

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import torch
 
+from falcon_bridge.core.choices import MupMode
 from falcon_bridge.core.config import FalconH1Arch, Multipliers
 from falcon_bridge.core.mapping import fold_factor
 from falcon_bridge.errors import BadInput
@@ -52,9 +53,10 @@ def folded_arch(arch: FalconH1Arch) -> FalconH1Arch:
     return replace(arch, multipliers=Multipliers())
 
 
-def run_config_entry(arch: FalconH1Arch, mode: str) -> dict:
+def run_config_entry(arch: FalconH1Arch, mode: MupMode) -> dict:
     """The run config's `mup` record: the mode, what the model applies, and (fold) what the weights carry."""
-    if mode == "preserve":
-        return {"mode": "preserve", "applied_multipliers": arch.multipliers.to_hf()}
-    return {"mode": "fold", "applied_multipliers": folded_arch(arch).multipliers.to_hf(),
+    if mode == MupMode.PRESERVE:
+        return {"mode": MupMode.PRESERVE.value, "applied_multipliers": arch.multipliers.to_hf()}
+    assert mode == MupMode.FOLD, mode
+    return {"mode": MupMode.FOLD.value, "applied_multipliers": folded_arch(arch).multipliers.to_hf(),
             "folded_multipliers": arch.multipliers.to_hf()}

@@ -16,8 +16,6 @@ transformers or onebitllms.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from falcon_bridge.core.ternary import as_scale, ternarize
@@ -124,27 +122,30 @@ def unpack_checkpoint_tensor(packed: torch.Tensor, weight_scale: torch.Tensor, o
 
 
 # ---- the formats ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
 class BitLinearFormat:
     """transformers' `linear_class="bitlinear"`: each BitNet linear `X.weight` is stored as uint8 `X.weight`
-    [out/4, in] plus `X.weight_scale` [1] in the model dtype. A second format is a second object (a subclass with
-    its own pack/read_back) in PACKED_FORMATS."""
+    [out/4, in] plus `X.weight_scale` [1] in the model dtype. A second format is a second class (its own
+    linear_class, pack, read_back) whose instance joins PACKED_FORMATS."""
 
-    linear_class: str = "bitlinear"
-    quantization_config: dict = field(default_factory=lambda: {
-        "quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline",
-        "modules_to_not_convert": ["lm_head"]})
+    linear_class = "bitlinear"
+
+    @property
+    def quantization_config(self) -> dict:
+        """What config.json says of a checkpoint in this format (transformers reads it to build BitLinear layers)."""
+        return {"quant_method": "bitnet", "linear_class": self.linear_class, "quantization_mode": "offline",
+                "modules_to_not_convert": ["lm_head"]}
 
     @staticmethod
     def scale_name(weight_name: str) -> str:
         """The companion of `X.weight`: `X.weight_scale`."""
         return weight_name.removesuffix("weight") + "weight_scale"
 
-    def check_shape(self, name: str, shape: Shape) -> None:
-        """The format stores out_features/4 packed rows: refuse a linear whose row count is not a multiple of 4."""
+    def shape_problem(self, name: str, shape: Shape) -> str | None:
+        """Why a linear of this shape cannot be stored in the format (it stores out_features/4 packed rows), or
+        None."""
         if shape[0] % VALUES_PER_BYTE:
-            raise BadInput(f"--bitnet: {name} has {shape[0]} rows; the HF packed format needs a multiple of "
-                           f"{VALUES_PER_BYTE}")
+            return f"{name} has {shape[0]} rows; the HF packed format needs a multiple of {VALUES_PER_BYTE}"
+        return None
 
     def stored(self, name: str, shape: Shape, dtype: torch.dtype) -> list[tuple[str, Shape, torch.dtype]]:
         """(name, shape, dtype) of what is written for one BitNet linear of this shape."""
@@ -169,12 +170,12 @@ class BitLinearFormat:
 
 
 PACKED_FORMATS = {f.linear_class: f for f in (BitLinearFormat(),)}
-DEFAULT_PACKED_FORMAT = PACKED_FORMATS["bitlinear"]
+DEFAULT_PACKED_FORMAT = PACKED_FORMATS[BitLinearFormat.linear_class]  # what export-hf --format packed writes
 
 
 def packed_format(quantization_config: dict, source: str) -> BitLinearFormat:
-    """The format a config.json's `quantization_config` names (transformers' default linear_class: bitlinear)."""
-    linear_class = quantization_config.get("linear_class", "bitlinear")
+    """The format a config.json's `quantization_config` names (absent: transformers' default, bitlinear)."""
+    linear_class = quantization_config.get("linear_class", BitLinearFormat.linear_class)
     fmt = PACKED_FORMATS.get(linear_class) if isinstance(linear_class, str) else None
     if fmt is None:
         raise BadInput(f"{source}: quantization_config.linear_class {linear_class!r} is not supported (only "

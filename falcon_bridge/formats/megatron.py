@@ -242,7 +242,7 @@ def read_run_config(it_dir: Path) -> dict:
     need(isinstance(odd, dict) and all(v in FLOAT_DTYPES for v in odd.values()), "hf_odd_dtypes",
          f"an object of tensor name → one of {', '.join(FLOAT_DTYPES)}")
     mup = rc.get("mup")
-    need(isinstance(mup, dict) and mup.get("mode") in set(MupMode)
+    need(isinstance(mup, dict) and mup.get("mode") in tuple(MupMode)
          and isinstance(mup.get("applied_multipliers"), dict)
          and (mup["mode"] == MupMode.PRESERVE or isinstance(mup.get("folded_multipliers"), dict)),
          "mup", "{mode: preserve|fold, applied_multipliers: {...}[, folded_multipliers: {...}]}")

@@ -60,6 +60,8 @@ class _TernaryWeight:
         self.register_buffer("bitnet_numel", numel.to(device, torch.float64), persistent=False)
 
     def quantized_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        assert hasattr(self, "bitnet_segment"), \
+            "BitNet linear without row segments: build the model with FalconH1ModelProvider.provide()"
         with torch.no_grad():
             abs_rows = weight.double().abs().reshape(weight.shape[0], -1).sum(1) * self.bitnet_row_weight
             sums = torch.zeros_like(self.bitnet_numel).index_add_(0, self.bitnet_segment, abs_rows)

@@ -236,10 +236,11 @@ class FalconH1MambaMixer(MambaMixer):
         across the TP ranks: 0 when the replicas trained in step. Every TP rank calls it (one all-gather per
         parameter). Copies of an HF group are consecutive Megatron groups, so the rank-ordered groups unflatten to
         [HF group, copy]."""
-        group, rows = self.pg_collection.tp, 2 * self.ngroups_local_tp * self.d_state
+        group, rows = self.pg_collection.tp, self.ngroups_local_tp * self.d_state
         spread = 0.0
-        for param, (start, _) in self._group_rows():
-            local = param[start:start + rows].unflatten(0, (2, self.ngroups_local_tp, self.d_state)).contiguous()
+        for param, starts in self._group_rows():
+            local = torch.stack([param[s:s + rows] for s in starts]).unflatten(1, (self.ngroups_local_tp,
+                                                                                   self.d_state))
             parts = [torch.empty_like(local) for _ in range(group.size())]
             torch.distributed.all_gather(parts, local, group=group)
             copies = torch.cat(parts, 1).unflatten(1, (self.hf_groups, -1))  # [B|C, HF group, copy, d_state, ...]
