@@ -5,6 +5,7 @@ Pure: no file I/O here (config.json is read in `falcon_bridge.formats.hf`, cards
 
 from __future__ import annotations
 
+import functools
 import math
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -219,7 +220,7 @@ class FalconH1Arch:
             if not cond:
                 raise BadInput(msg)
 
-        types = typing.get_type_hints(FalconH1Arch)
+        types = _field_types()
         for f in fields(self):  # by declared type: every int is a positive size, every float a positive number
             name, value = f.name, getattr(self, f.name)
             if types[name] is int:
@@ -350,3 +351,9 @@ class FalconH1Arch:
         if missing:
             raise BadInput(f"{source}: missing required field(s) {missing}")
         return cls(**kw).validate(source)
+
+
+@functools.cache
+def _field_types() -> dict[str, type]:
+    """FalconH1Arch's field types, resolved once (the annotations are strings under `from __future__`)."""
+    return typing.get_type_hints(FalconH1Arch)

@@ -59,20 +59,16 @@ class Transform:
     def megatron_shapes(self, ctx: Ctx, hf_shapes: list[Shape]) -> dict[str, Shape]:
         return {"": hf_shapes[0]}
 
-    def rank_rows(self, ctx: Ctx, hf_rows: list[int], tp_rank: int) -> torch.Tensor:
+    def rank_rows(self, ctx: Ctx, hf_rows: list[int], tp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For each row a column-parallel TP rank holds of the Megatron weight (its pieces' rank slices, in piece
-        order): the global index of the HF row it holds, counting through the rule's HF tensors in order. Found by
-        sending row indices through `to_megatron`, so it follows every fusion, interleave and replication the
-        checkpoint layout makes."""
-        ids = torch.arange(sum(hf_rows)).split(hf_rows)
-        pieces = self.to_megatron(ctx, *ids).values()
-        return torch.cat([block.chunk(ctx.layout.tp)[tp_rank] for piece in pieces
-                          for block in piece.chunk(self.tp_blocks)])
-
-    def copies(self, ctx: Ctx, hf_rows: list[int]) -> torch.Tensor:
-        """How many times each HF row appears in the Megatron tensors (replicated Mamba groups: more than once)."""
-        ids = torch.arange(sum(hf_rows)).split(hf_rows)
-        return torch.bincount(torch.cat(list(self.to_megatron(ctx, *ids).values())), minlength=sum(hf_rows))
+        order): the global index of the HF row it holds, counting through the rule's HF tensors in order; and how
+        many times that HF row appears in the whole Megatron weight (replicated Mamba groups: more than once).
+        Found by sending row indices through `to_megatron`, so it follows every fusion, interleave and replication
+        the checkpoint layout makes."""
+        pieces = list(self.to_megatron(ctx, *torch.arange(sum(hf_rows)).split(hf_rows)).values())
+        local = torch.cat([block.chunk(ctx.layout.tp)[tp_rank] for piece in pieces
+                           for block in piece.chunk(self.tp_blocks)])
+        return local, torch.bincount(torch.cat(pieces), minlength=sum(hf_rows))[local]
 
 
 class Copy(Transform):
@@ -287,10 +283,10 @@ def fold_factor(arch: FalconH1Arch, hf_name: str) -> Factor | None:
 
 
 def is_bitnet_linear(hf_name: str) -> bool:
-    """Whether BitNet ternarizes this HF tensor (every linear of the blocks; not embeddings, lm_head, norms, conv1d,
-    A_log, D, dt_bias, biases)."""
+    """Whether BitNet ternarizes this HF tensor (every linear weight of the blocks; not embeddings, lm_head, norms,
+    conv1d, A_log, D, dt_bias, biases)."""
     found = hf_rule(hf_name)
-    return found is not None and found[0].bitnet is not None and found[1].name.endswith(".weight")
+    return found is not None and found[0].bitnet is not None
 
 
 def bitnet_row_sources(rule: Rule, ctx: Ctx, tp_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -302,9 +298,8 @@ def bitnet_row_sources(rule: Rule, ctx: Ctx, tp_rank: int) -> tuple[torch.Tensor
     numel = torch.tensor([math.prod(s) for s in shapes])
     if rule.bitnet == ROW:  # TP splits the columns: every rank holds all rows, of one HF tensor
         return torch.zeros(rows[0], dtype=torch.long), torch.ones(rows[0]), numel
-    local = rule.transform.rank_rows(ctx, rows, tp_rank)
-    segment = torch.bucketize(local, torch.tensor(rows).cumsum(0), right=True)
-    return segment, 1.0 / rule.transform.copies(ctx, rows)[local].double(), numel
+    local, copies = rule.transform.rank_rows(ctx, rows, tp_rank)
+    return torch.bucketize(local, torch.tensor(rows).cumsum(0), right=True), 1.0 / copies.double(), numel
 
 
 # Modules with an `_extra_state` object: megatron-core's parallel linears (None for the local backend, FP8 metadata

@@ -17,9 +17,7 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from falcon_bridge.core import ternary
-from falcon_bridge.core.config import FalconH1Arch
 from falcon_bridge.core.mapping import LAYER_RULES, Ctx, bitnet_row_sources
-from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.megatron.model import NormColumnParallelLinear
 
 
@@ -99,12 +97,12 @@ class BitNetRowParallelLinear(_TernaryWeight, RowParallelLinear):
 
 
 # ---- which HF tensor each local row belongs to ------------------------------------------------------------------
-def assign_segments(model, arch: FalconH1Arch, tp_rank: int, tp_size: int) -> None:
+def assign_segments(model, ctx: Ctx, tp_rank: int) -> None:
     """Tell each BitNet linear of the model's layers which HF tensor each of its local rows comes from, as the map's
-    BitNet rules say (q/k/v fused in linear_qkv, gate/up in fc1, replicated B/C rows in in_proj)."""
-    ctx = Ctx(arch, MegatronLayout(tp=tp_size))
+    BitNet rules say (q/k/v fused in linear_qkv, gate/up in fc1, replicated B/C rows in in_proj); `ctx` holds the
+    architecture and the layout the model was built for."""
     for rule in LAYER_RULES:
-        if rule.bitnet is None or not rule.when(arch):
+        if rule.bitnet is None or not rule.when(ctx.arch):
             continue
         sources = bitnet_row_sources(rule, ctx, tp_rank)
         for layer in model.decoder.layers:

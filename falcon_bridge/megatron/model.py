@@ -296,8 +296,8 @@ class FalconH1MambaMixer(MambaMixer):
         def starts(order: tuple[str, ...]) -> tuple[int, ...]:
             return tuple(sum(sizes[s] for s in order[:order.index(g)]) for g in GROUP_SEGMENTS)
 
-        return ((self.in_proj.weight, starts(SSM_SEGMENTS)), (self.conv1d_weight, starts(CONV_SEGMENTS)),
-                (self.conv1d_bias, starts(CONV_SEGMENTS)))
+        conv = starts(CONV_SEGMENTS)
+        return (self.in_proj.weight, starts(SSM_SEGMENTS)), (self.conv1d_weight, conv), (self.conv1d_bias, conv)
 
     def _scale_zxbcdt(self, module, inputs, output):
         zxbcdt, bias = output

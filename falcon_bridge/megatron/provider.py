@@ -178,8 +178,9 @@ class FalconH1ModelProvider:
             share_embeddings_and_output_weights=a.tie_word_embeddings, rotary_base=a.rope_theta,
             unpadded_vocab_size=a.vocab_size, pg_collection=pg_collection)
         if self.bitnet:  # BitNet scales are per HF tensor: each linear learns which HF tensor its rows come from
+            from falcon_bridge.core.mapping import Ctx
             from falcon_bridge.megatron.bitnet import assign_segments
 
-            assign_segments(model, a, pg_collection.tp.rank(), pg_collection.tp.size())
+            assign_segments(model, Ctx(a, lay), pg_collection.tp.rank())
         model.provider = self  # what the live bridge (converters/live.py) needs to map the weights back to HF
         return model
