@@ -78,13 +78,17 @@ class MegatronSource:
 
     def start_file_hashes(self) -> BackgroundHashes:
         """Start hashing every file of the checkpoint read (tracker and iteration folder) in the background."""
-        files = [self.root / mg.TRACKER_FILE] + sorted(p for p in self.it_dir.rglob("*")
-                                                        if p.is_file() and not p.is_symlink())
+        beside = [mg.run_config_path(self.it_dir)] if mg.run_config_path(self.it_dir) else []
+        beside += [f for f in self.tokenizer_files() if f.parent == self.root / mg.TOKENIZER_DIR]
+        files = [self.root / mg.TRACKER_FILE] + sorted({*beside, *(p for p in self.it_dir.rglob("*")
+                                                                   if p.is_file() and not p.is_symlink())})
         return BackgroundHashes(files)
 
     def tokenizer_files(self) -> list[Path]:
-        # ours sit in the iteration folder; Megatron-Bridge saves its tokenizer under iter_N/tokenizer/
-        return existing_tokenizer_files(self.it_dir) or existing_tokenizer_files(self.it_dir / "tokenizer")
+        # import-hf's sit in the iteration folder, Megatron-Bridge's under iter_N/tokenizer/, `train`'s in the save
+        # directory's tokenizer/
+        return next((files for d in (self.it_dir, self.it_dir / mg.TOKENIZER_DIR, self.root / mg.TOKENIZER_DIR)
+                     if (files := existing_tokenizer_files(d))), [])
 
     def hf_dtype(self, name: str) -> torch.dtype:
         """The dtype the HF source had for this tensor (falcon-bridge checkpoints), else the embedding's stored
@@ -104,7 +108,7 @@ def open_megatron_checkpoint(src: Path, card: str | None = None, hf_config: Path
         raise BadInput(f"{it_dir}: legacy per-rank checkpoint (mp_rank_* folders); convert it to torch_dist first "
                        "(Megatron-LM: --ckpt-convert-format torch_dist)")
     reader = mg.TorchDistReader(it_dir)
-    run_config = mg.read_run_config(it_dir) if (it_dir / mg.RUN_CONFIG_FILE).exists() else None
+    run_config = mg.read_run_config(it_dir) if mg.run_config_path(it_dir) else None
     if card:
         arch = load_card(card).arch
     elif hf_config:

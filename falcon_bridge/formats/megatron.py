@@ -223,10 +223,19 @@ def write_run_config(it_dir: Path, run_config: dict) -> None:
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # what a run config may name as a weight dtype
 
 
+TOKENIZER_DIR = "tokenizer"  # Megatron-Bridge's iter_N/tokenizer/; `train` keeps one in its save directory too
+
+
+def run_config_path(it_dir: Path) -> Path | None:
+    """Where a checkpoint's run config is: import-hf and reshard write it into the iteration folder; `train` into
+    the save directory above Megatron-LM's iteration folders (one for all of them)."""
+    return next((d / RUN_CONFIG_FILE for d in (it_dir, it_dir.parent) if (d / RUN_CONFIG_FILE).exists()), None)
+
+
 def read_run_config(it_dir: Path) -> dict:
     """Our run config, its fields checked by type (the architecture is checked where it is built)."""
-    path = it_dir / RUN_CONFIG_FILE
-    if not path.exists():
+    path = run_config_path(it_dir)
+    if path is None:
         raise BadInput(f"{it_dir}: no {RUN_CONFIG_FILE} (pass the architecture with --card or --hf-config)")
     rc = read_json(path, "run config")
 

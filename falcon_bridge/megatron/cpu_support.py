@@ -157,7 +157,11 @@ def install() -> bool:
 
 
 class _CpuStream:
-    """What megatron asks of torch.cuda.current_stream() on a CPU machine: waits with nothing to wait for."""
+    """What megatron asks of torch.cuda.current_stream() and torch.cuda.Stream() on a CPU machine: waits with
+    nothing to wait for."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
 
     def wait_event(self, event) -> None:
         pass
@@ -176,3 +180,88 @@ class _TorchWithCudaFactoriesOnCpu:
                 return attr(*args, device="cpu" if str(device).startswith("cuda") else device, **kwargs)
             return on_cpu
         return attr
+
+
+def install_training() -> bool:
+    """install(), and what Megatron-LM's training package (`megatron.training`, driven by `falcon-bridge train`)
+    additionally assumes of CUDA; False (no-op) when CUDA exists."""
+    if not install():
+        return False
+    from megatron.training import arguments, initialize, training
+
+    # pretrain() calls initialize_megatron(), which asserts torch.cuda.is_available() unless allow_no_cuda: the
+    # flag exists for CPU-only use and pretrain() does not pass it.
+    training.initialize_megatron = functools.partial(training.initialize_megatron, allow_no_cuda=True)
+    # validate_args asks the GPU's architecture (CUDA_DEVICE_MAX_CONNECTIONS rules at TP > 1): on CPU answer as
+    # for a GPU before Blackwell, whose rule (the variable set to 1) `train` follows anyway.
+    arguments.get_device_arch_version = _pre_blackwell
+    # _initialize_distributed creates megatron's model-parallel groups only `if torch.cuda.device_count() > 0` (and
+    # then pins the process to its GPU): let it count the CPU as the one device, whose pinning is a no-op.
+    initialize._initialize_distributed = _with_cpu_as_device(initialize._initialize_distributed)
+    # set_jit_fusion_options warms megatron's fused bias-GeLU/bias-dropout kernels up on CUDA tensors; on CPU
+    # there is no fuser to warm (and our model uses neither fusion).
+    training.set_jit_fusion_options = _no_jit_fusion_warmup
+    # get_model moves the built model to the GPU with Module.cuda(): on CPU it stays where it was built. It wraps
+    # the model in DDP on a side stream, torch.cuda.Stream(), which needs a GPU: on CPU a stream that never waits.
+    training.get_model = _without_tensor_cuda(training.get_model)
+    torch.cuda.Stream = _CpuStream
+    # The rerun state machine (before every step) and checkpoints save and restore the CUDA generator's state next
+    # to the CPU generator's: without CUDA there is no such generator, so its state is empty.
+    torch.cuda.get_rng_state, torch.cuda.set_rng_state = _no_cuda_rng_state, _set_no_cuda_rng_state
+    # Gradient clipping (--clip-grad, 1.0 by default) asserts every gradient is a torch.cuda.FloatTensor and scales
+    # them with apex/TE's multi-tensor kernel: on CPU, the same scaling with torch.
+    from megatron.core.optimizer import optimizer
+
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+    # The loop's own bookkeeping tensors (start time, loss sums, iteration counts all-reduced across ranks) are
+    # created with device='cuda', as in install()'s schedule and optimizer modules.
+    for name in ("megatron.training.training", "megatron.training.checkpointing", "megatron.core.rerun_state_machine",
+                 "megatron.training.utils.common_utils"):
+        importlib.import_module(name).torch = _TorchWithCudaFactoriesOnCpu()
+    return True
+
+
+def _pre_blackwell() -> int:
+    """Stands in for megatron.training's get_device_arch_version() on CPU (a compute capability major below 10)."""
+    return 9
+
+
+def _no_jit_fusion_warmup(tp_size=None) -> None:
+    """Stands in for megatron.training's set_jit_fusion_options on CPU."""
+
+
+def _no_cuda_rng_state(device="cuda") -> torch.Tensor:
+    """Stands in for torch.cuda.get_rng_state() on CPU: there is no CUDA generator, so its state is empty."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _set_no_cuda_rng_state(state: torch.Tensor, device="cuda") -> None:
+    """Stands in for torch.cuda.set_rng_state() on CPU: restores the empty state _no_cuda_rng_state saved."""
+
+
+def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False) -> None:
+    """Stands in for megatron's clip_grad_by_total_norm_fp32 on CPU: scale the gradients by max_norm / total_norm
+    when that is below 1 (in place, as megatron does)."""
+    coefficient = max_norm / (total_norm + 1.0e-6)
+    if isinstance(coefficient, torch.Tensor):
+        coefficient = coefficient.clamp_max(1.0)
+    elif coefficient >= 1.0:
+        return
+    for param in parameters:
+        grad = getattr(param, "decoupled_grad", None) if use_decoupled_grad else param.grad
+        if grad is not None:
+            grad.detach().mul_(coefficient)
+
+
+def _with_cpu_as_device(function):
+    """`function` with torch.cuda.device_count() = 1 and torch.cuda.set_device() a no-op while it runs."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        count, set_device = torch.cuda.device_count, torch.cuda.set_device
+        torch.cuda.device_count, torch.cuda.set_device = (lambda: 1), (lambda device: None)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.cuda.device_count, torch.cuda.set_device = count, set_device
+
+    return wrapper

@@ -35,6 +35,9 @@ class FalconH1ModelProvider:
     use_te: bool | None = None  # None: use Transformer Engine modules when TE is importable
     use_mamba_mem_eff_path: bool | None = None  # None: fused kernel when it can run (CPU reference, or CUDA + conv)
     bitnet: bool = False  # BitNet b1.58 linears in attention, Mamba and MLP (not embedding, lm_head, norms, conv)
+    # TransformerConfig fields a training loop sets beyond the architecture (sequence parallel, recompute, CUDA
+    # graphs, dtype flags: `falcon-bridge train` passes those Megatron-LM's flags give and our model honours)
+    run_settings: dict = field(default_factory=dict)
 
     @property
     def mup_mode(self) -> MupMode:
@@ -52,7 +55,7 @@ class FalconH1ModelProvider:
         mem_eff = self.use_mamba_mem_eff_path
         if mem_eff is None:
             mem_eff = not on_gpu or have_causal_conv1d_cuda()
-        return FalconH1TransformerConfig(
+        architecture = dict(
             num_layers=a.num_layers,
             hidden_size=a.hidden_size,
             ffn_hidden_size=a.intermediate_size,
@@ -99,6 +102,7 @@ class FalconH1ModelProvider:
             ssm_multipliers=tuple(m.ssm),
             mlp_multipliers=tuple(m.mlp),
         )
+        return FalconH1TransformerConfig(**(architecture | self.run_settings))
 
     def layer_spec(self):
         from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules

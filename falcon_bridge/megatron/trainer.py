@@ -1,0 +1,500 @@
+"""`falcon-bridge train`: Megatron-LM's own training loop (`megatron.training.pretrain`, shipped in megatron-core's
+wheel) driving our Falcon-H1 provider.
+
+What this module adds to Megatron-LM is what its `pretrain_*.py` scripts add for their models, and no more:
+- the architecture, µP multipliers, BitNet and tokenizer come from the checkpoint (`--load`): they become the
+  argument parser's defaults, so no shape flag is typed and a typed one that contradicts the checkpoint is refused;
+- every flag is classified before a process group starts (`check_flags`): flags that configure the model
+  (megatron's TransformerConfig) reach our model when it implements them and are refused otherwise; the rest
+  (optimizer, schedule, data, checkpointing, logging, DDP) are Megatron-LM's own business;
+- `model_provider`, `forward_step` and `datasets_provider`, the three callbacks `pretrain` takes;
+- beside what Megatron-LM saves, the save directory gets our run config and the tokenizer (so export-hf, and a
+  resumed run, know the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from falcon_bridge.core.config import FalconH1Arch, Multipliers
+from falcon_bridge.core.parallel import MegatronLayout
+from falcon_bridge.errors import BadInput
+from falcon_bridge.formats import megatron as mg
+from falcon_bridge.formats.hf import existing_tokenizer_files
+
+# Megatron-LM argument (dest) → the FalconH1Arch field or derived value it must equal. These become the parser's
+# defaults; a typed value that differs contradicts the checkpoint.
+ARCHITECTURE_ARGS = {
+    "num_layers": lambda a: a.num_layers,
+    "hidden_size": lambda a: a.hidden_size,
+    "ffn_hidden_size": lambda a: a.intermediate_size,
+    "num_attention_heads": lambda a: a.num_heads,
+    "group_query_attention": lambda a: True,
+    "num_query_groups": lambda a: a.num_kv_heads,
+    "kv_channels": lambda a: a.head_dim,
+    "max_position_embeddings": lambda a: a.max_position_embeddings,
+    "position_embedding_type": lambda a: "rope",
+    "rotary_base": lambda a: int(a.rope_theta) if float(a.rope_theta).is_integer() else a.rope_theta,
+    "rotary_percent": lambda a: 1.0,
+    "normalization": lambda a: "RMSNorm",
+    "layernorm_epsilon": lambda a: a.rms_norm_eps,
+    "swiglu": lambda a: True,
+    "untie_embeddings_and_output_weights": lambda a: not a.tie_word_embeddings,
+    "add_bias_linear": lambda a: a.mlp_bias,
+    "add_qkv_bias": lambda a: a.attention_bias,
+    "mamba_state_dim": lambda a: a.mamba_d_state,
+    "mamba_head_dim": lambda a: a.mamba_d_head,
+    "mamba_num_groups": lambda a: a.mamba_n_groups,
+    "mamba_num_heads": lambda a: a.mamba_n_heads,
+    "hidden_dropout": lambda a: 0.0,  # Falcon-H1 has no dropout; our layer applies none
+    "attention_dropout": lambda a: 0.0,
+}
+
+# TransformerConfig fields a Megatron-LM flag may change that our model implements (model.py, or the megatron-core
+# modules it is built of): the provider builds the model with the values the flags give.
+MODEL_RUN_SETTINGS = {
+    "bf16", "fp16", "sequence_parallel",
+    "recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_modules",
+    "distribute_saved_activations", "cuda_graph_impl", "cuda_graph_warmup_steps",
+    "deterministic_mode", "calculate_per_token_loss", "barrier_with_L1_time", "timers",
+    "deallocate_pipeline_outputs", "batch_p2p_comm", "batch_p2p_sync", "overlap_p2p_comm", "variable_seq_lengths",
+    "disable_bf16_reduced_precision_matmul",
+}
+# TransformerConfig fields a flag may change that are honoured elsewhere: the layout and dtype (the provider's own
+# arguments), initialisation (the checkpoint's weights replace it), what Megatron-LM's loop sets itself.
+HONOURED_ELSEWHERE = {
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "params_dtype", "pipeline_dtype",
+    "use_cpu_initialization", "perform_initialization", "init_method_std",
+    "finalize_model_grads_func", "no_sync_func", "grad_scale_func", "inference_sampling_seed", "config_logger_dir",
+}
+
+# Flags outside TransformerConfig that our model or this command cannot honour, with why.
+REFUSED_ARGS = {
+    "context_parallel_size": ("> 1", lambda v: v > 1, "the Mamba mixer of our layer has no context parallelism"),
+    "virtual_pipeline_model_parallel_size": ("set", lambda v: v is not None,
+                                             "our model builds one pipeline stage per rank"),
+    "num_layers_per_virtual_pipeline_stage": ("set", lambda v: v is not None,
+                                              "our model builds one pipeline stage per rank"),
+    "expert_model_parallel_size": ("> 1", lambda v: v > 1, "Falcon-H1 has no experts"),
+    "num_experts": ("set", lambda v: v is not None, "Falcon-H1 has no experts"),
+    "use_torch_fsdp2": ("set", bool, "use --use-distributed-optimizer (FSDP is not tried with our model)"),
+    "use_megatron_fsdp": ("set", bool, "use --use-distributed-optimizer (FSDP is not tried with our model)"),
+    "tp_comm_overlap": ("set", bool, "it needs Transformer Engine's userbuffers"),
+    "reset_attention_mask": ("set", bool, "the Mamba state would still cross documents"),
+    "reset_position_ids": ("set", bool, "the Mamba state would still cross documents"),
+    "mtp_num_layers": ("set", lambda v: v is not None, "Falcon-H1 has no multi-token prediction"),
+    "fp8": ("set", lambda v: v is not None, "our model has no FP8 recipe"),
+    "fp4": ("set", lambda v: v is not None, "our model has no FP4 recipe"),
+    "sft": ("set", bool, "prepare the SFT data with prepare-data and train on it as pretraining data"),
+    "spec": ("set", lambda v: v is not None, "the layer spec is our Falcon-H1's"),
+    "yaml_cfg": ("set", lambda v: v is not None, "pass flags"),
+    "hybrid_layer_pattern": ("set", lambda v: v is not None, "every Falcon-H1 block is attention + Mamba + MLP"),
+    "use_legacy_models": ("set", bool, "there is no legacy Falcon-H1"),
+    "fp8_param_gather": ("set", bool, "our model has no FP8 recipe"),
+}
+
+CUDA_GRAPH_IMPLS = ("none", "full_iteration")  # megatron-core's per-layer graphs need TransformerLayer's hooks
+RECOMPUTE_MODULES = ("core_attn",)  # selective recompute our layer honours (the attention core, via SelfAttention)
+
+
+def checkpoint_dir(argv: list[str]) -> Path:
+    """The checkpoint `--load` (or `--pretrained-checkpoint`) names: the model to train."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--load")
+    parser.add_argument("--pretrained-checkpoint")
+    known, _ = parser.parse_known_args(argv)
+    path = known.load or known.pretrained_checkpoint
+    if path is None:
+        raise BadInput("--load: required (an import-hf output, or a directory `train` saved into)")
+    root = Path(path)
+    if not root.is_dir():
+        raise BadInput(f"--load: {path} is not a directory")
+    return root
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingCheckpoint:
+    """What `train` needs to know of the checkpoint it loads."""
+
+    root: Path
+    it_dir: Path
+    run_config: dict
+    arch: FalconH1Arch
+    iteration: int
+    has_optimizer_state: bool
+    tokenizer_dir: Path | None
+
+    @classmethod
+    def open(cls, root: Path) -> TrainingCheckpoint:
+        it_dir = mg.find_iteration_dir(root)
+        rc = mg.read_run_config(it_dir)
+        arch = FalconH1Arch.from_dict(rc["architecture"], str(it_dir / mg.RUN_CONFIG_FILE))
+        metadata = mg.checked_metadata(it_dir)
+        has_optimizer = any(k.startswith("optimizer.") for k in metadata.state_dict_metadata)
+        iteration = 0 if it_dir.name == "release" else int(it_dir.name.removeprefix("iter_"))
+        tok = next((d for d in (it_dir, root / mg.TOKENIZER_DIR) if existing_tokenizer_files(d)), None)
+        return cls(root, it_dir, rc, arch, iteration, has_optimizer, tok)
+
+
+def parser_defaults(ckpt: TrainingCheckpoint) -> dict:
+    """Megatron-LM argument defaults that make the checkpoint's model (flags the user types still win)."""
+    a = ckpt.arch
+    defaults = {name: value(a) for name, value in ARCHITECTURE_ARGS.items()}
+    dtype = ckpt.run_config["dtype"]
+    defaults.update(
+        bf16=dtype == "bfloat16", fp16=dtype == "float16",
+        seq_length=min(4096, a.max_position_embeddings),
+        ckpt_format="torch_dist",
+        eval_interval=1000,  # Megatron-LM's historical default; this version has none and fails without one
+        # the linears' fused wgrad accumulation would bypass the replicated-group gradient hooks (model.py)
+        gradient_accumulation_fusion=False,
+        # our attention is causal without a mask; building one costs memory for nothing
+        create_attention_mask_in_dataloader=False,
+        make_vocab_size_divisible_by=ckpt.run_config["layout"]["vocab_divisible_by"],
+    )
+    if ckpt.tokenizer_dir is not None:
+        defaults.update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(ckpt.tokenizer_dir))
+    else:  # no tokenizer files (a tiny test card): ids are the data
+        defaults.update(tokenizer_type="NullTokenizer", vocab_size=a.vocab_size - 1)
+    if not ckpt.has_optimizer_state:  # an import-hf output: weights only, so this run fine-tunes from them
+        defaults.update(finetune=True, no_load_optim=True, no_load_rng=True)
+    return defaults
+
+
+def falcon_bridge_args(ckpt: TrainingCheckpoint):
+    """Megatron-LM's extra_args_provider: the checkpoint's model as the parser's defaults."""
+    defaults = parser_defaults(ckpt)
+
+    def extra_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        known = {a.dest for a in parser._actions}
+        parser.set_defaults(**{k: v for k, v in defaults.items() if k in known})
+        parser.error = _flag_error  # argparse would print Megatron-LM's whole usage (hundreds of lines) first
+        return parser
+
+    return extra_args
+
+
+def _flag_error(message: str):
+    raise BadInput(f"{message} (Megatron-LM's flags: see `falcon-bridge train --help`)")
+
+
+def parse_megatron_args(argv: list[str], ckpt: TrainingCheckpoint) -> argparse.Namespace:
+    """Megatron-LM's own parser over argv (no validation, no global state), with the checkpoint's defaults."""
+    from megatron.training.arguments import parse_args
+
+    saved = sys.argv
+    sys.argv = ["falcon-bridge train", *argv]
+    try:
+        return parse_args(falcon_bridge_args(ckpt))
+    finally:
+        sys.argv = saved
+
+
+def _model_config_fields(args: argparse.Namespace) -> dict:
+    """The TransformerConfig fields Megatron-LM would set from these args (what a flag changes in the model)."""
+    from megatron.core.transformer import TransformerConfig
+
+    names = {f.name for f in dataclasses.fields(TransformerConfig)}
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
+def check_flags(argv: list[str], ckpt: TrainingCheckpoint, world_size: int) -> argparse.Namespace:
+    """Classify every flag before any process group starts; raise BadInput naming the first one that contradicts
+    the checkpoint, that our model cannot honour, or that Megatron-LM's own validation refuses for this world
+    size. Returns the parsed args."""
+    args = parse_megatron_args(argv, ckpt)
+    baseline = parse_megatron_args(["--load", str(ckpt.root)], ckpt)
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+
+    for name, expected in ARCHITECTURE_ARGS.items():
+        if getattr(args, name) != expected(ckpt.arch):
+            raise BadInput(f"{flag(name)} {getattr(args, name)!r:.80}: the checkpoint's model has "
+                           f"{expected(ckpt.arch)!r} ({ckpt.it_dir})")
+    for name, (what, refused, why) in REFUSED_ARGS.items():
+        if hasattr(args, name) and refused(getattr(args, name)):
+            raise BadInput(f"{flag(name)} {what}: not supported by falcon-bridge's Falcon-H1 ({why})")
+    changed = {k for k, v in _model_config_fields(args).items() if v != getattr(baseline, k)}
+    for name in sorted(changed - MODEL_RUN_SETTINGS - HONOURED_ELSEWHERE - set(ARCHITECTURE_ARGS)):
+        raise BadInput(f"{flag(name)}: not supported by falcon-bridge's Falcon-H1 model (it would be ignored)")
+    if args.cuda_graph_impl not in CUDA_GRAPH_IMPLS:
+        raise BadInput(f"--cuda-graph-impl {args.cuda_graph_impl}: falcon-bridge's Falcon-H1 runs under "
+                       f"{' or '.join(CUDA_GRAPH_IMPLS)} (megatron-core's per-layer graphs need its TransformerLayer)")
+    if args.recompute_granularity == "selective" and set(args.recompute_modules or ()) - set(RECOMPUTE_MODULES):
+        raise BadInput(f"--recompute-modules {' '.join(args.recompute_modules)}: falcon-bridge's Falcon-H1 "
+                       f"recomputes only {', '.join(RECOMPUTE_MODULES)} selectively (or use "
+                       "--recompute-granularity full)")
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        raise BadInput("--sequence-parallel: needs --tensor-model-parallel-size > 1")
+
+    layout = MegatronLayout(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                            vocab_divisible_by=ckpt.run_config["layout"]["vocab_divisible_by"])
+    try:
+        layout.validate(ckpt.arch)
+    except BadInput as e:
+        raise BadInput(f"--tensor-model-parallel-size/--pipeline-model-parallel-size: {e}") from e
+    if args.tokenizer_type == "HuggingFaceTokenizer" and args.tokenizer_model:
+        _check_tokenizer(Path(args.tokenizer_model), ckpt.arch)
+    for path in args.data_path or ():
+        _check_indexed_dataset(path)
+    if not args.mock_data and not (args.data_path or args.train_data_path or args.data_args_path):
+        raise BadInput("--data-path: required (a prefix `falcon-bridge prepare-data` wrote), or --mock-data")
+    _megatron_validation(args, world_size)
+    return args
+
+
+def _megatron_validation(args: argparse.Namespace, world_size: int) -> None:
+    """Megatron-LM's validate_args on a copy, for this world size: its asserts (batch sizes that do not divide,
+    a world size that is not a multiple of TP×PP, missing required flags) become one line here instead of a
+    traceback on every rank."""
+    import contextlib
+    import copy
+    import io
+
+    from megatron.training.arguments import validate_args
+
+    trial = copy.deepcopy(args)
+    trial.rank, trial.world_size = 0, world_size
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            validate_args(trial, {})
+    except (AssertionError, ValueError) as e:
+        raise BadInput(f"Megatron-LM refuses these flags: {str(e).strip() or type(e).__name__}") from e
+
+
+def _check_tokenizer(directory: Path, arch: FalconH1Arch) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; all mean "not a tokenizer here"
+        raise BadInput(f"--tokenizer-model {directory}: not a Hugging Face tokenizer ({type(e).__name__})") from e
+    if len(tok) > arch.vocab_size:
+        raise BadInput(f"--tokenizer-model {directory}: {len(tok)} tokens, but the checkpoint's vocabulary has "
+                       f"{arch.vocab_size}")
+
+
+def _check_indexed_dataset(path: str) -> None:
+    """--data-path entries: a weight or a prefix with .bin and .idx (megatron-core's indexed dataset)."""
+    try:
+        float(path)
+        return  # a blend weight
+    except ValueError:
+        pass
+    for suffix in (".bin", ".idx"):
+        if not Path(path + suffix).is_file():
+            raise BadInput(f"--data-path {path}: no {path}{suffix} (prepare it with `falcon-bridge prepare-data`)")
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    try:
+        IndexedDataset(path, mmap=True)
+    except Exception as e:  # noqa: BLE001 - a damaged index fails in numpy or in megatron's own asserts
+        raise BadInput(f"--data-path {path}: not a megatron-core indexed dataset ({type(e).__name__})") from e
+
+
+# ---- the three callbacks pretrain() takes ---------------------------------------------------------------------
+def model_provider(ckpt: TrainingCheckpoint, pre_process=True, post_process=True, vp_stage=None, config=None,
+                   pg_collection=None):
+    """Our model's stage for this rank, configured by Megatron-LM's args (layout, dtype, run-time settings)."""
+    from megatron.training import get_args
+
+    from falcon_bridge.megatron.provider import FalconH1ModelProvider
+
+    args = get_args()
+    rc = ckpt.run_config
+    layout = MegatronLayout(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                            vocab_divisible_by=rc["layout"]["vocab_divisible_by"])
+    settings = {name: value for name, value in _model_config_fields(args).items() if name in MODEL_RUN_SETTINGS}
+    provider = FalconH1ModelProvider(
+        ckpt.arch, layout.validate(ckpt.arch), params_dtype=args.params_dtype, seq_length=args.seq_length,
+        multipliers=Multipliers.from_hf(rc["mup"]["applied_multipliers"]), bitnet=rc.get("bitnet", False),
+        run_settings=settings)
+    model = provider.provide(pg_collection=pg_collection)
+    assert (model.pre_process, model.post_process) == (pre_process, post_process)
+    return model
+
+
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")  # what GPTDataset gives and forward_step uses
+
+
+def batch_on_this_rank(data_iterator) -> dict[str, torch.Tensor]:
+    """The micro-batch: read by the TP group's first rank (only it has a data iterator, as datasets_provider
+    builds them) and broadcast to the others."""
+    from megatron.core import parallel_state
+    from megatron.training import get_args
+
+    args = get_args()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    shape = (args.micro_batch_size, args.seq_length)
+    if parallel_state.get_tensor_model_parallel_rank() == 0:
+        sample = next(data_iterator)
+        batch = {key: sample[key].to(device, non_blocking=True) for key in BATCH_KEYS}
+    else:
+        batch = {key: torch.empty(shape, dtype=torch.float32 if key == "loss_mask" else torch.int64, device=device)
+                 for key in BATCH_KEYS}
+    for key in BATCH_KEYS:
+        torch.distributed.broadcast(batch[key], parallel_state.get_tensor_model_parallel_src_rank(),
+                                    group=parallel_state.get_tensor_model_parallel_group())
+    return batch
+
+
+def forward_step(data_iterator, model):
+    """Megatron-LM's forward step for a GPT-style batch: the per-token next-token loss on the last stage (our model
+    masks the TP vocabulary padding out of its softmax), summed under loss_mask by loss_of_batch."""
+    from megatron.core import parallel_state
+
+    first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+    batch = batch_on_this_rank(data_iterator) if first or last else dict.fromkeys(BATCH_KEYS)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"] if last else None)
+    return output, partial(loss_of_batch, batch["loss_mask"])
+
+
+def loss_of_batch(loss_mask: torch.Tensor, per_token: torch.Tensor):
+    """Sum of the masked per-token losses, the token count, and what Megatron-LM logs as 'lm loss'."""
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(per_token.view(-1).float() * mask)
+    tokens = mask.sum().to(torch.int)
+    return loss, tokens, {"lm loss": torch.cat([loss.detach().view(1), tokens.view(1)])}
+
+
+def datasets_provider(train_valid_test_num_samples, vp_stage=None):
+    """Megatron-core's GPT datasets (indexed or mock) built on the ranks that read data."""
+    from megatron.core import parallel_state
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+    from megatron.training import get_args, get_tokenizer
+    from megatron.training.utils import get_blend_and_blend_per_split
+
+    args = get_args()
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    config = GPTDatasetConfig(
+        random_seed=args.seed, sequence_length=args.seq_length, blend=blend, blend_per_split=blend_per_split,
+        split=args.split, num_dataset_builder_threads=args.num_dataset_builder_threads,
+        path_to_cache=args.data_cache_path, mmap_bin_files=args.mmap_bin_files, tokenizer=get_tokenizer(),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=False)
+
+    def built_on_this_rank():
+        stage = parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage()
+        return stage and parallel_state.get_tensor_model_parallel_rank() == 0
+
+    kind = MockGPTDataset if args.mock_data else GPTDataset
+    return BlendedMegatronDatasetBuilder(kind, train_valid_test_num_samples, built_on_this_rank, config).build()
+
+
+datasets_provider.is_distributed = True  # Megatron-LM: every rank calls it (it decides where data is built)
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+def write_save_dir_files(ckpt: TrainingCheckpoint, args: argparse.Namespace) -> None:
+    """Our run config (at the layout and dtype this run trains in) and the tokenizer, in the save directory beside
+    Megatron-LM's iteration folders; written whole or not at all (rank 0, before training)."""
+    save = Path(args.save)
+    save.mkdir(parents=True, exist_ok=True)
+    rc = dict(ckpt.run_config)
+    layout = MegatronLayout(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                            vocab_divisible_by=rc["layout"]["vocab_divisible_by"]).validate(ckpt.arch)
+    rc["layout"] = {**rc["layout"], "tp": layout.tp, "pp": layout.pp,
+                    "pp_layers": list(layout.stage_layers(ckpt.arch.num_layers))}
+    rc["dtype"] = str(args.params_dtype).removeprefix("torch.")
+    tmp = save / f".{mg.RUN_CONFIG_FILE}.tmp"
+    tmp.write_text(json.dumps(rc, indent=2) + "\n")
+    os.replace(tmp, save / mg.RUN_CONFIG_FILE)
+    if ckpt.tokenizer_dir is not None and ckpt.tokenizer_dir.resolve() != (save / mg.TOKENIZER_DIR).resolve():
+        staging = save / f".{mg.TOKENIZER_DIR}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for f in existing_tokenizer_files(ckpt.tokenizer_dir):
+            shutil.copyfile(f, staging / f.name)
+        shutil.rmtree(save / mg.TOKENIZER_DIR, ignore_errors=True)
+        os.replace(staging, save / mg.TOKENIZER_DIR)
+
+
+def _use_prebuilt_dataset_helpers() -> None:
+    """Megatron-LM compiles megatron-core's C++ dataset helpers at start-up with `make` in the package directory;
+    megatron-core's wheel ships them compiled (helpers_cpp) and without the Makefile, so that `make` fails and
+    pretrain() exits. Importing the compiled module is what the compilation was for."""
+    from megatron.core.datasets import utils
+
+    def compile_helpers():
+        import megatron.core.datasets.helpers_cpp  # noqa: F401 - an ImportError says the wheel lacks them
+
+    utils.compile_helpers = compile_helpers
+
+
+def pretrain_worker(argv: list[str]) -> None:
+    """One rank of the run (under torchrun, or alone): Megatron-LM's pretrain with our callbacks."""
+    from falcon_bridge.megatron import cpu_support
+
+    cpu_support.install_training()
+    _use_prebuilt_dataset_helpers()
+    ckpt = TrainingCheckpoint.open(checkpoint_dir(argv))
+
+    from megatron.core.enums import ModelType
+    from megatron.training import get_args, pretrain
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    sys.argv = ["falcon-bridge train", *argv]
+    parse_and_validate_args(extra_args_provider=falcon_bridge_args(ckpt))
+    args = get_args()
+    if args.save and args.rank == 0:
+        write_save_dir_files(ckpt, args)
+    with warnings.catch_warnings():  # "use a ModelConfig": the model comes from our provider, as in pretrain_*.py
+        warnings.filterwarnings("ignore", message=".*recommended to use a ModelConfig.*")
+        cfg = pretrain_cfg_container_from_args(args)
+    pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step,
+             model_provider=partial(model_provider, ckpt))
+
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def train(argv: list[str], nproc_per_node: int = 1) -> int:
+    """`falcon-bridge train`: check every flag once, here, before any process group starts; then run
+    pretrain_worker in this process (one process) or in nproc_per_node processes started by torchrun (its
+    `torch.distributed.run` module; rendezvous on this host). Under torchrun already (several hosts), every rank
+    runs pretrain_worker itself: `torchrun ... -m falcon_bridge.megatron.trainer FLAGS`. Returns the exit code."""
+    from falcon_bridge.megatron import cpu_support
+    from falcon_bridge.megatron.distributed import free_port
+
+    cpu_support.install_training()
+    # Megatron-LM requires it at TP > 1 on GPUs before Blackwell (its launch scripts export it): kernels are then
+    # queued in issue order, so TP communication overlaps compute as megatron-core schedules it
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    ckpt = TrainingCheckpoint.open(checkpoint_dir(argv))
+    world = int(os.environ.get("WORLD_SIZE", nproc_per_node))
+    check_flags(argv, ckpt, world_size=world)
+    if under_torchrun():
+        pretrain_worker(argv)
+        return 0
+    if nproc_per_node == 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")
+        pretrain_worker(argv)
+        return 0
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
+               "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", __name__, *argv]
+    return subprocess.run(command).returncode
+
+
+if __name__ == "__main__":  # one rank under torchrun: the same checks as `falcon-bridge train`, one line on failure
+    try:
+        sys.exit(train(sys.argv[1:]))
+    except BadInput as error:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
