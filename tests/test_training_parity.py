@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from megatron_workers import loss_and_gradients, train_and_save
 from safetensors.torch import load_file
 
+from falcon_bridge.cards import load_card
 from falcon_bridge.converters.export_hf import ExportOptions, export_hf
 from falcon_bridge.converters.import_hf import ImportOptions, import_hf
 from falcon_bridge.converters.verify import hf_model, sample_tokens
@@ -25,7 +26,20 @@ from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.megatron.distributed import launch
 from falcon_bridge.megatron.forward import megatron_logits_worker
 
-TOKENS = sample_tokens(256, batch=2, seq_len=24, seed=5)
+# Pad positions of the gradient batches: HF's embedding is nn.Embedding(padding_idx=pad_token_id), whose lookup
+# gives the pad row no gradient (the tied lm_head still does); ours must do the same. Several pads per row, at the
+# start, in the middle, side by side and at the end, so the pad row is also a next-token label.
+PAD_POSITIONS = ([0, 7, 8, 15, 23], [3, 12, 13, 19])
+
+
+def with_pads(tokens: torch.Tensor, pad_token_id: int = 0) -> torch.Tensor:
+    tokens = tokens.clone()
+    for row, positions in enumerate(PAD_POSITIONS):
+        tokens[row, positions] = pad_token_id
+    return tokens
+
+
+TOKENS = with_pads(sample_tokens(256, batch=2, seq_len=24, seed=5))
 # (card, TP, PP): one Mamba group with and without the gated norm, two groups with it, µP, vocabulary padding,
 # tied embeddings; TP above the group count (replicated B/C groups), and PP 2.
 GRADIENT_CASES = [
@@ -38,8 +52,14 @@ GRADIENT_CASES = [
 ]
 
 
+def pad_id(card: str) -> int:
+    return load_card(card).arch.pad_token_id
+
+
 def hf_tokens(card: str) -> torch.Tensor:
-    return sample_tokens(1001, batch=2, seq_len=24, seed=5) if card == "tiny-vocab-pad" else TOKENS
+    """The gradient batch of `card`, with its pad_token_id at PAD_POSITIONS."""
+    vocab = load_card(card).arch.vocab_size
+    return with_pads(sample_tokens(vocab, batch=2, seq_len=24, seed=5), pad_id(card))
 
 
 def hf_loss_and_gradients(hf_dir, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -87,6 +107,17 @@ def test_every_gradient_equals_hf(tiny_hf, hf_reference, tmp_path, card, tp, pp)
     errors = {name: relative_error(ours[name], reference[name]) for name in ours}
     worst = max(errors, key=errors.get)
     assert errors[worst] <= 1e-4, f"TP={tp} PP={pp}: {worst} gradient off by {errors[worst]:.2e} (relative)"
+    # the pad row, on its own: HF's padding_idx keeps the lookup's gradient out of it; tied, the lm_head's remains
+    embedding, pad = "model.embed_tokens.weight", pad_id(card)
+    assert (hf_tokens(card) == pad).sum() >= 2
+    if "lm_head.weight" in reference:  # untied: HF's pad row gets no gradient at all, and neither does ours
+        assert reference[embedding][pad].abs().max() == 0 and ours[embedding][pad].abs().max() == 0, \
+            f"TP={tp} PP={pp}: the pad row got a gradient of up to {ours[embedding][pad].abs().max():.2e}"
+    else:  # tied: the output layer's part only, which is not zero
+        assert reference[embedding][pad].abs().max() > 0
+        off = (ours[embedding][pad] - reference[embedding][pad]).abs().max()
+        assert off <= 1e-4 * reference[embedding].abs().max(), \
+            f"TP={tp} PP={pp}: the tied pad row's gradient is off by up to {off:.2e}"
 
 
 @pytest.mark.parametrize("card", ["tiny-vocab-pad", "tiny-mup"])
@@ -104,6 +135,11 @@ def test_per_token_loss_equals_hf(tiny_hf, hf_reference, tmp_path, card, tp):
     for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         padding = ours[name][vocab:]
         assert padding.numel() == 0 or padding.abs().max() == 0, f"{name}: the vocabulary padding was trained"
+    # pad tokens are in the batch; as HF's padding_idx, the embedding lookup leaves their row without gradient
+    pad_row = ours["embedding.word_embeddings.weight"][pad_id(card)]
+    assert pad_row.abs().max() == 0, f"the pad row got a gradient of up to {pad_row.abs().max():.2e}"
+    assert torch.allclose(ours["embedding.word_embeddings.weight"][:vocab], reference["model.embed_tokens.weight"],
+                          rtol=1e-4, atol=1e-6)
 
 
 TRAIN_CARD = "tiny-one-group-gated-norm"  # one group replicated at TP > 1, and a gated norm spanning ranks

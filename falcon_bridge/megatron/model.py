@@ -33,6 +33,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import sharded_state_dict_default
 
 from falcon_bridge.core.config import CONV_SEGMENTS, GROUP_SEGMENTS, SSM_SEGMENTS, mamba_segment_sizes
+from falcon_bridge.errors import BadInput
 
 
 @dataclass
@@ -69,6 +70,18 @@ def scaled_silu(x: torch.Tensor, gate_multiplier: float) -> torch.Tensor:
 
 def _scale(t: torch.Tensor, m: float) -> torch.Tensor:
     return t if m == 1.0 else t * m
+
+
+def _padding_idx(pad_token_id, vocab_size: int) -> int | None:
+    """The embedding row HF's nn.Embedding(vocab_size, hidden, padding_idx=pad_token_id) keeps out of the lookup
+    gradient: None for none, a negative id counted from the end of the (unpadded) vocabulary, as nn.Embedding
+    counts it. HF cannot build an embedding for several pad ids or one outside the vocabulary, nor can we."""
+    if pad_token_id is None:
+        return None
+    if not isinstance(pad_token_id, int) or not -vocab_size <= pad_token_id < vocab_size:
+        raise BadInput(f"pad_token_id {pad_token_id!r}: the embedding's padding_idx must be one id within the "
+                         f"vocabulary of {vocab_size}")
+    return pad_token_id % vocab_size
 
 
 class FalconH1SelfAttention(SelfAttention):
@@ -445,6 +458,7 @@ class FalconH1Model(LanguageModule):
         self.vocab_size = vocab_size  # padded for TP
         self.unpadded_vocab_size = unpadded_vocab_size or vocab_size
         self.model_type = None
+        self.pad_token_id = None  # set from the architecture when the provider attaches itself (see `provider`)
         if pre_process:
             self.embedding = LanguageModelEmbedding(config=config, vocab_size=vocab_size,
                                                     max_sequence_length=max_sequence_length,
@@ -464,22 +478,56 @@ class FalconH1Model(LanguageModule):
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
 
+    @property
+    def provider(self):
+        """The FalconH1ModelProvider that built this model (the live bridge reads its arch and layout); an
+        AttributeError until one attached itself, so hasattr(model, "provider") tells who built the model."""
+        if "_provider" not in self.__dict__:
+            raise AttributeError("provider")
+        return self.__dict__["_provider"]
+
+    @provider.setter
+    def provider(self, provider) -> None:
+        # The provider attaches itself right after building the model; its architecture's pad_token_id is the
+        # embedding's padding_idx in HF, so it takes effect here (see _pad_lookup_gradient_masked).
+        self.__dict__["_provider"] = provider
+        self.pad_token_id = _padding_idx(provider.arch.pad_token_id, self.unpadded_vocab_size)
+
     def set_input_tensor(self, input_tensor):
         if isinstance(input_tensor, list):
             (input_tensor,) = input_tensor
         self.decoder.set_input_tensor(input_tensor)
+
+    def _pad_lookup_gradient_masked(self, embeddings: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding output with no gradient flowing back from the positions holding pad_token_id, as HF's
+        nn.Embedding(padding_idx=pad_token_id) does: its backward skips those indices, so the pad row gets no
+        gradient from the lookup. Only the lookup's: with tied embeddings the output layer's use of the same
+        weight still trains the pad row in HF, so a hook on the whole weight would be wrong there; masking the
+        lookup's output gradient leaves that path alone. At TP > 1 the positions are masked on every rank, but
+        only the rank whose vocabulary shard holds the pad row ever had a gradient for them (the others looked up
+        zeros). Elementwise and without host syncs or data-dependent Python branches, so it is fine under CUDA
+        graphs; it acts in autograd before megatron's DDP accumulates into main_grad."""
+        pad = (input_ids == self.pad_token_id).transpose(0, 1)  # [s, b], as the embedding output [s, b, h]
+        if self.config.sequence_parallel:  # the embedding output holds this TP rank's chunk of the sequence
+            tp = self.pg_collection.tp
+            pad = pad.chunk(tp.size(), dim=0)[tp.rank()]
+        return torch.where(pad.unsqueeze(-1), embeddings.detach(), embeddings)
 
     def forward(self, input_ids, position_ids, attention_mask, labels=None, decoder_input=None):
         """Returns logits [b, s, V/TP] (full V if parallel_output=False), or the per-token loss if labels given;
         on stages other than the last, the hidden states [s, b, h]."""
         c = self.config
         if decoder_input is None and self.pre_process:
-            decoder_input = _scale(self.embedding(input_ids=input_ids, position_ids=position_ids),
-                                   c.embedding_multiplier)
+            decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
+            if self.pad_token_id is not None:
+                decoder_input = self._pad_lookup_gradient_masked(decoder_input, input_ids)
+            decoder_input = _scale(decoder_input, c.embedding_multiplier)
         seq_len = (decoder_input if decoder_input is not None else self.decoder.input_tensor).shape[0]
         hidden = self.decoder(decoder_input, attention_mask, rotary_pos_emb=self.rotary_pos_emb(seq_len))
         if not self.post_process:
-            return hidden
+            # sent to the next stage by megatron's p2p ops, which need a contiguous tensor; the branch sums take
+            # the Mamba output's layout, a transposed [b, s, h] (contiguous only when b = 1)
+            return hidden.contiguous()
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden, weight=weight)
         logits = _scale(logits, c.lm_head_multiplier)
