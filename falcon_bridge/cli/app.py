@@ -327,6 +327,77 @@ def demo(
     raise typer.Exit(0 if result.passed else 1)
 
 
+@app.command("prepare-data")
+def prepare_data(
+    inputs: Annotated[list[Path], typer.Argument(
+        help="Files or directories. .jsonl/.json: JSON lines, one document per line (its --json-key string); "
+             ".txt: documents separated by blank lines; a directory: its .jsonl/.json/.txt files, recursively, in "
+             "sorted order.", show_default=False)],
+    tokenizer: Annotated[Path, typer.Option(
+        help="Directory with the checkpoint's HF tokenizer files (an HF checkpoint, or a Megatron checkpoint's "
+             "iter_0000000).", show_default=False)],
+    output_prefix: Annotated[Path, typer.Option(
+        help="OUT/NAME: writes NAME.bin and NAME.idx into the new directory OUT (atomically, with a manifest); "
+             "train with --data-path OUT/NAME.", show_default=False)],
+    json_key: Annotated[str, typer.Option(help="The key holding each JSON line's text.")] = "text",
+    append_eod: Annotated[bool, typer.Option(help="End every document with the tokenizer's EOS id.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it is an earlier prepare-data output.")] = False,
+    as_json: JsonFlag = False,
+):
+    """Tokenize text with the checkpoint's tokenizer into megatron-core's indexed dataset (.bin/.idx) for
+    Megatron-LM's --data-path, written by megatron-core's own IndexedDatasetBuilder (streaming).
+
+    Each document's ids are what the tokenizer gives for it (its own special-token rule), then EOS; documents that
+    give no ids are skipped. The .bin dtype is megatron-core's choice for the vocabulary size (uint16 or int32)."""
+    from rich.markup import escape
+
+    from falcon_bridge.converters.prepare_data import PrepareDataOptions
+    from falcon_bridge.converters.prepare_data import prepare_data as convert
+    from falcon_bridge.converters.run import Run
+
+    # paths are the user's and may hold rich markup ([bold], [/]): escaped wherever they are printed
+    options = PrepareDataOptions(inputs=tuple(inputs), tokenizer=tokenizer, output_prefix=output_prefix,
+                                 json_key=json_key, append_eod=append_eod, overwrite=overwrite)
+    try:
+        with progress_bar("prepare-data", as_json) as cb:
+            step = cb and (lambda done, total, item: cb(done, total, escape(item)))
+            summary = convert(options, Run(step, sys.argv))
+    except BadInput as e:
+        if STATE["debug"]:
+            traceback.print_exc()
+        err.print("[red]error:[/]", escape(str(e)), highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    fields = summary.to_json()
+    for line in fields["warnings"]:
+        err.print("[yellow]warning:[/]", escape(line), highlight=False, soft_wrap=True)
+    if as_json:
+        out.print_json(json.dumps(fields))
+    else:
+        out.print(" ".join(f"[bold]{k}[/]={escape(str(v))}" for k, v in fields.items()), highlight=False,
+                  soft_wrap=True)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    nproc_per_node: Annotated[int, typer.Option(
+        help="Processes on this host (TP × PP × data-parallel ranks), started with torchrun.")] = 1,
+):
+    """Train with Megatron-LM's own loop (megatron.training.pretrain) from a checkpoint: `--load OUT` of import-hf
+    (fine-tuning: weights only) or a directory this command saved into (resumed: optimizer, RNG, data position).
+
+    Every other flag is Megatron-LM's: parallelism (--tensor-model-parallel-size, --pipeline-model-parallel-size,
+    --sequence-parallel), batches, optimizer, LR schedule, data (--data-path PREFIX from prepare-data, or
+    --mock-data), --save/--save-interval, logging. The architecture, µP, BitNet and tokenizer come from the
+    checkpoint; a flag that contradicts it or that the model cannot honour is refused in one line before anything
+    starts. Several hosts: `torchrun ... -m falcon_bridge.megatron.trainer FLAGS` on each."""
+    from falcon_bridge.megatron.trainer import train as run
+
+    if nproc_per_node < 1:
+        raise BadInput(f"--nproc-per-node {nproc_per_node}: expected a positive integer")
+    raise typer.Exit(run(list(ctx.args), nproc_per_node))
+
+
 def _interrupt(signum, frame):
     raise Interrupted(signal.Signals(signum).name)
 

@@ -30,6 +30,7 @@ __all__ = ["install"]
 
 _MIXER_MODULE = "megatron.core.ssm.mamba_mixer"
 _installed = False
+_training_installed = False
 
 
 def _stand_in_modules() -> dict[str, types.ModuleType | None]:
@@ -184,9 +185,12 @@ class _TorchWithCudaFactoriesOnCpu:
 
 def install_training() -> bool:
     """install(), and what Megatron-LM's training package (`megatron.training`, driven by `falcon-bridge train`)
-    additionally assumes of CUDA; False (no-op) when CUDA exists."""
+    additionally assumes of CUDA; False (no-op) when CUDA exists. Idempotent."""
+    global _training_installed
     if not install():
         return False
+    if _training_installed:
+        return True
     from megatron.training import arguments, initialize, training
 
     # pretrain() calls initialize_megatron(), which asserts torch.cuda.is_available() unless allow_no_cuda: the
@@ -213,11 +217,17 @@ def install_training() -> bool:
     from megatron.core.optimizer import optimizer
 
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+    # The distributed optimizer (--use-distributed-optimizer) sorts parameters into fp32 and fp16/bf16 groups by
+    # their CUDA type names and refuses any other: on CPU, CPU tensors answer with the CUDA name of their dtype.
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    DistributedOptimizer.__init__ = _cpu_tensors_typed_as_cuda(DistributedOptimizer.__init__)
     # The loop's own bookkeeping tensors (start time, loss sums, iteration counts all-reduced across ranks) are
     # created with device='cuda', as in install()'s schedule and optimizer modules.
     for name in ("megatron.training.training", "megatron.training.checkpointing", "megatron.core.rerun_state_machine",
                  "megatron.training.utils.common_utils"):
         importlib.import_module(name).torch = _TorchWithCudaFactoriesOnCpu()
+    _training_installed = True
     return True
 
 
@@ -251,6 +261,27 @@ def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_gra
         grad = getattr(param, "decoupled_grad", None) if use_decoupled_grad else param.grad
         if grad is not None:
             grad.detach().mul_(coefficient)
+
+
+def _cpu_tensors_typed_as_cuda(function):
+    """`function` with Tensor.type() (no arguments) naming a CPU tensor's type as its CUDA counterpart's, e.g.
+    torch.FloatTensor → torch.cuda.FloatTensor, while it runs."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        type_of = torch.Tensor.type
+
+        def cuda_name(tensor, *a, **k):
+            name = type_of(tensor, *a, **k)
+            return name.replace("torch.", "torch.cuda.", 1) if not a and not k and tensor.device.type == "cpu" \
+                else name
+
+        torch.Tensor.type = cuda_name
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.Tensor.type = type_of
+
+    return wrapper
 
 
 def _with_cpu_as_device(function):
