@@ -1,7 +1,7 @@
 """GPU validation of `falcon-bridge train` (Megatron-LM's own pretrain loop) the way a user runs it, every step a
 CLI command: create-random (a card's real shapes) → import-hf → prepare-data (a corpus from the text files of
 installed Python packages: offline, real text) → train N iterations in bf16 → export-hf → transformers loads the
-export, generates, and `verify` compares it with the trained Megatron checkpoint.
+export, generates, and `verify` compares it with the trained Megatron checkpoint (fp32 compute).
 
 Reported: Megatron-LM's own log lines (lm loss, ms per iteration, its TFLOP/s/GPU), tokens/s and MFU computed from
 them (6·N·tokens/s over the GPU's bf16 dense peak, N the model's parameters: Megatron-LM's FLOP formula counts a
@@ -106,8 +106,11 @@ def main() -> None:
         sys.exit(f"no iteration lines in Megatron-LM's log:\n{log[-4000:]}")
 
     cli("export-hf", str(work / "trained"), str(work / "hf-trained"))
+    # verify computes in fp32 on the bf16 weights: it tests that export-hf wrote what training left (fp32 on GPU
+    # is TF32 in the Mamba scan: bar 1e-3). Two implementations computing in bf16 drift apart with depth on trained
+    # weights (2-6 % per branch in the deep layers of the 0.5B after 200 steps), which says nothing about the export.
     verify = json.loads(cli("verify", str(work / "hf-trained"), str(work / "trained"), "--device",
-                            "cpu" if a.cpu else "cuda", "--dtype", dtype, "--json"))
+                            "cpu" if a.cpu else "cuda", "--dtype", "fp32", "--json"))
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
