@@ -212,6 +212,11 @@ def install_training() -> bool:
     # The rerun state machine (before every step) and checkpoints save and restore the CUDA generator's state next
     # to the CPU generator's: without CUDA there is no such generator, so its state is empty.
     torch.cuda.get_rng_state, torch.cuda.set_rng_state = _no_cuda_rng_state, _set_no_cuda_rng_state
+    # Activation recompute (--recompute-granularity) saves and restores the same states through megatron's own
+    # getter and setter.
+    from megatron.core.tensor_parallel import random
+
+    random._get_cuda_rng_state, random._set_cuda_rng_state = _no_cuda_rng_state, _set_no_cuda_rng_state
     # Gradient clipping (--clip-grad, 1.0 by default) asserts every gradient is a torch.cuda.FloatTensor and scales
     # them with apex/TE's multi-tensor kernel: on CPU, the same scaling with torch.
     from megatron.core.optimizer import optimizer
@@ -240,12 +245,12 @@ def _no_jit_fusion_warmup(tp_size=None) -> None:
     """Stands in for megatron.training's set_jit_fusion_options on CPU."""
 
 
-def _no_cuda_rng_state(device="cuda") -> torch.Tensor:
+def _no_cuda_rng_state(device="cuda", clone=False, graph_safe=False) -> torch.Tensor:
     """Stands in for torch.cuda.get_rng_state() on CPU: there is no CUDA generator, so its state is empty."""
     return torch.empty(0, dtype=torch.uint8)
 
 
-def _set_no_cuda_rng_state(state: torch.Tensor, device="cuda") -> None:
+def _set_no_cuda_rng_state(state: torch.Tensor, device="cuda", graph_safe=False) -> None:
     """Stands in for torch.cuda.set_rng_state() on CPU: restores the empty state _no_cuda_rng_state saved."""
 
 

@@ -322,17 +322,23 @@ def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
 
 
+def _mark_sequence_parallel(weight: torch.nn.Parameter, config) -> None:
+    """A norm weight replicated over TP ranks: under sequence parallelism each rank normalizes its own chunk of
+    the sequence, so each holds part of the gradient; megatron's finalize_model_grads sums the gradients of
+    parameters marked `sequence_parallel` over the TP group."""
+    weight.sequence_parallel = config.sequence_parallel
+
+
 class FalconH1RMSNorm(torch.nn.Module):
     """The block and final norms. megatron's WrappedTorchNorm allocates fp32 weights whatever params_dtype is
     (so bf16 models ran torch's unfused mixed-dtype path); this one is in params_dtype, like HF's."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5):
         super().__init__()
-        assert not config.sequence_parallel, "FalconH1RMSNorm: no sequence parallelism (its weight grads would " \
-            "need an all-reduce)"
         self.eps = eps
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
+        _mark_sequence_parallel(self.weight, config)
 
     def forward(self, x):
         return hf_rms_norm(x, self.weight, self.eps)
@@ -350,6 +356,7 @@ class NormColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
         self.eps = config.layernorm_epsilon
         self.layer_norm_weight = torch.nn.Parameter(
             torch.ones(input_size, dtype=config.params_dtype, device=self.weight.device))
+        _mark_sequence_parallel(self.layer_norm_weight, config)
 
     def forward(self, input_, *args, **kwargs):
         return super().forward(hf_rms_norm(input_, self.layer_norm_weight, self.eps), *args, **kwargs)
@@ -414,6 +421,26 @@ class FalconH1Stack(MegatronModule):
                                            eps=config.layernorm_epsilon)
         self.post_process = post_process
         self.input_tensor = None
+        self.spans = self._layer_spans()
+
+    def _layer_spans(self) -> list[tuple[int, int, bool]]:
+        """The stage's layers as (first, last, recomputed) spans run one after the other, following megatron's
+        full activation recompute (--recompute-granularity full): "uniform" checkpoints every span of
+        recompute_num_layers layers (only a span's input is kept; its forward is redone in the backward),
+        "block" checkpoints the first recompute_num_layers layers one by one and runs the rest normally. Without
+        full recompute: one span, not checkpointed."""
+        c, n = self.config, len(self.layers)
+        if c.recompute_granularity != "full":
+            return [(0, n, False)]
+        k = c.recompute_num_layers
+        if c.recompute_method == "uniform":
+            return [(i, min(i + k, n), True) for i in range(0, n, k)]
+        return [(i, i + 1, True) for i in range(min(k, n))] + ([(k, n, False)] if k < n else [])
+
+    def _run_layers(self, first: int, last: int, hidden_states, attention_mask, rotary_pos_emb=None):
+        for layer in self.layers[first:last]:
+            hidden_states = layer(hidden_states, attention_mask, rotary_pos_emb=rotary_pos_emb)
+        return hidden_states
 
     def set_input_tensor(self, input_tensor):
         """Pipeline stages after the first receive their input here instead of from the embedding."""
@@ -422,8 +449,13 @@ class FalconH1Stack(MegatronModule):
     def forward(self, hidden_states, attention_mask, rotary_pos_emb=None):
         if hidden_states is None:
             hidden_states = self.input_tensor
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask, rotary_pos_emb=rotary_pos_emb)
+        for first, last, recomputed in self.spans:
+            run = partial(self._run_layers, first, last, rotary_pos_emb=rotary_pos_emb)
+            if recomputed:
+                hidden_states = tensor_parallel.checkpoint(run, self.config.distribute_saved_activations,
+                                                           hidden_states, attention_mask)
+            else:
+                hidden_states = run(hidden_states, attention_mask)
         if self.post_process:
             hidden_states = self.final_norm(hidden_states)
         return hidden_states
@@ -523,6 +555,8 @@ class FalconH1Model(LanguageModule):
                 decoder_input = self._pad_lookup_gradient_masked(decoder_input, input_ids)
             decoder_input = _scale(decoder_input, c.embedding_multiplier)
         seq_len = (decoder_input if decoder_input is not None else self.decoder.input_tensor).shape[0]
+        if c.sequence_parallel:  # the stage's input holds this rank's chunk of the sequence; RoPE spans all of it
+            seq_len *= self.pg_collection.tp.size()
         hidden = self.decoder(decoder_input, attention_mask, rotary_pos_emb=self.rotary_pos_emb(seq_len))
         if not self.post_process:
             # sent to the next stage by megatron's p2p ops, which need a contiguous tensor; the branch sums take

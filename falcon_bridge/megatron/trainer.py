@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import traceback
 import warnings
 from functools import partial
 from pathlib import Path
@@ -162,7 +163,12 @@ def parser_defaults(ckpt: TrainingCheckpoint) -> dict:
         # our attention is causal without a mask; building one costs memory for nothing
         create_attention_mask_in_dataloader=False,
         make_vocab_size_divisible_by=ckpt.run_config["layout"]["vocab_divisible_by"],
+        distributed_backend="nccl" if torch.cuda.is_available() else "gloo",  # NCCL needs GPUs
     )
+    if not torch.cuda.is_available():
+        # Megatron-LM takes a saved RNG state without CUDA tracker states (none exist on CPU) as broken and exits;
+        # nothing random runs in a Falcon-H1 training step (no dropout), so there is nothing to restore
+        defaults.update(no_load_rng=True)
     if ckpt.tokenizer_dir is not None:
         defaults.update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(ckpt.tokenizer_dir))
     else:  # no tokenizer files (a tiny test card): ids are the data
@@ -270,7 +276,10 @@ def _megatron_validation(args: argparse.Namespace, world_size: int) -> None:
             warnings.simplefilter("ignore")
             validate_args(trial, {})
     except (AssertionError, ValueError) as e:
-        raise BadInput(f"Megatron-LM refuses these flags: {str(e).strip() or type(e).__name__}") from e
+        # many of its asserts carry no message: their source line names the flag (`assert args.save_interval …`)
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        why = " ".join(str(e).split()) or f"`{where.line}` ({Path(where.filename).name}:{where.lineno})"
+        raise BadInput(f"Megatron-LM refuses these flags: {why}") from e
 
 
 def _check_tokenizer(directory: Path, arch: FalconH1Arch) -> None:
