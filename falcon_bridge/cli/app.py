@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -349,8 +350,6 @@ def prepare_data(
 
     Each document's ids are what the tokenizer gives for it (its own special-token rule), then EOS; documents that
     give no ids are skipped. The .bin dtype is megatron-core's choice for the vocabulary size (uint16 or int32)."""
-    from rich.markup import escape
-
     from falcon_bridge.converters.prepare_data import PrepareDataOptions
     from falcon_bridge.converters.prepare_data import prepare_data as convert
     from falcon_bridge.converters.run import Run
@@ -410,7 +409,7 @@ def main() -> None:
     except BadInput as e:
         if STATE["debug"]:
             traceback.print_exc()
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print("[red]error:[/]", escape(str(e)), highlight=False, soft_wrap=True)  # paths may hold markup
         sys.exit(2)
     except Interrupted as e:
         if STATE["debug"]:

@@ -222,11 +222,14 @@ def install_training() -> bool:
     from megatron.core.optimizer import optimizer
 
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
-    # The distributed optimizer (--use-distributed-optimizer) sorts parameters into fp32 and fp16/bf16 groups by
-    # their CUDA type names and refuses any other: on CPU, CPU tensors answer with the CUDA name of their dtype.
+    # The mixed-precision optimizers (bf16/fp16 models, and --use-distributed-optimizer) sort parameters into fp32
+    # and fp16/bf16 groups by their CUDA type names and refuse any other: on CPU, CPU tensors answer with the CUDA
+    # name of their dtype.
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
-    DistributedOptimizer.__init__ = _cpu_tensors_typed_as_cuda(DistributedOptimizer.__init__)
+    for mixed_precision in (DistributedOptimizer, Float16OptimizerWithFloat16Params):
+        mixed_precision.__init__ = _cpu_tensors_typed_as_cuda(mixed_precision.__init__)
     # The loop's own bookkeeping tensors (start time, loss sums, iteration counts all-reduced across ranks) are
     # created with device='cuda', as in install()'s schedule and optimizer modules.
     for name in ("megatron.training.training", "megatron.training.checkpointing", "megatron.core.rerun_state_machine",

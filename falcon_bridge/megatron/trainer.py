@@ -255,8 +255,23 @@ def check_flags(argv: list[str], ckpt: TrainingCheckpoint, world_size: int) -> a
         _check_indexed_dataset(path)
     if not args.mock_data and not (args.data_path or args.train_data_path or args.data_args_path):
         raise BadInput("--data-path: required (a prefix `falcon-bridge prepare-data` wrote), or --mock-data")
+    _check_split(args)
     _megatron_validation(args, world_size)
     return args
+
+
+def _check_split(args: argparse.Namespace) -> None:
+    """A --split without a validation or test part, while --eval-iters > 0: Megatron-LM 0.19 still evaluates on
+    that missing set after the last iteration (its do_valid/do_test test a list holding None) and every rank
+    crashes there, after training."""
+    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+
+    if args.mock_data or not args.data_path or not args.eval_iters:
+        return
+    train, valid, test = parse_and_normalize_split(args.split)
+    if not valid or not test:
+        raise BadInput(f"--split {args.split}: without a validation and a test part, pass --eval-iters 0 "
+                       "(Megatron-LM would evaluate on the missing set after training and fail)")
 
 
 def _megatron_validation(args: argparse.Namespace, world_size: int) -> None:
@@ -478,8 +493,9 @@ def train(argv: list[str], nproc_per_node: int = 1) -> int:
     `torch.distributed.run` module; rendezvous on this host). Under torchrun already (several hosts), every rank
     runs pretrain_worker itself: `torchrun ... -m falcon_bridge.megatron.trainer FLAGS`. Returns the exit code."""
     from falcon_bridge.megatron import cpu_support
-    from falcon_bridge.megatron.distributed import free_port
+    from falcon_bridge.megatron.distributed import free_port, quiet
 
+    quiet()  # megatron's import-time notices (no TE/Apex) would bury a refused flag's one line
     cpu_support.install_training()
     # Megatron-LM requires it at TP > 1 on GPUs before Blackwell (its launch scripts export it): kernels are then
     # queued in issue order, so TP communication overlaps compute as megatron-core schedules it
