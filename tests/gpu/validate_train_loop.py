@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--corpus-mb", type=float, default=40.0)
     p.add_argument("--cpu", action="store_true", help="gloo and fp32 (a smoke test of this script)")
+    p.add_argument("--recompute", action="store_true", help="full activation recompute, one layer per span")
     p.add_argument("--workdir")
     p.add_argument("--json")
     a = p.parse_args()
@@ -98,6 +99,9 @@ def main() -> None:
     ]
     if a.tp > 1:
         train_flags.append("--sequence-parallel")
+    if a.recompute:
+        train_flags += ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                        "--recompute-num-layers", "1"]
     started = time.time()
     cli("train", "--nproc-per-node", str(a.tp), *train_flags, log=work / "train.log")
     train_seconds = time.time() - started
@@ -133,7 +137,8 @@ def main() -> None:
     tokens_per_s = a.global_batch * a.seq_len / (ms / 1e3) / a.tp
     params = num_parameters(load_card(a.card).arch)
     result = {
-        "card": a.card, "iterations": a.iters, "tp": a.tp, "seq_len": a.seq_len, "global_batch": a.global_batch,
+        "card": a.card, "iterations": a.iters, "tp": a.tp, "recompute": a.recompute, "seq_len": a.seq_len,
+        "global_batch": a.global_batch,
         "micro_batch": a.micro_batch, "corpus_bytes": text_bytes, "train_seconds": round(train_seconds, 1),
         "loss_first": rows[0][3], "loss_last": rows[-1][3], "loss_curve": [[r[0], r[3]] for r in rows],
         "ms_per_iteration": round(ms, 1), "tokens_per_s_per_gpu": round(tokens_per_s),
