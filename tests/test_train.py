@@ -168,8 +168,7 @@ BAD_FLAGS = [
     (["--save-interval", "0"], "Megatron-LM refuses these flags: `assert args.save_interval"),
     (["--tokenizer-model", "/nonexistent/tok[bold]"], "--tokenizer-model /nonexistent/tok[bold]: not a Hugging Face"),
     (["--data-path", "/nonexistent/data"], "--data-path /nonexistent/data: no /nonexistent/data.bin"),
-    (["--data-path", "DATA", "--eval-iters", "10"], "--split 100,0,0: without a validation and a test part, pass "
-                                                    "--eval-iters 0"),
+    (["--data-path", "DATA", "--eval-iters", "10"], "--split 100,0,0: without a validation part, pass --eval-iters 0"),
 ]
 
 
