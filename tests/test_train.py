@@ -73,7 +73,7 @@ def runs(imported, tmp_path_factory):
         out = ok("train", "--nproc-per-node", nproc, "--load", load, "--save", tmp / name, *data, *COMMON, *flags)
         return losses(out)
 
-    result = {"tmp": tmp, "document": document, "data": data, "losses": {
+    result = {"tmp": tmp, "document": document, "losses": {
         "tp1": train("tp1", "--train-iters", "5", "--save-interval", "3"),
         "tp2pp2": train("tp2pp2", "--train-iters", "5", "--exit-interval", "3", "--save-interval", "3",
                         "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
@@ -82,8 +82,9 @@ def runs(imported, tmp_path_factory):
         "tp4": train("tp4", "--train-iters", "5", "--save-interval", "5", "--tensor-model-parallel-size", "4", nproc=4),
     }}
     result["losses"]["resumed"] = train("resumed", "--train-iters", "5", "--save-interval", "5", load=tmp / "tp2pp2")
-    result["losses"]["resumed_pp2"] = train("resumed_pp2", "--train-iters", "4", "--save-interval", "4",
-                                            "--pipeline-model-parallel-size", "2", nproc=2, load=tmp / "tp2pp2")
+    result["losses"]["resumed_pp2"] = train("resumed_pp2", "--train-iters", "5", "--exit-interval", "4",
+                                            "--save-interval", "4", "--pipeline-model-parallel-size", "2", nproc=2,
+                                            load=tmp / "tp2pp2")
     for name in ("tp1", "resumed", "tp4"):
         ok("export-hf", tmp / name, tmp / f"{name}-hf")
     return result
@@ -191,13 +192,16 @@ def test_bad_flags_are_one_line_before_anything_starts(imported, tmp_path, flags
     assert not save.exists()
 
 
-def test_missing_load_and_data_are_one_line(imported, tmp_path):
+def test_missing_load_data_and_lr_are_one_line(imported, tmp_path):
+    lr = COMMON.index("--lr")
+    without_lr = COMMON[:lr] + COMMON[lr + 2:]
     for args, message in (
-        (["--mock-data"], "--load: required"),
-        (["--load", tmp_path / "nothing"], "is not a directory"),
-        (["--load", imported], "--data-path: required"),
+        ([*COMMON, "--mock-data"], "--load: required"),
+        ([*COMMON, "--load", tmp_path / "nothing"], "is not a directory"),
+        ([*COMMON, "--load", imported], "--data-path: required"),
+        ([*without_lr, "--load", imported, "--mock-data"], "--lr: required"),
     ):
-        done = cli("train", *args, *COMMON)
+        done = cli("train", *args)
         assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, \
             done.stderr[-3000:]
 

@@ -256,6 +256,8 @@ def check_flags(argv: list[str], ckpt: TrainingCheckpoint, world_size: int) -> a
     if not args.mock_data and not (args.data_path or args.train_data_path or args.data_args_path):
         raise BadInput("--data-path: required (a prefix `falcon-bridge prepare-data` wrote), or --mock-data")
     _check_split(args)
+    if args.lr is None:  # Megatron-LM has no default; its optimizer would fail on None on every rank
+        raise BadInput("--lr: required (the learning rate; Megatron-LM has no default)")
     _megatron_validation(args, world_size)
     return args
 
