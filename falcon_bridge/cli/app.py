@@ -36,25 +36,27 @@ ArchConfig = Annotated[Path | None, typer.Option(help="Architecture from an HF c
 
 @contextmanager
 def progress_bar(description: str, quiet: bool):
-    """A rich progress bar; yields the (done, total, item) callback the converters take."""
+    """A rich progress bar; yields the (done, total, item) callback the converters take. Items are user paths
+    (markup such as [bold] printed literally)."""
     if quiet:
         yield None
         return
     with Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[item]}"), console=err, transient=True) as bar:
         task = bar.add_task(description, total=None, item="")
-        yield lambda done, total, item: bar.update(task, completed=done, total=total, item=item)
+        yield lambda done, total, item: bar.update(task, completed=done, total=total, item=escape(item))
 
 
 def report(summary, as_json: bool) -> None:
-    """Print a converter's summary (its warnings on stderr)."""
+    """Print a converter's summary (its warnings on stderr); values (paths among them) printed literally."""
     fields = summary.to_json()
     for line in fields.get("warnings", []):
-        err.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+        err.print("[yellow]warning:[/]", escape(line), highlight=False, soft_wrap=True)
     if as_json:
         out.print_json(json.dumps(fields))
     else:
-        out.print(" ".join(f"[bold]{k}[/]={v}" for k, v in fields.items()))
+        out.print(" ".join(f"[bold]{k}[/]={escape(str(v))}" for k, v in fields.items()), highlight=False,
+                  soft_wrap=True)
 
 
 @app.callback()
@@ -354,26 +356,11 @@ def prepare_data(
     from falcon_bridge.converters.prepare_data import prepare_data as convert
     from falcon_bridge.converters.run import Run
 
-    # paths are the user's and may hold rich markup ([bold], [/]): escaped wherever they are printed
     options = PrepareDataOptions(inputs=tuple(inputs), tokenizer=tokenizer, output_prefix=output_prefix,
                                  json_key=json_key, append_eod=append_eod, overwrite=overwrite)
-    try:
-        with progress_bar("prepare-data", as_json) as cb:
-            step = cb and (lambda done, total, item: cb(done, total, escape(item)))
-            summary = convert(options, Run(step, sys.argv))
-    except BadInput as e:
-        if STATE["debug"]:
-            traceback.print_exc()
-        err.print("[red]error:[/]", escape(str(e)), highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    fields = summary.to_json()
-    for line in fields["warnings"]:
-        err.print("[yellow]warning:[/]", escape(line), highlight=False, soft_wrap=True)
-    if as_json:
-        out.print_json(json.dumps(fields))
-    else:
-        out.print(" ".join(f"[bold]{k}[/]={escape(str(v))}" for k, v in fields.items()), highlight=False,
-                  soft_wrap=True)
+    with progress_bar("prepare-data", as_json) as cb:
+        summary = convert(options, Run(cb, sys.argv))
+    report(summary, as_json)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -409,7 +396,7 @@ def main() -> None:
     except BadInput as e:
         if STATE["debug"]:
             traceback.print_exc()
-        err.print("[red]error:[/]", escape(str(e)), highlight=False, soft_wrap=True)  # paths may hold markup
+        err.print("[red]error:[/]", escape(str(e)), highlight=False, soft_wrap=True)  # user paths: printed literally
         sys.exit(2)
     except Interrupted as e:
         if STATE["debug"]:
