@@ -32,15 +32,19 @@ COMMON = ["--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3",
           "--log-interval", "1", "--eval-iters", "0", "--split", "100,0,0", "--seed", "7"]
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
+def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "falcon_bridge.cli.app", *map(str, args)], capture_output=True,
-                          text=True)
+                          text=True, cwd=cwd)
 
 
 def ok(*args: str) -> str:
     done = cli(*args)
     assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
     return done.stdout
+
+
+def files_of(directory) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def losses(log: str) -> dict[int, float]:
@@ -170,6 +174,10 @@ BAD_FLAGS = [
     (["--tokenizer-model", "/nonexistent/tok[bold]"], "--tokenizer-model /nonexistent/tok[bold]: not a Hugging Face"),
     (["--data-path", "/nonexistent/data"], "--data-path /nonexistent/data: no /nonexistent/data.bin"),
     (["--data-path", "DATA", "--eval-iters", "10"], "--split 100,0,0: without a validation part, pass --eval-iters 0"),
+    (["--save", "LOAD"], "inside the checkpoint this run fine-tunes from"),
+    (["--save", "LOAD/iter_0000000/x[bold]"], "x[bold]: inside the checkpoint this run fine-tunes from"),
+    (["--save", "LINK"], "inside the checkpoint this run fine-tunes from"),
+    (["--save", "FILE"], "exists and is not a directory"),
 ]
 
 
@@ -177,6 +185,7 @@ BAD_FLAGS = [
 def test_bad_flags_are_one_line_before_anything_starts(imported, tmp_path, flags, message):
     """A flag that contradicts the checkpoint, that the model cannot honour or that Megatron-LM refuses: one line
     naming it, exit code 2, no process group started and nothing saved."""
+    source_files = files_of(imported)
     save = tmp_path / "refused"
     mock = [] if "--data-path" in flags else ["--mock-data"]
     if "DATA" in flags:  # a real indexed dataset
@@ -184,12 +193,17 @@ def test_bad_flags_are_one_line_before_anything_starts(imported, tmp_path, flags
         ok("prepare-data", tmp_path / "doc.jsonl", "--tokenizer", imported / "iter_0000000", "--output-prefix",
            tmp_path / "data" / "doc")
         flags = [str(tmp_path / "data" / "doc") if f == "DATA" else f for f in flags]
+    (tmp_path / "FILE").write_text("not a directory")
+    (tmp_path / "LINK").symlink_to(imported)  # the source under another name
+    flags = [f.replace("LOAD", str(imported)) if f.startswith("LOAD") else
+             str(tmp_path / f) if f in ("FILE", "LINK") else f for f in flags]
     done = cli("train", "--load", imported, "--save", save, "--save-interval", "1", *mock, "--seq-length",
                "32", "--train-iters", "1", *COMMON, *flags)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), done.stderr[-3000:]
     assert message in lines[0], lines[0]
     assert not save.exists()
+    assert files_of(imported) == source_files  # the source as import-hf wrote it
 
 
 def test_missing_load_data_and_lr_are_one_line(imported, tmp_path):
@@ -221,8 +235,7 @@ def test_readme_train_example_runs_as_shown(tmp_path):
     rows = [" ".join(words[(i * 7 + j) % len(words)] for j in range(40 + i % 13)) for i in range(200)]
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
     for command in commands:
-        done = subprocess.run([sys.executable, "-m", "falcon_bridge.cli.app", *command[1:]], cwd=tmp_path,
-                              capture_output=True, text=True)
+        done = cli(*command[1:], cwd=tmp_path)
         assert done.returncode == 0, (command, (done.stdout + done.stderr)[-4000:])
     assert "PASS" in done.stdout or '"passed": true' in done.stdout, done.stdout
 

@@ -256,10 +256,24 @@ def check_flags(argv: list[str], ckpt: TrainingCheckpoint, world_size: int) -> a
     if not args.mock_data and not (args.data_path or args.train_data_path or args.data_args_path):
         raise BadInput("--data-path: required (a prefix `falcon-bridge prepare-data` wrote), or --mock-data")
     _check_split(args)
+    if args.save:
+        _check_save(Path(args.save), ckpt)
     if args.lr is None:  # Megatron-LM has no default; its optimizer would fail on None on every rank
         raise BadInput("--lr: required (the learning rate; Megatron-LM has no default)")
     _megatron_validation(args, world_size)
     return args
+
+
+def _check_save(save: Path, ckpt: TrainingCheckpoint) -> None:
+    """--save: a directory (or a new path). Into the checkpoint being resumed is Megatron-LM's way; into an
+    import-hf output being fine-tuned from (or a folder inside it) would change that source, its manifest no longer
+    matching."""
+    if save.exists() and not save.is_dir():
+        raise BadInput(f"--save {save}: exists and is not a directory")
+    resolved, source = save.resolve(), ckpt.root.resolve()
+    if not ckpt.has_optimizer_state and (resolved == source or source in resolved.parents):
+        raise BadInput(f"--save {save}: inside the checkpoint this run fine-tunes from ({ckpt.root}), which must "
+                       "stay as import-hf wrote it; save elsewhere")
 
 
 def _check_split(args: argparse.Namespace) -> None:
