@@ -1,11 +1,10 @@
 """Megatron-Bridge and Megatron-LM read our checkpoints as written, and export-hf reads theirs without flags.
 
-Neither loader can be imported here: Megatron-Bridge 0.6.0's wheel (installed without its dependencies) fails at
-`import megatron.bridge` — its package imports every model, and one (bailing) needs
-transformers.modeling_attn_mask_utils, gone in transformers 5 — and Megatron-LM's training package is not on PyPI.
-So each test reproduces the exact condition its code checks, cited by file and line (Megatron-Bridge
-v0.6.0 = 51885cf, v0.5.1 = 5cb3444; Megatron-LM core_v0.19.0 = 5be9626), and uses megatron-core's own functions
-where they are the ones those loaders call."""
+These tests reproduce the exact condition each loader's code checks, cited by file and line (Megatron-Bridge
+v0.6.0 = 51885cf, v0.5.1 = 5cb3444; Megatron-LM core_v0.19.0 = 5be9626), and use megatron-core's own functions
+where they are the ones those loaders call. Megatron-LM's loop itself runs in tests/test_train.py, and
+Megatron-Bridge 0.6.2's own config loading, checkpoint detection and mapping registry in
+tests/test_megatron_bridge.py (its separate environment)."""
 
 import json
 import shutil

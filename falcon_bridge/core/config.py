@@ -185,6 +185,16 @@ class FalconH1Arch:
 
     # ---- derived sizes -------------------------------------------------------------------------------------
     @property
+    def mamba_expand(self) -> int:
+        """config.json's mamba_expand. transformers ignores it whenever mamba_d_ssm is written (we always write it),
+        but Megatron-Bridge's FalconH1Config checks expand × hidden_size % mamba_d_head == 0 even though
+        mamba_num_heads sets the width: transformers' default 2 (what released configs carry) where that holds,
+        else the smallest factor for which it does."""
+        if 2 * self.hidden_size % self.mamba_d_head == 0:
+            return 2
+        return self.mamba_d_head // math.gcd(self.hidden_size, self.mamba_d_head)
+
+    @property
     def group_state(self) -> int:
         """Rows of B (and of C) in in_proj: n_groups · d_state."""
         return self.mamba_n_groups * self.mamba_d_state
@@ -310,6 +320,8 @@ class FalconH1Arch:
             if f.name != "multipliers":
                 value = getattr(self, f.name)
                 out[HF_KEYS.get(f.name, f.name)] = list(value) if isinstance(value, tuple) else value
+            if f.name == "mamba_d_ssm":
+                out["mamba_expand"] = self.mamba_expand
         out.update(self.multipliers.to_hf())
         return out
 

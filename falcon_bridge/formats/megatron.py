@@ -301,7 +301,8 @@ def train_state(iteration: int = 0) -> dict:
 
 
 # Megatron-Bridge provider field ↔ config.json key (FalconH1Bridge's CONFIG_MAPPING and its base mapping). Setting
-# mamba_num_heads makes megatron-core's MambaMixer take d_inner = heads × head_dim, so `expand` is not written.
+# mamba_num_heads makes megatron-core's MambaMixer take d_inner = heads × head_dim; `expand` only has to pass
+# Bridge's own check (FalconH1Arch.mamba_expand).
 BRIDGE_FIELDS = {
     "vocab_size": "vocab_size", "hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size",
     "num_layers": "num_hidden_layers", "num_attention_heads": "num_attention_heads",
@@ -311,6 +312,7 @@ BRIDGE_FIELDS = {
     "rmsnorm": "mamba_rms_norm", "norm_before_gate": "mamba_norm_before_gate", "add_qkv_bias": "attention_bias",
     "add_bias_linear": "mlp_bias", "layernorm_epsilon": "rms_norm_eps", "rotary_base": "rope_theta",
     "seq_length": "max_position_embeddings", "share_embeddings_and_output_weights": "tie_word_embeddings",
+    "expand": "mamba_expand",
     **{k: k for k in ("embedding_multiplier", "lm_head_multiplier", "key_multiplier", "attention_in_multiplier",
                       "attention_out_multiplier", "ssm_in_multiplier", "ssm_out_multiplier", "mlp_multipliers",
                       "ssm_multipliers")},
