@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from falcon_bridge.cards import load_card
 from falcon_bridge.cli import app as cli_app
 from falcon_bridge.converters.create_random import CreateRandomOptions, create_random
 from falcon_bridge.converters.import_hf import ImportOptions, import_hf
-from falcon_bridge.converters.output import OWNER_FILE, TMP_MARK, _owner_record, _process_start
+from falcon_bridge.converters.output import TMP_MARK, _owner_record, _process_start, owner_record_path
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
@@ -304,6 +305,49 @@ def test_output_overlapping_the_source_is_refused(command, where, src, megatron_
     assert tree(tmp_path) == before
 
 
+def hf_cache_layout(src: Path, root: Path) -> tuple[Path, Path]:
+    """src laid out as the Hugging Face cache does: blobs/ holds the files, snapshots/REV/ symlinks to them."""
+    blobs, snap = root / "blobs", root / "snapshots" / "rev"
+    blobs.mkdir(parents=True), snap.mkdir(parents=True)
+    for f in src.iterdir():
+        shutil.copy(f, blobs / f"blob-{f.name}")
+        (snap / f.name).symlink_to(Path("../../blobs") / f"blob-{f.name}")
+    return blobs, snap
+
+
+@pytest.mark.parametrize("out", ["blobs", "cache"])
+def test_output_where_the_sources_symlinks_lead_is_refused(src, tmp_path, capsys, monkeypatch, out):
+    """import-hf SNAPSHOT BLOBS --overwrite would have deleted every file the snapshot's symlinks point at (and
+    the whole cache directory contains the snapshot itself)."""
+    blobs, snap = hf_cache_layout(src, tmp_path / "cache")
+    target = {"blobs": blobs, "cache": tmp_path / "cache"}[out]
+    before = tree(tmp_path / "cache")
+    code, err = cli(capsys, monkeypatch, "import-hf", snap, target, "--overwrite")
+    assert code == 2
+    one_error_line(err, "overlaps the input", *(["through a symbolic link"] if out == "blobs" else []))
+    assert tree(tmp_path / "cache") == before
+
+
+def test_import_reads_the_hf_cache_layout(src, tmp_path, capsys, monkeypatch):
+    _, snap = hf_cache_layout(src, tmp_path / "cache")
+    code, err = cli(capsys, monkeypatch, "import-hf", snap, tmp_path / "out")
+    assert code == 0, err
+
+
+def test_reshard_of_a_checkpoint_whose_iteration_is_a_symlink_into_out(megatron_ckpt, tmp_path, capsys,
+                                                                      monkeypatch):
+    out, source = tmp_path / "out", tmp_path / "ckpt"
+    shutil.copytree(megatron_ckpt, out)  # the previous output, to be replaced
+    source.mkdir()
+    shutil.copy(megatron_ckpt / mg.TRACKER_FILE, source)
+    (source / "iter_0000000").symlink_to(out / "iter_0000000")
+    before = tree(out)
+    code, err = cli(capsys, monkeypatch, "reshard", source, out, "--overwrite")
+    assert code == 2
+    one_error_line(err, "overlaps the input", "through a symbolic link")
+    assert tree(out) == before
+
+
 def test_odd_output_targets(src, tmp_path, capsys, monkeypatch):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "real").mkdir()
@@ -362,7 +406,7 @@ def partial_dir(parent, out_name, owner_pid):
     (path / "keep.bin").write_bytes(b"data")
     if owner_pid is not None:
         record = _owner_record(parent / out_name) | {"pid": owner_pid, "started": _process_start(owner_pid)}
-        (path / OWNER_FILE).write_text(json.dumps(record))
+        owner_record_path(path).write_text(json.dumps(record))
     return path
 
 
@@ -382,6 +426,21 @@ def test_a_run_removes_only_its_own_dead_partial_outputs(src, tmp_path):
         with pytest.raises(BadInput, match="another falcon-bridge run .* is writing it"):
             import_hf(ImportOptions(str(src), tmp_path / "mg", MegatronLayout(), overwrite=True))
         assert check_manifest(tmp_path / "mg") == []
+    finally:
+        live.kill()
+
+
+@pytest.mark.parametrize("spelling", ["dotdot", "symlinked parent"])
+def test_the_same_output_spelled_another_way_is_the_same_output(src, tmp_path, spelling):
+    """A live run writing tmp/mg is seen by a run given tmp/sub/../mg or link/mg (link → tmp)."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path)
+    other = {"dotdot": tmp_path / "sub" / ".." / "mg", "symlinked parent": tmp_path / "link" / "mg"}[spelling]
+    live = subprocess.Popen(["sleep", "600"])
+    try:
+        partial_dir(tmp_path, "mg", live.pid)
+        with pytest.raises(BadInput, match="another falcon-bridge run .* is writing it"):
+            import_hf(ImportOptions(str(src), other, MegatronLayout()))
     finally:
         live.kill()
 

@@ -18,7 +18,7 @@ from falcon_bridge.cards import load_card
 from falcon_bridge.converters.create_random import CreateRandomOptions, create_random
 from falcon_bridge.converters.export_hf import ExportOptions, export_hf
 from falcon_bridge.converters.import_hf import ImportOptions, import_hf
-from falcon_bridge.converters.output import TMP_MARK
+from falcon_bridge.converters.output import OWNER_SUFFIX, TMP_MARK
 from falcon_bridge.converters.reshard import ReshardOptions, reshard
 from falcon_bridge.converters.run import Run
 from falcon_bridge.core.parallel import MegatronLayout
@@ -215,3 +215,86 @@ def test_background_hashes_give_sha256_and_stop_when_cancelled(tmp_path):
     job.cancel()
     with pytest.raises(HashingCancelled):
         job.result()
+
+
+# ---- the replace window: a crash at every step of an overwrite ----------------------------------------------------
+CRASHING_OVERWRITE = r"""
+import os, pathlib, shutil, signal, sys
+from falcon_bridge.converters import output
+from falcon_bridge.converters.import_hf import ImportOptions, import_hf
+from falcon_bridge.core.parallel import MegatronLayout
+
+src, out, point, exchange = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "exchange"
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if not exchange:  # a filesystem without RENAME_EXCHANGE: the two-rename swap
+    output._renameat2 = lambda *args: False
+if point == "before swap":
+    output._move_into_place = lambda *args: die()
+elif point == "after swap":
+    move = output._move_into_place
+    output._move_into_place = lambda *args: (move(*args), die())
+elif point == "after removing the previous output":
+    rmtree = shutil.rmtree
+    shutil.rmtree = lambda *args, **kw: (rmtree(*args, **kw), die())
+elif point.startswith("after rename "):  # the k-th rename of the two-rename swap
+    calls, rename, move = [], pathlib.Path.rename, output._move_into_place
+    def counted(self, target):
+        result = rename(self, target)
+        if calls:
+            calls.append(target)
+            if len(calls) - 1 == int(point.split()[2]):
+                die()
+        return result
+    def moving(*args):
+        calls.append("swap")
+        move(*args)
+    pathlib.Path.rename, output._move_into_place = counted, moving
+import_hf(ImportOptions(src, out, MegatronLayout(tp=2), overwrite=True))
+"""
+CRASH_POINTS = [(p, "exchange") for p in ("before swap", "after swap", "after removing the previous output")] + \
+    [(p, "renames") for p in ("after rename 1 of the swap", "after rename 2 of the swap",
+                              "after rename 3 of the swap", "after removing the previous output")]
+
+
+@pytest.mark.parametrize("point,swap", CRASH_POINTS, ids=[f"{s}: {p}" for p, s in CRASH_POINTS])
+def test_a_crash_during_overwrite_leaves_a_complete_output_and_a_rerun_cleans_up(src, tmp_path, point, swap):
+    """SIGKILL at every step of replacing an existing OUT (atomic exchange, and the two-rename fallback): OUT is
+    the previous or the new output, complete (its manifest checks clean) — except between the fallback's last two
+    renames, where the next run for OUT first puts the previous output back; that run finishes what the dead one
+    left and leaves nothing else beside OUT."""
+    out = tmp_path / "out"
+    import_hf(ImportOptions(str(src), out, MegatronLayout(tp=1)))
+    crashed = subprocess.run([sys.executable, "-c", CRASHING_OVERWRITE, str(src), str(out), point, swap],
+                             capture_output=True, text=True)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+    assert list(tmp_path.glob(f"{TMP_MARK}*")), "the crash left its record"  # else the point was never reached
+    import_hf(ImportOptions(str(src), tmp_path / "other", MegatronLayout()))  # another OUT: leaves them alone
+    assert list(tmp_path.glob(f"{TMP_MARK}*"))
+    if point == "after rename 2 of the swap":
+        assert not out.exists()  # the one state the fallback cannot avoid
+        with pytest.raises(BadInput, match="already exists"):  # the next run for OUT restores it first
+            import_hf(ImportOptions(str(src), out, MegatronLayout()))
+    assert check_manifest(out) == []
+    import_hf(ImportOptions(str(src), out, MegatronLayout(tp=4), overwrite=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "out", "src"]
+    assert check_manifest(out) == [] and json.loads((out / MANIFEST_FILE).read_text())["command"]["options"]["tp"] == 4
+
+
+def test_a_crash_at_the_exchange_syscall_leaves_the_previous_output(src, tmp_path):
+    """The same at the system call: strace kills the CLI on entry to renameat2 (whichever comes first)."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed")
+    out = tmp_path / "out"
+    import_hf(ImportOptions(str(src), out, MegatronLayout(tp=1)))
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    crashed = subprocess.run([strace, "-f", "-qq", "-o", "/dev/null", "-e", "inject=renameat2:signal=SIGKILL",
+                              sys.executable, "-m", "falcon_bridge.cli.app", "import-hf", src, out, "--tp", "2",
+                              "--overwrite"], capture_output=True, text=True)
+    if "PTRACE" in crashed.stderr or "Operation not permitted" in crashed.stderr:
+        pytest.skip("ptrace is not permitted here")
+    assert crashed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), crashed.stderr[-3000:]
+    assert list(tmp_path.glob(f"{TMP_MARK}*{OWNER_SUFFIX}")), "killed while the run owned its partial output"
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    import_hf(ImportOptions(str(src), out, MegatronLayout(tp=2), overwrite=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"] and check_manifest(out) == []
