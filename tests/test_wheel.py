@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_wheel_runs_cards_create_random_and_demo_outside_the_source_tree(tmp_path):
     source = tmp_path / "source"  # built from a copy: setuptools writes build/ and *.egg-info into the tree
     shutil.copytree(REPO / "falcon_bridge", source / "falcon_bridge", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
@@ -21,6 +21,9 @@ def test_wheel_runs_cards_create_random_and_demo_outside_the_source_tree(tmp_pat
     names = zipfile.ZipFile(wheel).namelist()
     assert "falcon_bridge/model_cards/falcon-h1-0.5b.yaml" in names
     assert "falcon_bridge/model_cards/tiny/tiny-one-group.yaml" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    assert "License-Expression: Apache-2.0" in zipfile.ZipFile(wheel).read(metadata).decode()
     # installed into its own directory, without dependencies: torch and the rest come from this environment
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"),
                     str(wheel)], check=True, capture_output=True)
