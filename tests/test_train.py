@@ -13,11 +13,14 @@ and every trained save exports to HF with the trained model's logits (verify, fp
 """
 
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -146,6 +149,32 @@ def test_trained_save_exports_its_logits(runs, name, tp):
     assert report["passed"] and report["logits"]["relative"] < 1e-5, report["logits"]
 
 
+def test_a_killed_run_resumes_from_its_last_complete_save(runs):
+    """SIGKILL to every rank at some point after the first save (while training or saving a later one): the tracker
+    still names a complete iteration, and the same command resumes there and finishes."""
+    tmp = runs["tmp"]
+    save = tmp / "killed"
+    args = [sys.executable, "-m", "falcon_bridge.cli.app", "train", "--load", tmp / "mg", "--save", save,
+            "--data-path", tmp / "data" / "doc", "--seq-length", len(runs["document"]), *COMMON,
+            "--train-iters", "8", "--save-interval", "2"]
+    run = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    tracker = save / "latest_checkpointed_iteration.txt"
+    try:
+        while not (tracker.exists() and tracker.read_text().strip() == "2") and run.poll() is None:
+            time.sleep(0.05)
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    stopped = int(tracker.read_text())
+    assert stopped in (2, 4, 6) and (save / f"iter_{stopped:07d}" / ".metadata").is_file()
+    load = args.index("--load") + 1
+    got = losses(ok(*args[3:load], save, *args[load + 1:]))  # resumed as Megatron-LM resumes: --load SAVE
+    assert sorted(got) == list(range(stopped + 1, 9))
+    assert tracker.read_text().strip() == "8"
+    ok("export-hf", save, tmp / "killed-hf")
+
+
 def test_bitnet_trains_and_exports_packed(tiny_hf, tmp_path):
     """BitNet b1.58 fine-tuning in the loop (TP=2, one Mamba group replicated): the packed export (transformers'
     BitLinear format) computes the trained model's logits."""
@@ -172,6 +201,7 @@ BAD_FLAGS = [
     (["--global-batch-size", "3"], "Megatron-LM refuses these flags"),
     (["--save-interval", "0"], "Megatron-LM refuses these flags: `assert args.save_interval"),
     (["--tokenizer-model", "/nonexistent/tok[bold]"], "--tokenizer-model /nonexistent/tok[bold]: not a Hugging Face"),
+    (["--tokenizer-model", "BIGTOK"], "tokens, but the checkpoint's vocabulary has 1001"),
     (["--data-path", "/nonexistent/data"], "--data-path /nonexistent/data: no /nonexistent/data.bin"),
     (["--data-path", "DATA", "--eval-iters", "10"], "--split 100,0,0: without a validation part, pass --eval-iters 0"),
     (["--save", "LOAD"], "inside the checkpoint this run fine-tunes from"),
@@ -193,10 +223,14 @@ def test_bad_flags_are_one_line_before_anything_starts(imported, tmp_path, flags
         ok("prepare-data", tmp_path / "doc.jsonl", "--tokenizer", imported / "iter_0000000", "--output-prefix",
            tmp_path / "data" / "doc")
         flags = [str(tmp_path / "data" / "doc") if f == "DATA" else f for f in flags]
+    if "BIGTOK" in flags:  # another model's tokenizer: more ids than the checkpoint's embedding has rows
+        bigger = hf_tokenizer(imported / "iter_0000000")
+        bigger.add_tokens([f"word{i}" for i in range(1000)])
+        bigger.save_pretrained(tmp_path / "BIGTOK")
     (tmp_path / "FILE").write_text("not a directory")
     (tmp_path / "LINK").symlink_to(imported)  # the source under another name
     flags = [f.replace("LOAD", str(imported)) if f.startswith("LOAD") else
-             str(tmp_path / f) if f in ("FILE", "LINK") else f for f in flags]
+             str(tmp_path / f) if f in ("FILE", "LINK", "BIGTOK") else f for f in flags]
     done = cli("train", "--load", imported, "--save", save, "--save-interval", "1", *mock, "--seq-length",
                "32", "--train-iters", "1", *COMMON, *flags)
     lines = done.stderr.strip().splitlines()
