@@ -11,10 +11,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from falcon_bridge.core.config import FalconH1Arch
-from falcon_bridge.errors import BadInput
+from falcon_bridge.errors import BadInput, shown
+from falcon_bridge.formats.untrusted import read_yaml
 
 CARDS_DIR = Path(os.environ.get("FALCON_BRIDGE_CARDS", Path(__file__).resolve().parent / "model_cards"))
 
@@ -48,30 +47,43 @@ def load_card(name_or_path: str | Path) -> Card:
     if not path.is_file():
         paths = card_paths()
         if str(name_or_path) not in paths:
-            raise BadInput(f"unknown card {name_or_path!r}; known: {', '.join(paths)}")
+            raise BadInput(f"unknown card {shown(str(name_or_path))}; known: {', '.join(paths)}")
         path = paths[str(name_or_path)]
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise BadInput(f"{path}: not valid YAML ({e})") from None
+    doc = read_yaml(path, "model card")
+    if not isinstance(doc, dict):
+        raise BadInput(f"{path}: expected a mapping of card fields, got {type(doc).__name__}")
+
+    def field(key: str, types: type | tuple[type, ...], expected: str, default=None):
+        value = doc.get(key, default)
+        if not isinstance(value, types):
+            raise BadInput(f"{path}: field {key}: expected {expected}, got {shown(value)}")
+        return value
+
     for key in ("name", "architecture", "multipliers"):
-        if key not in (doc or {}):
+        if key not in doc:
             raise BadInput(f"{path}: required field {key!r} is missing")
-    arch = FalconH1Arch.from_dict({**doc["architecture"], "multipliers": doc["multipliers"]}, source=str(path))
-    is_test = doc.get("kind") == "test"
+    name, summary = field("name", str, "a string"), field("summary", str, "a string", "")
+    kind, hf_repo = field("kind", (str, type(None)), "a string"), field("hf_repo", (str, type(None)), "a Hub repo id")
+    architecture, multipliers = (field(key, dict, "a mapping") for key in ("architecture", "multipliers"))
+    arch = FalconH1Arch.from_dict({**architecture, "multipliers": multipliers}, source=str(path))
+    is_test = kind == "test"
     provenance: dict[str, Provenance] = {}
     if not is_test:
-        sources = doc.get("sources") or {}
-        prov = dict(doc.get("provenance") or {})
+        sources = field("sources", dict, "a mapping of source name → citation", {})
+        prov = dict(field("provenance", dict, "a mapping of field → {verified, source}", {}))
         default = prov.pop("default", None)
-        for key in [*doc["architecture"], *doc["multipliers"]]:
+        for key in [*architecture, *multipliers]:
             entry = prov.pop(key, default)
-            if entry is None or entry.get("source") not in sources:
-                raise BadInput(f"{path}: field {key!r} has no provenance naming one of its sources")
-            provenance[key] = Provenance(bool(entry["verified"]), sources[entry["source"]])
+            if not isinstance(entry, dict) or not isinstance(entry.get("source"), str) \
+                    or not isinstance(sources.get(entry["source"]), str):
+                raise BadInput(f"{path}: field {shown(key)} has no provenance naming one of its sources")
+            if not isinstance(entry.get("verified"), bool):
+                raise BadInput(f"{path}: provenance of {shown(key)}: field verified: expected true or false, got "
+                               f"{shown(entry.get('verified'))}")
+            provenance[key] = Provenance(entry["verified"], sources[entry["source"]])
         if prov:
-            raise BadInput(f"{path}: provenance for unknown field(s) {sorted(prov)}")
-    return Card(doc["name"], doc.get("summary", ""), arch, is_test, doc.get("hf_repo"), provenance)
+            raise BadInput(f"{path}: provenance for unknown field(s) {shown(sorted(map(str, prov)))}")
+    return Card(name, summary, arch, is_test, hf_repo, provenance)
 
 
 def all_cards() -> list[Card]:

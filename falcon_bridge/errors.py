@@ -1,5 +1,7 @@
 """Expected failures. The CLI turns BadInput into one line on stderr and exit code 2 (no traceback unless --debug)."""
 
+import reprlib
+
 
 class BadInput(Exception):
     """Input the user can fix: a file, tensor or config field that is wrong, missing or unsupported.
@@ -18,6 +20,26 @@ class Interrupted(BaseException):
         self.signal_name = signal_name
 
 
+class _BoundedRepr(reprlib.Repr):
+    def repr_int(self, x: int, level: int) -> str:
+        # repr() of a huge integer takes quadratic time, and Python refuses it past 4300 digits
+        if x.bit_length() > 4 * self.maxlong:
+            return f"<{'negative ' if x < 0 else ''}integer of {x.bit_length():,} bits>"
+        return super().repr_int(x, level)
+
+
+_BOUNDED_REPR = _BoundedRepr(maxlevel=3, maxtuple=6, maxlist=6, maxdict=6, maxset=6, maxfrozenset=6, maxdeque=6,
+                             maxstring=80, maxlong=80, maxother=80)
+
+
+def shown(value, limit: int = 80) -> str:
+    """A value from an input, as a message shows it: its repr, at most `limit` characters, made without rendering
+    the whole value (a list nested through YAML aliases, or one of millions of items, would take minutes and
+    gigabytes to render before being cut)."""
+    text = _BOUNDED_REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def root_cause(e: BaseException) -> BaseException:
     """DCP wraps what failed on each rank (even an interrupt) in a CheckpointException's `failures`."""
     failures = getattr(e, "failures", None)
@@ -32,3 +54,11 @@ def first_line(e: BaseException) -> str:
     e = root_cause(e)
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def printable(text: object) -> str:
+    """User text (a path, a tensor name, a config value) for a one-line message: as it is, except that every
+    character that is not printable (newline, tab, carriage return, ESC, an undecodable byte's surrogate) is
+    written as its Python escape, so it can neither split the line nor drive the terminal. Idempotent: what it
+    returns is printable."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))

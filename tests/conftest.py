@@ -1,3 +1,4 @@
+import sys
 import warnings
 from pathlib import Path
 
@@ -5,12 +6,24 @@ import pytest
 import torch
 
 from falcon_bridge.cards import all_cards, load_card
+from falcon_bridge.cli import app as cli_app
 from falcon_bridge.converters.create_random import CreateRandomOptions, create_random
 from falcon_bridge.core.config import FalconH1Arch
 
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
 
 TINY_CARDS = [c.name for c in all_cards() if c.is_test]
+
+
+def run_cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
+    """`falcon-bridge ARGS` through main(), in this process: (exit code, stdout, stderr). An exception other than
+    the exit main() ends with (a traceback for the user) fails the test."""
+    monkeypatch.setattr(sys, "argv", ["falcon-bridge", *map(str, args)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli_app.main()
+    captured = capsys.readouterr()
+    return exit_.value.code or 0, captured.out, captured.err
 
 
 @pytest.fixture(scope="session")

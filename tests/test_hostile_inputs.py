@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from falcon_bridge.cards import load_card
-from falcon_bridge.cli import app as cli_app
 from falcon_bridge.converters.create_random import CreateRandomOptions, create_random
 from falcon_bridge.converters.import_hf import ImportOptions, import_hf
 from falcon_bridge.converters.output import TMP_MARK, _owner_record, _process_start, owner_record_path
@@ -33,13 +33,9 @@ TRACEBACK = "Traceback (most recent call last)"
 
 
 def cli(capsys, monkeypatch, *args) -> tuple[int, str]:
-    """Run `falcon-bridge ARGS` through main(); (exit code, stderr). An exception other than the expected exit
-    (a traceback for the user) fails the test."""
-    monkeypatch.setattr(sys, "argv", ["falcon-bridge", *map(str, args)])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        cli_app.main()
-    return exit_.value.code or 0, capsys.readouterr().err
+    """Run `falcon-bridge ARGS` through main(); (exit code, stderr)."""
+    code, _, err = run_cli(capsys, monkeypatch, *args)
+    return code, err
 
 
 def one_error_line(stderr: str, *needles: str) -> None:

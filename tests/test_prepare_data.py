@@ -11,11 +11,11 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import run_cli as cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from falcon_bridge.cards import load_card
-from falcon_bridge.cli import app as cli_app
 from falcon_bridge.converters.output import TMP_MARK
 from falcon_bridge.converters.prepare_data import PrepareDataOptions, prepare_data
 from falcon_bridge.converters.tokenizer import build_tokenizer
@@ -55,16 +55,6 @@ def read_back(prefix):
     ds = IndexedDataset(str(prefix))
     assert list(ds.document_indices) == list(range(len(ds) + 1))
     return [ds[i].tolist() for i in range(len(ds))]
-
-
-def cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    """Run `falcon-bridge ARGS` through main(); (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["falcon-bridge", *map(str, args)])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        cli_app.main()
-    captured = capsys.readouterr()
-    return exit_.value.code or 0, captured.out, captured.err
 
 
 def one_error_line(stderr: str, *needles: str) -> None:

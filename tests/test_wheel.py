@@ -4,8 +4,11 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
+
+import falcon_bridge
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,9 +39,39 @@ def test_wheel_runs_cards_create_random_and_demo_outside_the_source_tree(tmp_pat
 
     where = run("-c", "import falcon_bridge; print(falcon_bridge.__file__)")
     assert where.stdout.strip().startswith(str(tmp_path / "site")), where
+    version = run("-m", "falcon_bridge.cli.app", "--version")
+    assert version.returncode == 0 and version.stdout == f"falcon-bridge {wheel.name.split('-')[1]}\n", version
     cards = run("-m", "falcon_bridge.cli.app", "cards")
     assert cards.returncode == 0 and "falcon-h1-tiny-90m" in cards.stdout, cards.stderr
     created = run("-m", "falcon_bridge.cli.app", "create-random", "tiny-one-group", "hf", "--json")
     assert created.returncode == 0 and (work / "hf" / "model.safetensors").exists(), created.stderr
     demo = run("-m", "falcon_bridge.cli.app", "demo", "--workdir", "demo")
     assert demo.returncode == 0 and "PASS" in demo.stdout, demo.stdout + demo.stderr
+
+
+def readme_install_lines() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    return text.split("<!-- install-example", 1)[1].split("```", 2)[1].strip().splitlines()
+
+
+def test_readme_install_lines_run_as_shown(tmp_path):
+    """README's install lines, in a copy of the project, with `python3.12` on PATH. Their .venv is made beforehand
+    with this environment's packages visible (a .pth), so `pip install` finds the dependencies installed instead of
+    downloading PyTorch again; the lines themselves run unchanged."""
+    clone = tmp_path / "clone"
+    shutil.copytree(REPO, clone, ignore=shutil.ignore_patterns(".git", ".venv*", ".gpu", "build", "dist", "*.egg-info",
+                                                               "__pycache__", ".pytest_cache", ".ruff_cache",
+                                                               ".hypothesis"))
+    base = Path(sys.base_prefix) / "bin" / "python3.12"
+    subprocess.run([base, "-m", "venv", clone / ".venv"], check=True)
+    purelib = subprocess.run([clone / ".venv" / "bin" / "python", "-c",
+                              "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    Path(purelib, "this_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python3.12").symlink_to(base)
+    env = os.environ | {"PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    for line in readme_install_lines():
+        done = subprocess.run(["bash", "-c", line], cwd=clone, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, (line, done.stderr[-3000:])
+    assert done.stdout == f"falcon-bridge {falcon_bridge.__version__}\n"

@@ -18,12 +18,13 @@ from rich.table import Table
 
 from falcon_bridge.core import choices
 from falcon_bridge.core.choices import Device, DType, ExportFormat, MupExport, MupMode
-from falcon_bridge.errors import BadInput, Interrupted
+from falcon_bridge.errors import BadInput, Interrupted, printable
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Move Falcon-H1 checkpoints between Hugging Face and Megatron Core, and prove nothing changed.")
-out = Console(width=None if sys.stdout.isatty() else 140)
-err = Console(stderr=True)
+# emoji codes off: rich would print a path like `a:smile:b` with an emoji in it
+out = Console(width=None if sys.stdout.isatty() else 140, emoji=False)
+err = Console(stderr=True, emoji=False)
 STATE = {"debug": False}
 
 # options several commands share (defaults: core/choices, which the converters' options use too; the converters
@@ -34,33 +35,52 @@ ArchCard = Annotated[str | None, typer.Option(help="Architecture, for checkpoint
 ArchConfig = Annotated[Path | None, typer.Option(help="Architecture from an HF config.json instead.")]
 
 
+def literal(text: object) -> str:
+    """User text (a path, a tensor name, a config value) as rich markup that prints it as written, on one line:
+    its [bold] or [/x] is text, not markup, and its control characters are escaped (errors.printable)."""
+    return escape(printable(text))
+
+
 @contextmanager
 def progress_bar(description: str, quiet: bool):
-    """A rich progress bar; yields the (done, total, item) callback the converters take. Items are user paths
-    (markup such as [bold] printed literally)."""
+    """A rich progress bar; yields the (done, total, item) callback the converters take. Items are user paths,
+    printed literally."""
     if quiet:
         yield None
         return
+    # disabled when stderr is no terminal: there it draws nothing, and its stop would print an empty line before a
+    # script's one `error:` line
     with Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[item]}"), console=err, transient=True) as bar:
+                  TextColumn("{task.fields[item]}"), console=err, transient=True,
+                  disable=not err.is_interactive) as bar:
         task = bar.add_task(description, total=None, item="")
-        yield lambda done, total, item: bar.update(task, completed=done, total=total, item=escape(item))
+        yield lambda done, total, item: bar.update(task, completed=done, total=total, item=literal(item))
 
 
 def report(summary, as_json: bool) -> None:
     """Print a converter's summary (its warnings on stderr); values (paths among them) printed literally."""
     fields = summary.to_json()
     for line in fields.get("warnings", []):
-        err.print("[yellow]warning:[/]", escape(line), highlight=False, soft_wrap=True)
-    if as_json:
-        out.print_json(json.dumps(fields))
+        err.print("[yellow]warning:[/]", literal(line), highlight=False, soft_wrap=True)
+    if as_json:  # ASCII: a path's undecodable byte (a lone surrogate) would not encode to a strict UTF-8 stdout
+        out.print_json(json.dumps(fields), ensure_ascii=True)
     else:
-        out.print(" ".join(f"[bold]{k}[/]={escape(str(v))}" for k, v in fields.items()), highlight=False,
+        out.print(" ".join(f"[bold]{k}[/]={literal(v)}" for k, v in fields.items()), highlight=False,
                   soft_wrap=True)
 
 
+def print_version(wanted: bool) -> None:
+    if wanted:
+        from falcon_bridge import __version__
+
+        out.print(f"falcon-bridge {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def main_options(debug: Annotated[bool, typer.Option(help="Show tracebacks for expected errors.")] = False):
+def main_options(debug: Annotated[bool, typer.Option(help="Show tracebacks for expected errors.")] = False,
+                 version: Annotated[bool, typer.Option("--version", callback=print_version, is_eager=True,
+                                                       help="Print the version and exit.")] = False):
     STATE["debug"] = debug
 
 
@@ -202,11 +222,11 @@ def check(directory: Annotated[Path, typer.Argument(help="An output directory wr
     from falcon_bridge.formats.manifest import check_manifest
 
     problems = check_manifest(directory)
-    for line in problems:
-        err.print(f"[red]mismatch:[/] {directory / line}", highlight=False, soft_wrap=True)
+    for line in problems:  # a line names a manifest entry: text anyone could have written
+        err.print("[red]mismatch:[/]", literal(directory / line), highlight=False, soft_wrap=True)
     if problems:
         raise typer.Exit(1)
-    out.print(f"{directory}: every file matches its manifest")
+    out.print(f"{literal(directory)}: every file matches its manifest", highlight=False, soft_wrap=True)
 
 
 def parse_layers(value: str | None) -> tuple[int, ...] | None:
@@ -313,17 +333,18 @@ def demo(
     from falcon_bridge.core.parallel import MegatronLayout
 
     hf_dir, mg_dir = workdir / f"{card}-hf", workdir / f"{card}-megatron-tp{tp}"
-    out.print(f"[bold]1/3[/] create-random {card} → {hf_dir}")
+    out.print(f"[bold]1/3[/] create-random {literal(card)} → {literal(hf_dir)}", highlight=False, soft_wrap=True)
     with progress_bar("create-random", False) as cb:
         report(make(CreateRandomOptions(card=load_card(card), out=hf_dir, dtype=torch.float32, overwrite=True),
                     Run(cb)), False)
-    out.print(f"[bold]2/3[/] import-hf {hf_dir} → {mg_dir} (TP={tp})")
+    out.print(f"[bold]2/3[/] import-hf {literal(hf_dir)} → {literal(mg_dir)} (TP={tp})", highlight=False,
+              soft_wrap=True)
     with progress_bar("import-hf", False) as cb:
         report(run_import(ImportOptions(source=str(hf_dir), out=mg_dir, layout=MegatronLayout(tp=tp), overwrite=True),
                           Run(cb)), False)
     out.print(f"[bold]3/3[/] verify: HF FalconH1ForCausalLM vs our Megatron model at TP={tp} ({tp} processes)")
     result = run_verify(VerifyOptions(hf_dir=hf_dir, megatron_dir=mg_dir, tp=tp))
-    print_comparison(f"{card}: HF vs Megatron (TP={tp}, fp32)", result.logits)
+    print_comparison(f"{literal(card)}: HF vs Megatron (TP={tp}, fp32)", result.logits)
     first = result.first_divergence
     out.print(f"every block's Mamba, attention and MLP output compared too: "
               f"{'all agree' if first is None else f'first divergence at {first}'}")
@@ -396,7 +417,7 @@ def main() -> None:
     except BadInput as e:
         if STATE["debug"]:
             traceback.print_exc()
-        err.print("[red]error:[/]", escape(str(e)), highlight=False, soft_wrap=True)  # user paths: printed literally
+        err.print("[red]error:[/]", literal(e), highlight=False, soft_wrap=True)  # it names user paths
         sys.exit(2)
     except Interrupted as e:
         if STATE["debug"]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +14,19 @@ from falcon_bridge.converters.run import QUIET, Run, Summary, unrecorded
 from falcon_bridge.converters.tokenizer import build_tokenizer
 from falcon_bridge.core.choices import CREATE_RANDOM_DTYPE, CREATE_RANDOM_MAX_SHARD_BYTES
 from falcon_bridge.core.config import FalconH1Arch
-from falcon_bridge.core.mapping import hf_rule, hf_tensor_shapes
-from falcon_bridge.formats.hf import ShardedSafetensorsWriter, write_config
+from falcon_bridge.core.mapping import hf_rule, hf_tensor_shapes, num_parameters
+from falcon_bridge.errors import BadInput, shown
+from falcon_bridge.formats.hf import ShardedSafetensorsWriter, check_max_shard_bytes, write_config
+
+SEED_STRIDE = 1_000_003  # a tensor's generator seed: seed × SEED_STRIDE + crc32(its name)
+# torch.Generator.manual_seed takes -2**63 … 2**64 - 1
+SEED_RANGE = (-(2**63 // SEED_STRIDE), (2**64 - 1 - 0xFFFF_FFFF) // SEED_STRIDE)
 
 
 def random_tensor(name: str, shape: tuple[int, ...], arch: FalconH1Arch, seed: int) -> torch.Tensor:
     """One tensor, fp32, initialised as its rule in the map says, reproducible from (seed, name) alone so the order
     of generation does not matter."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    g = torch.Generator().manual_seed(seed * SEED_STRIDE + zlib.crc32(name.encode()))
     return hf_rule(name)[1].init(shape, g, arch)
 
 
@@ -54,9 +58,13 @@ class CreateRandomSummary(Summary):
 def create_random(options: CreateRandomOptions, run: Run = QUIET) -> CreateRandomSummary:
     run = run.start()
     arch, dtype = options.card.arch, options.dtype
-    shapes = hf_tensor_shapes(arch)
-    total = sum(math.prod(s) for s in shapes.values()) * dtype.itemsize
-    with run.output(CreateRandomSummary.command, options, total) as tmp:
+    if type(options.seed) is not int or not SEED_RANGE[0] <= options.seed <= SEED_RANGE[1]:
+        raise BadInput(f"--seed {shown(options.seed)}: expected an integer from {SEED_RANGE[0]:,} to "
+                       f"{SEED_RANGE[1]:,}")
+    check_max_shard_bytes(options.max_shard_bytes)
+    parameters = num_parameters(arch)
+    with run.output(CreateRandomSummary.command, options, parameters * dtype.itemsize) as tmp:  # checks free space
+        shapes = hf_tensor_shapes(arch)  # first now: it loops over the layers
         writer = ShardedSafetensorsWriter(tmp, [(n, s, dtype) for n, s in shapes.items()], options.max_shard_bytes)
         for i, (name, shape) in enumerate(shapes.items()):
             writer.put(name, random_tensor(name, shape, arch, options.seed).to(dtype))
@@ -66,5 +74,5 @@ def create_random(options: CreateRandomOptions, run: Run = QUIET) -> CreateRando
         tokenizer = build_tokenizer(arch, tmp)
     return CreateRandomSummary(
         card=options.card.name, output=str(options.out), seed=options.seed, dtype=str(dtype).removeprefix("torch."),
-        tensors=len(shapes), parameters=sum(math.prod(s) for s in shapes.values()), files=writer.file_names,
+        tensors=len(shapes), parameters=parameters, files=writer.file_names,
         tokenizer_files=tokenizer, seconds=run.seconds())

@@ -13,7 +13,7 @@ from falcon_bridge.converters.megatron_source import open_megatron_checkpoint
 from falcon_bridge.converters.run import QUIET, Run, Summary, recorded_as, unrecorded
 from falcon_bridge.core.choices import EXPORT_CHECK_FINITE, EXPORT_MAX_SHARD_BYTES, ExportFormat, MupExport
 from falcon_bridge.core.hf_export import HFExport
-from falcon_bridge.formats.hf import ShardedSafetensorsWriter, copy_tokenizer, write_config
+from falcon_bridge.formats.hf import ShardedSafetensorsWriter, check_max_shard_bytes, copy_tokenizer, write_config
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class ExportSummary(Summary):
 
 def export_hf(options: ExportOptions, run: Run = QUIET) -> ExportSummary:
     run = run.start()
+    check_max_shard_bytes(options.max_shard_bytes)
     source = open_megatron_checkpoint(options.source, options.card, options.hf_config)
     policy = HFExport(source.arch, source.mup_mode, source.bitnet, lambda name: options.dtype or source.hf_dtype(name),
                       options.mup_export, options.fmt)

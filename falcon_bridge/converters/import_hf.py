@@ -18,7 +18,7 @@ from falcon_bridge.core.mapping import Ctx, Entry, entries, hf_tensor_shapes, is
 from falcon_bridge.core.packed_ternary import DEFAULT_PACKED_FORMAT
 from falcon_bridge.core.parallel import MegatronLayout, stored_as_hf
 from falcon_bridge.core.transforms import all_finite
-from falcon_bridge.errors import BadInput
+from falcon_bridge.errors import BadInput, shown
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.hf import HFCheckpoint, copy_tokenizer, resolve_source
 from falcon_bridge.formats.manifest import BackgroundHashes
@@ -30,10 +30,10 @@ def check_tensors(ckpt: HFCheckpoint, allow_extra: bool = False) -> None:
     for name, shape in expected.items():
         info = ckpt.tensors.get(name)
         if info is None:
-            raise BadInput(f"{ckpt.path}: tensor {name} is missing (expected shape {list(shape)})")
+            raise BadInput(f"{ckpt.path}: tensor {name} is missing (expected shape {shown(list(shape))})")
         if info.shape != shape:
             raise BadInput(f"{info.file}: tensor {name} has shape {list(info.shape)}, config.json implies "
-                           f"{list(shape)}")
+                           f"{shown(list(shape))}")
         if not info.dtype.is_floating_point:
             raise BadInput(f"{info.file}: tensor {name} has dtype {str(info.dtype).removeprefix('torch.')}, "
                            "expected a floating-point dtype")

@@ -16,10 +16,17 @@ import torch
 from falcon_bridge.cards import load_card
 from falcon_bridge.core.choices import MupMode
 from falcon_bridge.core.config import FalconH1Arch
-from falcon_bridge.core.mapping import Ctx, Entry, entries, megatron_tensor_shapes
+from falcon_bridge.core.mapping import (
+    MEGATRON_LAYER_PREFIX,
+    Ctx,
+    Entry,
+    entries,
+    megatron_tensor_shapes,
+    refuse_more_layers_than_stored,
+)
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.core.transforms import all_finite
-from falcon_bridge.errors import BadInput
+from falcon_bridge.errors import BadInput, shown
 from falcon_bridge.formats import megatron as mg
 from falcon_bridge.formats.hf import existing_tokenizer_files
 from falcon_bridge.formats.manifest import BackgroundHashes
@@ -100,6 +107,8 @@ class MegatronSource:
 
 
 def open_megatron_checkpoint(src: Path, card: str | None = None, hf_config: Path | None = None) -> MegatronSource:
+    if card and hf_config:
+        raise BadInput("--card and --hf-config are alternatives (each gives the whole architecture): pass one")
     root = Path(src)
     if not root.is_dir():
         raise BadInput(f"{root}: no such directory")
@@ -110,16 +119,20 @@ def open_megatron_checkpoint(src: Path, card: str | None = None, hf_config: Path
     reader = mg.TorchDistReader(it_dir)
     run_config = mg.read_run_config(it_dir) if mg.run_config_path(it_dir) else None
     if card:
-        arch = load_card(card).arch
+        arch, layers_field = load_card(card).arch, f"card {card}: field num_layers"
     elif hf_config:
         arch = FalconH1Arch.from_hf(read_json(Path(hf_config), "config.json"), str(hf_config))
+        layers_field = f"{hf_config}: field num_hidden_layers"
     elif run_config is not None:
-        arch = FalconH1Arch.from_dict(run_config["architecture"], f"{it_dir / mg.RUN_CONFIG_FILE}")
+        arch = FalconH1Arch.from_dict(run_config["architecture"], f"{mg.run_config_path(it_dir)}")
+        layers_field = f"{mg.run_config_path(it_dir)}: field architecture.num_layers"
     elif (it_dir / mg.BRIDGE_RUN_CONFIG_FILE).exists():  # Megatron-Bridge: its provider's config
         arch = mg.arch_from_bridge_run_config(it_dir)
+        layers_field = f"{it_dir / mg.BRIDGE_RUN_CONFIG_FILE}: field model.num_layers"
     else:  # Megatron-LM's args hold no Falcon-H1 multipliers (it has no Falcon-H1 model): they must come from us
         raise BadInput(f"{it_dir}: no {mg.RUN_CONFIG_FILE} or Megatron-Bridge {mg.BRIDGE_RUN_CONFIG_FILE}; pass "
                        "the architecture with --card NAME or --hf-config config.json")
+    refuse_more_layers_than_stored(arch, reader.tensors, MEGATRON_LAYER_PREFIX, layers_field)
     layout = _stored_layout(arch, reader, it_dir)
     _check_keys(arch, layout, reader, it_dir)
     return MegatronSource(root, it_dir, arch, layout, run_config, reader, Path(hf_config) if hf_config else None)
@@ -140,7 +153,7 @@ def _check_keys(arch: FalconH1Arch, layout: MegatronLayout, reader: mg.TorchDist
             raise BadInput(f"{it_dir}: tensor {key} is missing for this architecture")
         if reader.tensors[key][0] != shape:
             raise BadInput(f"{it_dir}: tensor {key} has shape {list(reader.tensors[key][0])}, the architecture "
-                           f"implies {list(shape)}")
+                           f"implies {shown(list(shape))}")
     # Training state (optimizer, RNG) may sit beside the weights; anything else is a model we do not know.
     extra = sorted(k for k in set(reader.tensors) - set(expected) if not k.startswith(("optimizer.", "rng_state")))
     if extra:

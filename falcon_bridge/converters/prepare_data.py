@@ -53,13 +53,6 @@ BOM = b"\xef\xbb\xbf"
 TOKENIZER_NEEDS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def shown(path: Path | str) -> str:
-    """A path for a one-line message: as it is, unless it holds a control character (a newline would split the
-    line), then with those escaped."""
-    text = str(path)
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
-
-
 @dataclass(frozen=True)
 class PrepareDataOptions:
     """inputs: files (.jsonl/.json JSON lines, .txt blank-line-separated documents) and directories (searched
@@ -110,11 +103,11 @@ def input_files(inputs: tuple[Path, ...]) -> list[Path]:
                 part.startswith(".") for part in p.relative_to(given).parts) and p.is_file()),
                 key=lambda p: p.relative_to(given).parts)
             if not found:
-                raise BadInput(f"{shown(given)}: a directory with no .jsonl, .json or .txt file in it (searched "
+                raise BadInput(f"{given}: a directory with no .jsonl, .json or .txt file in it (searched "
                                "recursively; names starting with a dot are skipped)")
             files += found
         elif os.path.lexists(given) and given.suffix.lower() not in SUFFIXES:
-            raise BadInput(f"{shown(given)}: unsupported input file (expected .jsonl or .json, JSON lines, or .txt, "
+            raise BadInput(f"{given}: unsupported input file (expected .jsonl or .json, JSON lines, or .txt, "
                            "documents separated by blank lines)")
         else:
             files.append(given)
@@ -123,7 +116,7 @@ def input_files(inputs: tuple[Path, ...]) -> list[Path]:
         regular_file_size(f, 1 << 62, "corpus file")  # exists, a regular file (a FIFO would block forever)
         real = f.resolve()
         if real in seen:
-            raise BadInput(f"{shown(f)}: given twice (also as {shown(seen[real])}); every file is read once")
+            raise BadInput(f"{f}: given twice (also as {seen[real]}); every file is read once")
         seen[real] = f
     return files
 
@@ -133,27 +126,27 @@ def _lines(path: Path, progress) -> Iterator[tuple[int, str]]:
     try:
         f = open(path, "rb")
     except OSError as e:
-        raise BadInput(f"{shown(path)}: cannot be read ({e.strerror})") from None
+        raise BadInput(f"{path}: cannot be read ({e.strerror})") from None
     with f:
         number = 0
         while True:
             try:
                 raw = f.readline(MAX_DOCUMENT_BYTES + 1)
             except OSError as e:
-                raise BadInput(f"{shown(path)}: cannot be read ({e.strerror})") from None
+                raise BadInput(f"{path}: cannot be read ({e.strerror})") from None
             if not raw:
                 return
             number += 1
             progress(len(raw))
             if len(raw) > MAX_DOCUMENT_BYTES:
-                raise BadInput(f"{shown(path)}: line {number} is longer than {MAX_DOCUMENT_BYTES:,} bytes (split it "
+                raise BadInput(f"{path}: line {number} is longer than {MAX_DOCUMENT_BYTES:,} bytes (split it "
                                "into several documents)")
             if number == 1 and raw.startswith(BOM):
                 raw = raw[len(BOM):]
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise BadInput(f"{shown(path)}: line {number} is not UTF-8 text (byte {e.start + 1} of the line)"
+                raise BadInput(f"{path}: line {number} is not UTF-8 text (byte {e.start + 1} of the line)"
                                ) from None
 
 
@@ -165,16 +158,16 @@ def _json_documents(path: Path, key: str, progress) -> Iterator[str]:
             value = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as e:
             why = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-            raise BadInput(f"{shown(path)}: line {number} is not valid JSON ({why}; {path.suffix} files are read "
+            raise BadInput(f"{path}: line {number} is not valid JSON ({why}; {path.suffix} files are read "
                            "as JSON lines, one object per line)") from None
         if not isinstance(value, dict):
-            raise BadInput(f"{shown(path)}: line {number} is a JSON {type(value).__name__}, expected an object with "
+            raise BadInput(f"{path}: line {number} is a JSON {type(value).__name__}, expected an object with "
                            f"a {json.dumps(key)} string")
         if key not in value:
-            raise BadInput(f"{shown(path)}: line {number} has no {json.dumps(key)} key (--json-key chooses it)")
+            raise BadInput(f"{path}: line {number} has no {json.dumps(key)} key (--json-key chooses it)")
         text = value[key]
         if not isinstance(text, str):
-            raise BadInput(f"{shown(path)}: line {number}: {json.dumps(key)} is a JSON "
+            raise BadInput(f"{path}: line {number}: {json.dumps(key)} is a JSON "
                            f"{'null' if text is None else type(text).__name__}, expected a string")
         _check_unicode(text, path, number)
         yield text
@@ -194,7 +187,7 @@ def _text_documents(path: Path, progress) -> Iterator[str]:
         paragraph.append(line)
         size += len(line)
         if size > MAX_DOCUMENT_BYTES:
-            raise BadInput(f"{shown(path)}: the document starting on line {first} is longer than "
+            raise BadInput(f"{path}: the document starting on line {first} is longer than "
                            f"{MAX_DOCUMENT_BYTES:,} characters (separate documents with a blank line)")
     if paragraph:
         yield _paragraph(paragraph)
@@ -211,7 +204,7 @@ def _check_unicode(text: str, path: Path, number: int) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise BadInput(f"{shown(path)}: line {number}: the string holds an unpaired surrogate "
+        raise BadInput(f"{path}: line {number}: the string holds an unpaired surrogate "
                        f"(\\u{ord(text[e.start]):04x}), which is not Unicode text") from None
 
 
@@ -226,14 +219,14 @@ def documents(path: Path, key: str, progress) -> Iterator[str]:
 def load_tokenizer(directory: Path):
     """The HF tokenizer of a local directory (no network, no remote code); its files for the manifest."""
     if not directory.is_dir():
-        raise BadInput(f"{shown(directory)}: --tokenizer must be a directory holding tokenizer.json or "
+        raise BadInput(f"{directory}: --tokenizer must be a directory holding tokenizer.json or "
                        "tokenizer_config.json" + ("" if directory.exists() else " (it does not exist)"))
     files = existing_tokenizer_files(directory)
     if not any(f.name in TOKENIZER_NEEDS for f in files):
         hint = ""
         if (directory / "latest_checkpointed_iteration.txt").exists():
             hint = " (a Megatron checkpoint keeps them in its iteration directory, e.g. iter_0000000)"
-        raise BadInput(f"{shown(directory)}: no tokenizer files (tokenizer.json, tokenizer_config.json or "
+        raise BadInput(f"{directory}: no tokenizer files (tokenizer.json, tokenizer_config.json or "
                        f"tokenizer.model){hint}")
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -243,11 +236,11 @@ def load_tokenizer(directory: Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers and tokenizers raise many types for a bad directory
-        raise BadInput(f"{shown(directory)}: transformers cannot load this tokenizer ({first_line(e)})") from None
+        raise BadInput(f"{directory}: transformers cannot load this tokenizer ({first_line(e)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if not callable(tokenizer):
-        raise BadInput(f"{shown(directory)}: transformers loaded a {type(tokenizer).__name__}, not a tokenizer")
+        raise BadInput(f"{directory}: transformers loaded a {type(tokenizer).__name__}, not a tokenizer")
     return tokenizer, files
 
 
@@ -263,10 +256,10 @@ def _indexed_dataset_module():
 def _check_output(options: PrepareDataOptions, files: list[Path]) -> None:
     prefix = Path(options.output_prefix)
     if not options.name or options.name in (".", "..") or str(options.output_prefix).endswith(os.sep):
-        raise BadInput(f"--output-prefix {shown(prefix)}: expected OUT/NAME (NAME.bin and NAME.idx are written into "
+        raise BadInput(f"--output-prefix {prefix}: expected OUT/NAME (NAME.bin and NAME.idx are written into "
                        "the directory OUT)")
     if len(prefix.parts) < 2:
-        raise BadInput(f"--output-prefix {shown(prefix)}: expected OUT/NAME with a directory OUT this command writes "
+        raise BadInput(f"--output-prefix {prefix}: expected OUT/NAME with a directory OUT this command writes "
                        "(NAME alone would make the current directory the output)")
     refuse_overlap(options.out, [*files, *options.inputs, options.tokenizer])
     out = options.out
@@ -277,7 +270,7 @@ def _check_output(options: PrepareDataOptions, files: list[Path]) -> None:
             record = read_json(manifest, "manifest")
             command = record.get("command", {}).get("name") if isinstance(record.get("command"), dict) else None
         if command != PrepareDataSummary.command:
-            raise BadInput(f"{shown(out)}: exists and is not a prepare-data output (no {MANIFEST_FILE} of "
+            raise BadInput(f"{out}: exists and is not a prepare-data output (no {MANIFEST_FILE} of "
                            "prepare-data in it); --overwrite replaces only those: choose another OUT in "
                            "--output-prefix OUT/NAME")
 
@@ -291,7 +284,7 @@ def prepare_data(options: PrepareDataOptions, run: Run = QUIET) -> PrepareDataSu
     tokenizer, tokenizer_files = load_tokenizer(Path(options.tokenizer))
     eod = tokenizer.eos_token_id
     if options.append_eod and not isinstance(eod, int):
-        raise BadInput(f"{shown(options.tokenizer)}: the tokenizer has no EOS token to end documents with (pass "
+        raise BadInput(f"{options.tokenizer}: the tokenizer has no EOS token to end documents with (pass "
                        "--no-append-eod to write documents without one)")
     vocab_size = len(tokenizer)
     idx = _indexed_dataset_module()
@@ -322,7 +315,7 @@ def prepare_data(options: PrepareDataOptions, run: Run = QUIET) -> PrepareDataSu
                 _write(builder, tokenizer, batch, eod if options.append_eod else None, vocab_size, f, counts)
                 run.step(counts["read"], total, f.name)
             if counts["documents"] == 0:
-                raise BadInput(f"{shown(files[0]) if len(files) == 1 else 'the inputs'}: no document with any "
+                raise BadInput(f"{files[0] if len(files) == 1 else 'the inputs'}: no document with any "
                                "text to tokenize")
             builder.finalize(str(tmp / f"{options.name}.idx"))
         finally:
@@ -347,7 +340,7 @@ def _write(builder, tokenizer, batch: list[str], eod: int | None, vocab_size: in
             doc = [*doc, eod]
         if max(doc) >= vocab_size or min(doc) < 0:
             bad = max(doc) if max(doc) >= vocab_size else min(doc)
-            raise BadInput(f"{shown(path)}: the tokenizer gave id {bad} for a document, outside its vocabulary of "
+            raise BadInput(f"{path}: the tokenizer gave id {bad} for a document, outside its vocabulary of "
                            f"{vocab_size} ids (an inconsistent tokenizer)")
         builder.add_document(doc, [len(doc)])
         counts["documents"] += 1

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from falcon_bridge.core.choices import VERIFY_DTYPE, VERIFY_SEQ_LEN, Device, MupMode, one_of
-from falcon_bridge.errors import BadInput
+from falcon_bridge.errors import BadInput, shown
 
 # max |Δ| / max |reference| accepted per compute dtype (fp32: the CPU suite's bar; bf16: a few ulps of the logits)
 DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
@@ -167,7 +167,7 @@ def compare_branches(reference: dict, candidate: dict, num_layers: int, toleranc
     return rows
 
 
-def read_tokens(path: Path) -> torch.Tensor:
+def read_tokens(path: Path, vocab_size: int) -> torch.Tensor:
     """Token ids from a file: a JSON list (or list of equally long lists), or whitespace-separated integers."""
     import json
 
@@ -178,7 +178,7 @@ def read_tokens(path: Path) -> torch.Tensor:
                        "or whitespace-separated integers)")
     try:
         ids = json.loads(text) if text.lstrip().startswith("[") else [int(t) for t in text.split()]
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: lists nested deeper than the parser's stack
         raise problem from None
     rows = ids if ids and all(isinstance(r, list) for r in ids) else [ids]
     if not rows or any(not r or len(r) != len(rows[0]) or any(type(i) is not int for i in r) for r in rows):
@@ -186,14 +186,17 @@ def read_tokens(path: Path) -> torch.Tensor:
     if len(rows) * len(rows[0]) > MAX_VERIFY_TOKENS:
         raise BadInput(f"{path}: {len(rows) * len(rows[0]):,} token ids; verify compares at most "
                        f"{MAX_VERIFY_TOKENS:,} (the logits of both models are held in memory)")
+    outside = next((i for r in rows for i in r if not 0 <= i < vocab_size), None)
+    if outside is not None:
+        raise BadInput(f"{path}: token id {shown(outside)} is outside the vocabulary [0, {vocab_size})")
     return torch.tensor(rows, dtype=torch.long)
 
 
 def choose_tokens(hf_dir: Path, vocab_size: int, tokens_file: Path | None, prompt: str | None,
                   seq_len: int) -> torch.Tensor:
     if tokens_file is not None:
-        tokens = read_tokens(tokens_file)
-    elif prompt is not None:
+        return read_tokens(tokens_file, vocab_size)
+    if prompt is not None:
         from transformers import AutoTokenizer
 
         try:
@@ -203,11 +206,12 @@ def choose_tokens(hf_dir: Path, vocab_size: int, tokens_file: Path | None, promp
         tokens = tokenizer(prompt, return_tensors="pt").input_ids
         if tokens.numel() > MAX_VERIFY_TOKENS:
             raise BadInput(f"--prompt: {tokens.numel():,} tokens; verify compares at most {MAX_VERIFY_TOKENS:,}")
-    else:
-        return sample_tokens(vocab_size, 2, seq_len)
-    if tokens.numel() == 0 or tokens.min() < 0 or tokens.max() >= vocab_size:
-        raise BadInput(f"token ids must lie in [0, {vocab_size})")
-    return tokens
+        if tokens.numel() == 0:
+            raise BadInput("--prompt: the tokenizer gives no token ids for it")
+        if tokens.min() < 0 or tokens.max() >= vocab_size:
+            raise BadInput(f"--prompt: the tokenizer gives ids outside the vocabulary [0, {vocab_size})")
+        return tokens
+    return sample_tokens(vocab_size, 2, seq_len)
 
 
 @contextmanager

@@ -11,7 +11,7 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from falcon_bridge.errors import BadInput
+from falcon_bridge.errors import BadInput, shown
 
 # The Mamba-2 mixer's row layout, defined here once: in_proj's output rows are z | x | B | C | dt (the order of
 # ssm_multipliers too), conv1d's channels x | B | C; B and C hold the group-shared rows (n_groups · d_state each),
@@ -64,7 +64,7 @@ class Multipliers:
                 continue
             if not isinstance(value, list | tuple) or len(value) != length:
                 raise BadInput(f"{source}: field {key}: expected a list of {length} numbers ({parts}), got "
-                               f"{value!r:.80}")
+                               f"{shown(value)}")
             kw[name] = tuple(_finite(v, source, key) for v in value)
         return cls(**kw)
 
@@ -93,14 +93,14 @@ TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 def _finite(value: Any, source: str, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise BadInput(f"{source}: field {key}: expected a finite number, got {value!r:.80}")
+        raise BadInput(f"{source}: field {key}: expected a finite number, got {shown(value)}")
     return float(value)
 
 
 def _positive_int(value: Any, source: str, key: str) -> int:
     # JSON integers only: 4.9 is not silently 4, and "true" is not 1
     if type(value) is not int or value < 1:
-        raise BadInput(f"{source}: field {key}: expected a positive integer, got {value!r:.80}")
+        raise BadInput(f"{source}: field {key}: expected a positive integer, got {shown(value)}")
     return value
 
 
@@ -110,7 +110,7 @@ def _token_id(value: Any, source: str, key: str) -> int | tuple[int, ...] | None
     if value is None:
         return None
     if not ids or any(type(i) is not int or i < 0 for i in ids):
-        raise BadInput(f"{source}: field {key}: expected a token id, a list of them or null, got {value!r:.80}")
+        raise BadInput(f"{source}: field {key}: expected a token id, a list of them or null, got {shown(value)}")
     return tuple(ids) if isinstance(value, list | tuple) else value
 
 
@@ -121,7 +121,7 @@ def _refuse_unsupported(hf: dict[str, Any], source: str) -> None:
     transformers ignores them.)"""
     rope = hf.get("rope_parameters")
     if rope is not None and not isinstance(rope, dict):
-        raise BadInput(f"{source}: field rope_parameters: expected an object, got {rope!r:.80}")
+        raise BadInput(f"{source}: field rope_parameters: expected an object, got {shown(rope)}")
     checks = {
         "rope_scaling": (hf.get("rope_scaling"), lambda v: v is None, "RoPE scaling"),
         "rope_parameters.rope_type": ((rope or {}).get("rope_type"), lambda v: v in (None, "default"),
@@ -139,7 +139,7 @@ def _refuse_unsupported(hf: dict[str, Any], source: str) -> None:
     }
     for key, (value, supported, what) in checks.items():
         if not supported(value):
-            raise BadInput(f"{source}: field {key} = {value!r:.80} is not supported ({what}); only transformers' "
+            raise BadInput(f"{source}: field {key} = {shown(value)} is not supported ({what}); only transformers' "
                            "default is")
 
 
@@ -236,38 +236,36 @@ class FalconH1Arch:
             if types[name] is int:
                 _positive_int(value, source, HF_KEYS.get(name, name))
             elif types[name] is bool:
-                need(type(value) is bool, f"{source}: field {name}: expected true or false, got {value!r:.80}")
+                need(type(value) is bool, f"{source}: field {name}: expected true or false, got {shown(value)}")
             elif types[name] is float:
                 need(_finite(value, source, name) > 0, f"{source}: field {name}: expected a positive number, got "
-                                                       f"{value!r}")
+                                                       f"{shown(value)}")
             elif name in TOKEN_ID_FIELDS:
                 _token_id(value, source, name)
+                # an id the embedding has no row for (create-random's tokenizer would hold that many special tokens)
+                outside = next((i for i in (value if isinstance(value, list | tuple) else (value,))
+                                if i is not None and i >= self.vocab_size), None)
+                need(outside is None, f"{source}: field {name}: token id {shown(outside)} is outside the vocabulary "
+                                      f"[0, {self.vocab_size})")
         need(isinstance(self.multipliers, Multipliers), f"{source}: multipliers: expected the 14 µP multipliers")
 
         need(self.mamba_d_head * self.mamba_n_heads == self.mamba_d_ssm,
-             f"config: mamba_d_head ({self.mamba_d_head}) × mamba_n_heads ({self.mamba_n_heads}) "
-             f"must equal mamba_d_ssm ({self.mamba_d_ssm})")
+             f"{source}: mamba_d_head ({shown(self.mamba_d_head)}) × mamba_n_heads ({shown(self.mamba_n_heads)}) "
+             f"must equal mamba_d_ssm ({shown(self.mamba_d_ssm)})")
         need(self.mamba_n_heads % self.mamba_n_groups == 0,
-             f"config: mamba_n_heads ({self.mamba_n_heads}) must be divisible by mamba_n_groups "
-             f"({self.mamba_n_groups})")
+             f"{source}: mamba_n_heads ({shown(self.mamba_n_heads)}) must be divisible by mamba_n_groups "
+             f"({shown(self.mamba_n_groups)})")
         need(self.num_heads % self.num_kv_heads == 0,
-             f"config: num_attention_heads ({self.num_heads}) must be divisible by num_key_value_heads "
-             f"({self.num_kv_heads})")
-        need(self.hidden_act == "silu", f"config field hidden_act: only 'silu' is supported, got {self.hidden_act!r}")
+             f"{source}: num_attention_heads ({shown(self.num_heads)}) must be divisible by num_key_value_heads "
+             f"({shown(self.num_kv_heads)})")
+        need(self.hidden_act == "silu", f"{source}: field hidden_act: only 'silu' is supported, got "
+                                        f"{shown(self.hidden_act)}")
         return self
 
     def validate_for_megatron(self) -> FalconH1Arch:
-        """Configs megatron-core's MambaMixer cannot express exactly."""
+        """Configs our megatron-core model cannot express exactly. (The gated Mamba norm's norm_before_gate and
+        eps, and the in_proj/out_proj biases, megatron-core's MambaMixer refuses, are our model's own: model.py.)"""
         self.validate()
-        if self.mamba_rms_norm and self.mamba_norm_before_gate:
-            raise BadInput("config field mamba_norm_before_gate: true with mamba_rms_norm is not supported "
-                           "(megatron-core's gated Mamba norm only normalizes after the gate)")
-        if self.mamba_rms_norm and self.rms_norm_eps != 1e-5:
-            raise BadInput(f"config field rms_norm_eps: {self.rms_norm_eps} with mamba_rms_norm; megatron-core's "
-                           "gated Mamba norm hard-codes eps=1e-5")
-        if self.mamba_proj_bias or self.projectors_bias:
-            raise BadInput("config fields mamba_proj_bias/projectors_bias: Mamba in_proj/out_proj biases are not "
-                           "supported by megatron-core's MambaMixer")
         if not self.mamba_conv_bias:
             raise BadInput("config field mamba_conv_bias: false is not supported by megatron-core's MambaMixer")
         if self.attention_bias != self.mlp_bias:
@@ -280,7 +278,7 @@ class FalconH1Arch:
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> FalconH1Arch:
         """From a config.json dict (transformers 4 or 5 spelling)."""
         if hf.get("model_type", "falcon_h1") != "falcon_h1":
-            raise BadInput(f"{source}: model_type is {hf.get('model_type')!r}, expected 'falcon_h1'")
+            raise BadInput(f"{source}: model_type is {shown(hf.get('model_type'))}, expected 'falcon_h1'")
         for key in REQUIRED_HF_KEYS:
             if hf.get(key) is None:
                 raise BadInput(f"{source}: required field {key!r} is missing")
@@ -295,7 +293,8 @@ class FalconH1Arch:
               for f in fields(cls) if f.name != "multipliers"}
         if kw["num_kv_heads"] is None:  # one KV head per query head
             kw["num_kv_heads"] = heads
-        kw["head_dim"] = kw["head_dim"] or hidden // heads
+        if kw["head_dim"] is None:
+            kw["head_dim"] = hidden // heads
         if kw["mamba_d_ssm"] is None:
             kw["mamba_d_ssm"] = _positive_int(hf.get("mamba_expand", 2), source, "mamba_expand") * hidden
         if kw["mamba_d_head"] in (None, "auto"):
@@ -309,7 +308,7 @@ class FalconH1Arch:
             _token_id(kw[key], source, key)
             kw[key] = tuple(kw[key]) if isinstance(kw[key], list) else kw[key]
         if not isinstance(kw["hidden_act"], str):
-            kw["hidden_act"] = repr(kw["hidden_act"])
+            kw["hidden_act"] = shown(kw["hidden_act"])
         return cls(**kw, multipliers=Multipliers.from_hf(hf, source)).validate(source)
 
     def to_hf(self) -> dict[str, Any]:
@@ -352,11 +351,11 @@ class FalconH1Arch:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise BadInput(f"{source}: unknown field(s) {sorted(unknown)}")
+            raise BadInput(f"{source}: unknown field(s) {shown(sorted(map(str, unknown)))}")
         kw = {k: tuple(v) if k in TOKEN_ID_FIELDS and isinstance(v, list) else v for k, v in d.items()}
         multipliers = d.get("multipliers") or {}
         if not isinstance(multipliers, dict):
-            raise BadInput(f"{source}: field multipliers: expected an object, got {multipliers!r:.80}")
+            raise BadInput(f"{source}: field multipliers: expected an object, got {shown(multipliers)}")
         kw["multipliers"] = Multipliers.from_hf(multipliers, source)
         missing = sorted(f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
                          and f.name not in kw)

@@ -38,6 +38,9 @@ class HFExport:
                 raise BadInput(f"{flag} {value}: expected {one_of(choices)}")
         if self.fmt != ExportFormat.LATENT and not self.bitnet:
             raise BadInput(f"--format {self.fmt}: not a BitNet checkpoint (import it with --bitnet)")
+        if self.mup_export == MupExport.KEEP_FOLDED and self.mup_mode != MupMode.FOLD:
+            raise BadInput(f"--mup {self.mup_export}: the weights hold no folded multipliers (mode "
+                           f"{self.mup_mode}), so there is nothing to keep folded; leave --mup out")
 
     @property
     def unfolding(self) -> bool:

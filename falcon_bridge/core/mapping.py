@@ -14,8 +14,8 @@ pieces, which is how megatron-core's MambaMixer stores them) and back.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,6 +23,7 @@ from falcon_bridge.core import random_init as rnd
 from falcon_bridge.core import transforms as T
 from falcon_bridge.core.config import CONV_SEGMENTS, GROUP_SEGMENTS, SSM_SEGMENTS, FalconH1Arch
 from falcon_bridge.core.parallel import MegatronLayout
+from falcon_bridge.errors import BadInput, shown
 
 Shape = tuple[int, ...]
 Factor = float | torch.Tensor  # a µP fold factor: a scalar, or one per row ([rows, 1])
@@ -194,11 +195,16 @@ def mult(name: str, index: int | None = None) -> Callable[[FalconH1Arch], float]
     return lambda a: getattr(a.multipliers, name) if index is None else getattr(a.multipliers, name)[index]
 
 
+def in_proj_bias_fold(a: FalconH1Arch) -> torch.Tensor:
+    """in_proj bias's per-row fold factor [rows]: each segment's ssm_multiplier, which HF applies to the in_proj
+    output, bias included (ssm_in multiplies only the input)."""
+    return torch.cat([torch.full((n,), s, dtype=torch.float64) for n, s in zip(a.in_proj_segments().values(),
+                                                                              a.multipliers.ssm)])
+
+
 def in_proj_fold(a: FalconH1Arch) -> torch.Tensor:
     """in_proj's per-row fold factor [rows, 1]: ssm_in (its input's multiplier) × each segment's ssm_multiplier."""
-    m = a.multipliers
-    return torch.cat([torch.full((n, 1), m.ssm_in * s, dtype=torch.float64)
-                      for n, s in zip(a.in_proj_segments().values(), m.ssm)])
+    return (a.multipliers.ssm_in * in_proj_bias_fold(a)).unsqueeze(1)
 
 
 # Megatron "<name>"  ↔  HF "<name>"
@@ -213,6 +219,7 @@ MODEL_RULES = (
 )
 
 # Megatron "decoder.layers.{i}.<name>"  ↔  HF "model.layers.{i}.<name>"   (i = global layer index)
+MEGATRON_LAYER_PREFIX, HF_LAYER_PREFIX = "decoder.layers.", "model.layers."
 LAYER_RULES = (
     # shared pre-norm of the parallel Mamba and attention branches
     R("norm.weight", hf("input_layernorm.weight", lambda a: (a.hidden_size,), init=rnd.norm), COPY),
@@ -235,6 +242,8 @@ LAYER_RULES = (
     # Mamba-2 mixer
     R("mamba_mixer.in_proj.weight", hf("mamba.in_proj.weight", lambda a: (a.in_proj_rows, a.hidden_size),
                                        in_proj_fold), IN_PROJ, bitnet=COLUMN),
+    R("mamba_mixer.in_proj.bias", hf("mamba.in_proj.bias", lambda a: (a.in_proj_rows,), in_proj_bias_fold),
+      IN_PROJ, when=lambda a: a.mamba_proj_bias),
     R("mamba_mixer.conv1d.weight", hf("mamba.conv1d.weight", lambda a: (a.conv_dim, 1, a.mamba_d_conv),
                                       init=rnd.conv), CONV),
     R("mamba_mixer.conv1d.bias", hf("mamba.conv1d.bias", lambda a: (a.conv_dim,), init=rnd.conv), CONV),
@@ -245,6 +254,8 @@ LAYER_RULES = (
       when=lambda a: a.mamba_rms_norm),
     R("mamba_mixer.out_proj.weight", hf("mamba.out_proj.weight", lambda a: (a.hidden_size, a.mamba_d_ssm),
                                         mult("ssm_out")), COPY, bitnet=ROW),
+    R("mamba_mixer.out_proj.bias", hf("mamba.out_proj.bias", lambda a: (a.hidden_size,), mult("ssm_out")), COPY,
+      when=lambda a: a.projectors_bias),
     # MLP (its pre-norm is fused into linear_fc1, as in Megatron-Bridge; mlp_multipliers: gate, down)
     R("mlp.linear_fc1.layer_norm_weight", hf("pre_ff_layernorm.weight", lambda a: (a.hidden_size,), init=rnd.norm),
       COPY),
@@ -269,7 +280,7 @@ _HF_TENSORS = {t.name: (rule, t) for rule in MODEL_RULES + LAYER_RULES for t in 
 
 def hf_rule(hf_name: str) -> tuple[Rule, HFTensor] | None:
     """The rule of a full HF tensor name (`model.layers.7.mamba.D` → the mamba_mixer.D rule), None if unknown."""
-    in_layer = hf_name.startswith("model.layers.")
+    in_layer = hf_name.startswith(HF_LAYER_PREFIX)
     key = hf_name.split(".", 3)[-1] if in_layer else hf_name
     found = _HF_TENSORS.get(key)
     # a layer tensor's relative name never collides with a model-level one, but it is only valid under layers
@@ -313,7 +324,7 @@ LAYER_EXTRA_STATE_MODULES = ("norm", "mamba_mixer.in_proj", "mamba_mixer.out_pro
 
 def megatron_extra_state_keys(arch: FalconH1Arch) -> list[str]:
     """The checkpoint keys of those `_extra_state` objects (ShardedObject key + '/shard_0_1', TP-independent)."""
-    modules = [f"decoder.layers.{i}.{m}" for i in range(arch.num_layers) for m in LAYER_EXTRA_STATE_MODULES]
+    modules = [f"{MEGATRON_LAYER_PREFIX}{i}.{m}" for i in range(arch.num_layers) for m in LAYER_EXTRA_STATE_MODULES]
     modules += MODEL_EXTRA_STATE_MODULES
     return [f"{m}._extra_state/shard_0_1" for m in modules]
 
@@ -344,9 +355,20 @@ def entries(arch: FalconH1Arch) -> list[Entry]:
     model = {r.megatron: r for r in MODEL_RULES if r.when(arch)}
     out = [make(model.pop("embedding.word_embeddings.weight"), "", "", None)]
     for i in range(arch.num_layers):
-        out += [make(r, f"decoder.layers.{i}.", f"model.layers.{i}.", i) for r in LAYER_RULES if r.when(arch)]
+        out += [make(r, f"{MEGATRON_LAYER_PREFIX}{i}.", f"{HF_LAYER_PREFIX}{i}.", i) for r in LAYER_RULES
+                if r.when(arch)]
     out += [make(r, "", "", None) for r in model.values()]
     return out
+
+
+def refuse_more_layers_than_stored(arch: FalconH1Arch, names: Iterable[str], prefix: str, field: str) -> None:
+    """Everything built per layer (the entries, the expected tensors, the model) loops over the layer count a config
+    claims: it is checked first against the layers a checkpoint's tensor names hold (the distinct `i` of names
+    `prefix{i}.…`). `field` names where the count came from."""
+    stored = len({index for name in names if name.startswith(prefix)
+                  and (index := name[len(prefix):].split(".", 1)[0]).isdigit()})
+    if arch.num_layers > stored:
+        raise BadInput(f"{field} is {shown(arch.num_layers)}, but the checkpoint holds tensors of {stored} layers")
 
 
 def hf_tensor_shapes(arch: FalconH1Arch) -> dict[str, Shape]:
@@ -355,7 +377,11 @@ def hf_tensor_shapes(arch: FalconH1Arch) -> dict[str, Shape]:
 
 
 def num_parameters(arch: FalconH1Arch) -> int:
-    return sum(math.prod(s) for s in hf_tensor_shapes(arch).values())
+    """Counted from one layer (every layer holds the same tensors), so that a card claiming 10**9 layers is counted,
+    and refused for its size, without a loop over its layers."""
+    sizes = [(e.layer is None, sum(math.prod(s) for s in e.hf_shapes)) for e in entries(replace(arch, num_layers=1))]
+    return sum(n for model_level, n in sizes if model_level) + arch.num_layers * sum(
+        n for model_level, n in sizes if not model_level)
 
 
 def megatron_tensor_shapes(arch: FalconH1Arch, layout: MegatronLayout) -> dict[str, Shape]:

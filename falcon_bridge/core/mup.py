@@ -1,7 +1,9 @@
 """µP fold: each Falcon-H1 forward multiplier multiplied into the weight next to it, and back. Which factor goes
 into which tensor is the `fold` column of the map (core/mapping.py).
 
-Every multiplier sits beside a bias-free linear map (and RoPE is linear), so the fold is exact in real arithmetic.
+Every multiplier scales the input or the output of a linear map (and RoPE is linear); where that map has a bias
+(the Mamba in_proj/out_proj biases), the table folds the output-side factors into the bias too, so the fold is
+exact in real arithmetic.
 Arithmetic: fp64, one rounding to the storage dtype. Unfolding divides by the same factor: bit-exact when the
 factor is a power of two, within one ulp of the storage dtype otherwise.
 """

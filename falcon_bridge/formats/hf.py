@@ -1,6 +1,7 @@
 """Hugging Face checkpoints: lazy safetensors reading, streaming safetensors writing, config files.
 
-Reading goes through safetensors' own `safe_open` (memory-mapped, one tensor at a time). Writing streams: the
+Reading parses each file's safetensors header once (safe_open would parse it again for every tensor, and a header
+may be 100 MB) and maps one tensor's bytes at a time. Writing streams: the
 safetensors Python API only writes whole dicts, which would hold a whole shard (up to several GB) in memory, so
 `ShardedSafetensorsWriter` lays out each shard's header from the known shapes first and then appends each tensor's
 bytes as it arrives. The files are plain safetensors: transformers and `safe_open` read them.
@@ -13,16 +14,24 @@ import math
 import os
 import shutil
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from falcon_bridge.core.config import FalconH1Arch
+from falcon_bridge.core.config import HF_KEYS, FalconH1Arch
+from falcon_bridge.core.mapping import HF_LAYER_PREFIX, refuse_more_layers_than_stored
 from falcon_bridge.core.packed_ternary import packed_format
-from falcon_bridge.errors import BadInput, first_line
-from falcon_bridge.formats.untrusted import TOKENIZER_MAX_BYTES, read_json, regular_file_size
+from falcon_bridge.errors import BadInput, first_line, shown
+from falcon_bridge.formats.untrusted import (
+    SAFETENSORS_HEADER_MAX_BYTES,
+    TENSOR_NAME_MAX_CHARS,
+    TOKENIZER_MAX_BYTES,
+    read_json,
+    regular_file_size,
+)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -31,6 +40,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "U8": torch.uint8,
           "I8": torch.int8, "I32": torch.int32, "I64": torch.int64}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_TENSOR_DIMS = 64  # torch's limit; a header's shape of millions of dimensions would take long to multiply out
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]  # weights, configs, tokenizer
+# huggingface_hub's requests have no timeout: where connections to the Hub hang (a firewall dropping them), one
+# missing `a/b` took 76 s to fail. A Hub that is there answers well within this.
+HUB_PROBE_SECONDS = 3.0
 
 
 def resolve_source(src: str) -> Path:
@@ -44,12 +58,39 @@ def resolve_source(src: str) -> Path:
         raise BadInput(f"{src}: no such directory (and not a Hub repo id like 'tiiuae/Falcon-H1-0.5B-Base')")
     from huggingface_hub import snapshot_download
 
+    unreachable = why_hub_unreachable()
     try:
-        return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                           "*.jinja"]))
-    except Exception as e:  # noqa: BLE001 - every Hub failure (offline, 404, auth) is one line for the user
+        # unreachable: only the local Hub cache is looked in, so a repo downloaded before still opens offline
+        return Path(snapshot_download(src, allow_patterns=HUB_FILES, local_files_only=unreachable is not None))
+    except Exception as e:  # noqa: BLE001 - every Hub failure (not cached, 404, auth) is one line for the user
+        if unreachable is not None:
+            raise BadInput(f"{src}: neither a local directory nor in the local Hugging Face cache, and the Hub "
+                           f"cannot be reached ({unreachable})") from None
         raise BadInput(f"{src}: not a local directory, and the Hugging Face Hub could not provide it "
-                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'})") from None
+                       f"({first_line(e)})") from None
+
+
+def why_hub_unreachable() -> str | None:
+    """None when the Hugging Face Hub answers one request within HUB_PROBE_SECONDS, else why not. Asked through
+    huggingface_hub's own session, so its proxies count and HF_HUB_OFFLINE refuses at once. The request runs in a
+    daemon thread because the name lookup before it is bounded by no timeout; a thread left waiting does not keep
+    the process alive."""
+    from huggingface_hub import constants, get_session
+
+    outcome = [f"{constants.ENDPOINT} did not answer within {HUB_PROBE_SECONDS:g} s"]
+
+    def probe():
+        try:
+            get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_SECONDS)
+        except Exception as e:  # noqa: BLE001 - offline mode, no route, refused, TLS, timeout: all unreachable
+            outcome[0] = first_line(e)
+        else:
+            outcome[0] = None
+
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_SECONDS)
+    return outcome[0]
 
 
 @dataclass
@@ -57,6 +98,67 @@ class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: torch.dtype
+    offset: int = 0  # where a stored tensor's bytes start in the file
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """The tensors a safetensors file holds, from its header: each one's dtype, shape and bytes, checked to lie
+    inside the file (so no size a header claims is ever allocated or read)."""
+    problem = f"{path}: not a readable safetensors file"
+    size = regular_file_size(path, 1 << 62, "safetensors shard")
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise BadInput(f"{problem} (shorter than its 8-byte header length)")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > min(SAFETENSORS_HEADER_MAX_BYTES, size - 8):
+                raise BadInput(f"{problem} (its header length, {length:,} bytes, exceeds the file or safetensors' "
+                               f"limit of {SAFETENSORS_HEADER_MAX_BYTES:,})")
+            header = json.loads(f.read(length))
+    except OSError as e:
+        raise BadInput(f"{path}: cannot be read ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deep
+        raise BadInput(f"{problem} (header: {first_line(e)})") from None
+    if not isinstance(header, dict):
+        raise BadInput(f"{problem} (its header is not a JSON object)")
+    data_start, tensors = 8 + length, {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if len(name) > TENSOR_NAME_MAX_CHARS:
+            raise BadInput(f"{problem} (a tensor name of {len(name):,} characters: {shown(name)})")
+        dtype_name, shape, offsets = (entry.get(k) if isinstance(entry, dict) else None
+                                      for k in ("dtype", "shape", "data_offsets"))
+        if isinstance(dtype_name, str) and dtype_name not in DTYPES:
+            raise BadInput(f"{path}: tensor {name} has unsupported dtype {shown(dtype_name)}")
+        dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+        if not (dtype is not None and isinstance(shape, list) and len(shape) <= MAX_TENSOR_DIMS
+                and all(type(n) is int and n >= 0 for n in shape) and isinstance(offsets, list)
+                and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= size - data_start):
+            raise BadInput(f"{problem} (tensor {name}: expected a dtype, a shape and data_offsets inside the "
+                           f"file, got {shown(entry)})")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise BadInput(f"{problem} (tensor {name}: shape {shown(shape)} needs {nbytes:,} bytes, its data_offsets "
+                           f"give {offsets[1] - offsets[0]:,})")
+        tensors[name] = TensorInfo(path, tuple(shape), dtype, data_start + offsets[0])
+    return tensors
+
+
+def read_tensor(info: TensorInfo, region: tuple[slice, ...] | None = None) -> torch.Tensor:
+    """A stored tensor (or a region of it), copied out of its file. The file is mapped only for this read: a
+    mapping kept open would count every page read so far in the process's resident memory, growing with the
+    model; a region reads only its own pages."""
+    nbytes = math.prod(info.shape) * info.dtype.itemsize
+    if nbytes == 0:
+        return torch.empty(info.shape, dtype=info.dtype)[region or ...]
+    raw = torch.from_file(str(info.file), shared=False, size=info.offset + nbytes, dtype=torch.uint8)[info.offset:]
+    if info.offset % info.dtype.itemsize:  # viewed as the dtype only from an aligned start
+        raw = raw.clone()
+    tensor = raw.view(info.dtype).reshape(info.shape)
+    return tensor[region or ...].clone()
 
 
 class HFCheckpoint:
@@ -78,28 +180,20 @@ class HFCheckpoint:
         else:
             raise BadInput(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are read)")
         self.files_read = files
-        self.tensors: dict[str, TensorInfo] = {}
+        self.stored: dict[str, TensorInfo] = {}  # every tensor as the files hold it (packed linears as uint8)
         for f in files:
-            regular_file_size(f, 1 << 62, "safetensors shard")
-            try:
-                with safe_open(str(f), framework="pt") as h:
-                    for name in h.keys():
-                        sl = h.get_slice(name)
-                        dtype = DTYPES.get(sl.get_dtype())
-                        if dtype is None:
-                            raise BadInput(f"{f}: tensor {name} has unsupported dtype {sl.get_dtype()}")
-                        if name in self.tensors:  # which copy transformers would load depends on the index
-                            raise BadInput(f"{f}: tensor {name} is also stored in {self.tensors[name].file.name}")
-                        if weight_map is not None and weight_map.get(name) != f.name:
-                            raise BadInput(f"{f}: holds tensor {name}, which {INDEX_FILE} places "
-                                           + (f"in {weight_map[name]}" if name in weight_map else "nowhere"))
-                        self.tensors[name] = TensorInfo(f, tuple(sl.get_shape()), dtype)
-            except BadInput:
-                raise
-            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
-                raise BadInput(f"{f}: not a readable safetensors file ({first_line(e)})") from None
+            for name, info in read_safetensors_header(f).items():
+                if name in self.stored:  # which copy transformers would load depends on the index
+                    raise BadInput(f"{f}: tensor {name} is also stored in {self.stored[name].file.name}")
+                if weight_map is not None and weight_map.get(name) != f.name:
+                    raise BadInput(f"{f}: holds tensor {name}, which {INDEX_FILE} places "
+                                   + (f"in {weight_map[name]}" if name in weight_map else "nowhere"))
+                self.stored[name] = info
+        refuse_more_layers_than_stored(self.arch, self.stored, HF_LAYER_PREFIX,
+                                       f"{self.path / 'config.json'}: field {HF_KEYS['num_layers']}")
+        self.tensors: dict[str, TensorInfo] = dict(self.stored)  # as the model sees them (packed ones unpacked)
         if weight_map is not None:
-            missing = sorted(set(weight_map) - set(self.tensors))
+            missing = sorted(set(weight_map) - set(self.stored))
             if missing:
                 raise BadInput(f"{index}: tensor {missing[0]} is not in {weight_map[missing[0]]}"
                                + (f" (and {len(missing) - 1} more listed but stored nowhere)" if len(missing) > 1
@@ -131,31 +225,28 @@ class HFCheckpoint:
 
     def _shard_path(self, index: Path, tensor: object, file: object) -> Path:
         """An index entry's shard: a safetensors file directly in the checkpoint directory."""
-        if not isinstance(tensor, str) or not isinstance(file, str) or Path(file).name != file \
-                or not file.endswith(".safetensors"):
-            raise BadInput(f"{index}: weight_map entry {tensor!r:.80}: {file!r:.80} is not a .safetensors file name "
-                           "in the checkpoint directory")
+        if not isinstance(tensor, str) or len(tensor) > TENSOR_NAME_MAX_CHARS or not isinstance(file, str) \
+                or Path(file).name != file or not file.endswith(".safetensors"):
+            raise BadInput(f"{index}: weight_map entry {shown(tensor)}: {shown(file)} is not a .safetensors file "
+                           "name in the checkpoint directory")
         path = self.path / file
         if not path.exists():
             raise BadInput(f"{path}: listed in {INDEX_FILE} but missing")
         return path
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, copied out of the file. The file is mapped only for this read: a mapping kept open would
-        count every page read so far in the process's resident memory, growing with the model."""
+        """One tensor, copied out of its file (packed ternary ones unpacked)."""
         info = self.tensors.get(name)
         if info is None:
             raise BadInput(f"{self.path}: tensor {name} is missing")
         try:
             if name in self.packed:
-                with safe_open(str(self.packed[name].file), framework="pt") as h:
-                    weight_scale = h.get_tensor(self.packing.scale_name(name))
-                with safe_open(str(info.file), framework="pt") as h:
-                    return self.packing.read_back(h.get_tensor(name), weight_scale, info.shape[0]).to(info.dtype)
-            with safe_open(str(info.file), framework="pt") as h:
-                return h.get_tensor(name).clone()
+                weight_scale = read_tensor(self.packed[name])
+                return self.packing.read_back(read_tensor(self.stored[name]), weight_scale, info.shape[0]
+                                              ).to(info.dtype)
+            return read_tensor(info)
         except Exception as e:  # noqa: BLE001
-            raise BadInput(f"{info.file}: tensor {name} could not be read ({e})") from None
+            raise BadInput(f"{info.file}: tensor {name} could not be read ({first_line(e)})") from None
 
     def get_region(self, name: str, region: tuple[slice, ...]) -> torch.Tensor:
         """`get(name)[region]`, reading only that region from the file (packed ternary tensors are unpacked whole:
@@ -164,10 +255,9 @@ class HFCheckpoint:
         if info is None or name in self.packed:
             return self.get(name)[region]
         try:
-            with safe_open(str(info.file), framework="pt") as h:
-                return h.get_slice(name)[region].clone()
+            return read_tensor(info, region)
         except Exception as e:  # noqa: BLE001
-            raise BadInput(f"{info.file}: tensor {name} could not be read ({e})") from None
+            raise BadInput(f"{info.file}: tensor {name} could not be read ({first_line(e)})") from None
 
     def files(self) -> list[Path]:
         """Every file a conversion reads (configs, shards, tokenizer): what the manifest's sources record."""
@@ -182,8 +272,14 @@ class HFCheckpoint:
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------
+def check_max_shard_bytes(max_shard_bytes: int) -> None:
+    if type(max_shard_bytes) is not int or max_shard_bytes < 1:
+        raise BadInput(f"--max-shard-size {shown(max_shard_bytes)}: expected a positive number of bytes")
+
+
 class ShardedSafetensorsWriter:
-    """Writes tensors, in the announced order, into safetensors shards of at most max_shard_bytes each.
+    """Writes tensors, in the announced order, into safetensors shards of at most max_shard_bytes each (a tensor
+    larger than that gets a shard of its own).
 
     `plan` lists (name, shape, dtype) in write order; `put` must follow that order. Memory: one tensor.
     """

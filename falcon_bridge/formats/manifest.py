@@ -7,8 +7,9 @@ import datetime
 import hashlib
 import json
 import os
+import stat
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -55,9 +56,30 @@ class BackgroundHashes:
         self._stop.set()
 
 
-def hash_tree(root: Path) -> dict[str, dict]:
-    """relative path → {sha256, bytes} for every file under root (the manifest itself excluded)."""
-    files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE]
+def _kind(mode: int) -> str:
+    return ("file" if stat.S_ISREG(mode) else "directory" if stat.S_ISDIR(mode) else "symbolic link"
+            if stat.S_ISLNK(mode) else "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode)
+            else "device")
+
+
+def tree_entries(root: Path, descend: Callable[[str], bool] = lambda rel: True) -> dict[str, str]:
+    """relative path → kind ("file", "directory", "symbolic link", "FIFO", "socket", "device") of everything under
+    root, the manifest itself excluded. Symbolic links are not followed; a directory is entered only where
+    `descend(its relative path)`."""
+    entries: dict[str, str] = {}
+    for top, dirs, files in os.walk(root):
+        rel_top = Path(top).relative_to(root)
+        for name in dirs + files:
+            entries[str(rel_top / name)] = _kind(os.lstat(Path(top) / name).st_mode)
+        dirs[:] = [d for d in dirs if entries[str(rel_top / d)] == "directory" and descend(str(rel_top / d))]
+    entries.pop(MANIFEST_FILE, None)
+    return entries
+
+
+def hash_tree(root: Path, entries: dict[str, str] | None = None) -> dict[str, dict]:
+    """relative path → {sha256, bytes} for every regular file of `entries` (default: everything under root)."""
+    entries = tree_entries(root) if entries is None else entries
+    files = sorted(root / rel for rel, kind in entries.items() if kind == "file")
     digests = BackgroundHashes(files).result()
     return {str(p.relative_to(root)): {"sha256": digests[str(p)], "bytes": p.stat().st_size} for p in files}
 
@@ -75,7 +97,9 @@ def write_manifest(out_dir: Path, command: dict, sources: dict[str, str]) -> Non
 
 
 def check_manifest(out_dir: Path) -> list[str]:
-    """One line per problem: a file changed, missing, or not in the manifest. Empty when everything matches."""
+    """One line per problem: a file changed, missing or no longer a regular file; anything the manifest does not
+    list (a file, a directory none of its files is in, a symbolic link, FIFO, device or socket). Empty when
+    everything matches."""
     path = Path(out_dir) / MANIFEST_FILE
     if not Path(out_dir).is_dir():
         raise BadInput(f"{out_dir}: no such directory")
@@ -86,13 +110,18 @@ def check_manifest(out_dir: Path) -> list[str]:
             isinstance(r, dict) and isinstance(r.get("sha256"), str) and type(r.get("bytes")) is int
             for r in recorded.values()):
         raise BadInput(f"{path}: field outputs: expected an object of file → {{sha256, bytes}}")
-    actual = hash_tree(Path(out_dir))
+    listed_dirs = {str(parent) for name in recorded for parent in Path(name).parents if parent != Path(".")}
+    entries = tree_entries(Path(out_dir), descend=lambda rel: rel in listed_dirs)
+    actual = hash_tree(Path(out_dir), {rel: kind for rel, kind in entries.items() if rel in recorded})
     problems = []
     for name, rec in recorded.items():
         got = actual.get(name)
-        if got is None:
+        if name not in entries:
             problems.append(f"{name}: missing")
+        elif got is None:
+            problems.append(f"{name}: a {entries[name]}, not the regular file the manifest records")
         elif got != rec:
             problems.append(f"{name}: " + ("size differs" if got["bytes"] != rec["bytes"] else "sha256 differs"))
-    problems += [f"{name}: not in the manifest" for name in actual if name not in recorded]
+    problems += [f"{name}: {kind} not in the manifest" for name, kind in entries.items()
+                 if name not in recorded and not (kind == "directory" and name in listed_dirs)]
     return problems

@@ -26,9 +26,10 @@ from torch.distributed.checkpoint.planner import WriteItemType
 
 from falcon_bridge import __version__
 from falcon_bridge.core.choices import MupMode
-from falcon_bridge.core.config import FalconH1Arch
+from falcon_bridge.core.config import FalconH1Arch, Multipliers
+from falcon_bridge.core.mup import run_config_entry
 from falcon_bridge.core.parallel import MegatronLayout
-from falcon_bridge.errors import BadInput, Interrupted, first_line, root_cause
+from falcon_bridge.errors import BadInput, Interrupted, first_line, root_cause, shown
 from falcon_bridge.formats.untrusted import (
     PICKLED_ENTRY_MAX_BYTES,
     TRACKER_MAX_BYTES,
@@ -37,6 +38,7 @@ from falcon_bridge.formats.untrusted import (
     read_bytes,
     read_json,
     read_text,
+    read_yaml,
     regular_file_size,
 )
 
@@ -119,13 +121,17 @@ def checked_metadata(ckpt_dir: Path):
     for name in ("metadata.json", ".metadata"):
         if not (ckpt_dir / name).exists():
             raise BadInput(f"{ckpt_dir}: not a torch_dist checkpoint ({name} missing)")
+    backend = read_json(ckpt_dir / "metadata.json", "checkpoint metadata.json").get("sharded_backend")
+    if backend != "torch_dist":  # what megatron's loader reads first, to pick the format
+        raise BadInput(f"{ckpt_dir / 'metadata.json'}: field sharded_backend: expected 'torch_dist', got "
+                       f"{shown(backend)}")
     meta = load_dcp_metadata(ckpt_dir / ".metadata")
     sizes: dict[str, int] = {}
     byte_keys = {k for k, m in meta.state_dict_metadata.items() if isinstance(m, BytesStorageMetadata)}
     for index, info in meta.storage_data.items():
         rel = getattr(info, "relative_path", None)
         if not isinstance(rel, str) or not rel or Path(rel).name != rel or rel in (".", ".."):
-            raise BadInput(f"{ckpt_dir / '.metadata'}: a tensor is stored in {rel!r}, outside the checkpoint "
+            raise BadInput(f"{ckpt_dir / '.metadata'}: a tensor is stored in {shown(rel)}, outside the checkpoint "
                            "directory")
         if rel not in sizes:
             sizes[rel] = regular_file_size(ckpt_dir / rel, 1 << 62, "checkpoint data file")
@@ -233,7 +239,7 @@ def run_config_path(it_dir: Path) -> Path | None:
 
 
 def read_run_config(it_dir: Path) -> dict:
-    """Our run config, its fields checked by type (the architecture is checked where it is built)."""
+    """Our run config, its fields checked by type, and the µP record and layout against its architecture."""
     path = run_config_path(it_dir)
     if path is None:
         raise BadInput(f"{it_dir}: no {RUN_CONFIG_FILE} (pass the architecture with --card or --hf-config)")
@@ -241,7 +247,7 @@ def read_run_config(it_dir: Path) -> dict:
 
     def need(ok: bool, field: str, expected: str) -> None:
         if not ok:
-            raise BadInput(f"{path}: field {field}: expected {expected}, got {rc.get(field)!r:.80}")
+            raise BadInput(f"{path}: field {field}: expected {expected}, got {shown(rc.get(field))}")
 
     need(isinstance(rc.get("architecture"), dict), "architecture", "an object")
     need(isinstance(rc.get("bitnet", False), bool), "bitnet", "true or false")
@@ -261,6 +267,24 @@ def read_run_config(it_dir: Path) -> dict:
          and isinstance(layout.get("pp_layers"), list)
          and all(type(n) is int and n >= 1 for n in layout["pp_layers"]),
          "layout", "{tp, pp, vocab_divisible_by: positive integers, pp_layers: [positive integers]}")
+    tokenizer_files = rc.get("tokenizer_files", [])
+    need(isinstance(tokenizer_files, list) and all(isinstance(n, str) and n not in ("", ".", "..")
+                                                   and Path(n).name == n for n in tokenizer_files),
+         "tokenizer_files", "a list of file names")
+    arch = FalconH1Arch.from_dict(rc["architecture"], str(path))
+    recorded = run_config_entry(arch, MupMode(mup["mode"]))  # what this mode makes of the architecture's multipliers
+    for key in [k for k in ("applied_multipliers", "folded_multipliers") if k in recorded]:
+        got = Multipliers.from_hf(mup[key], f"{path}: field mup.{key}").to_hf()
+        differing = next((name for name, value in recorded[key].items() if got[name] != value), None)
+        if differing is not None:
+            raise BadInput(f"{path}: field mup.{key}.{differing} is {shown(got[differing])}, but the architecture's "
+                           f"multipliers make it {shown(recorded[key][differing])} in mode {mup['mode']}")
+    try:
+        MegatronLayout(tp=layout["tp"], pp=layout["pp"], pp_layers=tuple(layout["pp_layers"]),
+                       vocab_divisible_by=layout["vocab_divisible_by"]).validate(arch)
+    except BadInput as e:
+        raise BadInput(f"{path}: field layout (the parallelism the checkpoint was written for) does not fit its "
+                       f"architecture: {e}") from None
     return rc
 
 
@@ -348,9 +372,12 @@ def write_interop_files(root: Path, it_dir: Path, arch: FalconH1Arch, multiplier
     tracker and run_config.yaml, so Megatron-LM and Megatron-Bridge load the directory as written."""
     import yaml
 
-    torch.save(common_state(iteration), it_dir / COMMON_STATE_FILE)
-    torch.save(train_state(iteration), root / TRAIN_STATE_FILE)
-    torch.save(train_state(iteration), it_dir / "train_state.pt")
+    for path, state in ((it_dir / COMMON_STATE_FILE, common_state(iteration)), (root / TRAIN_STATE_FILE,
+                        train_state(iteration)), (it_dir / "train_state.pt", train_state(iteration))):
+        # through a Python file: torch.save's own writer reports a full disk as a RuntimeError without its errno
+        # ("basic_ios::clear: iostream error"), Python's write as the OSError(ENOSPC) the output directory expects
+        with open(path, "wb") as f:
+            torch.save(state, f)
     (it_dir / BRIDGE_RUN_CONFIG_FILE).write_text(yaml.safe_dump(
         bridge_run_config(arch, multipliers, dtype, tp, pp), default_flow_style=False, sort_keys=False))
 
@@ -358,17 +385,12 @@ def write_interop_files(root: Path, it_dir: Path, arch: FalconH1Arch, multiplier
 def arch_from_bridge_run_config(it_dir: Path) -> FalconH1Arch:
     """A Megatron-Bridge checkpoint's architecture and multipliers, from the Falcon-H1 provider in its
     run_config.yaml (the multipliers are the ones its model applies)."""
-    import yaml
-
     path = it_dir / BRIDGE_RUN_CONFIG_FILE
-    try:
-        doc = yaml.safe_load(read_text(path, 64 << 20, "run_config.yaml"))
-    except yaml.YAMLError as e:
-        raise BadInput(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    doc = read_yaml(path, "run_config.yaml")
     model = doc.get("model") if isinstance(doc, dict) else None
     if not isinstance(model, dict) or model.get("_target_") != BRIDGE_PROVIDER:
         raise BadInput(f"{path}: field model._target_: expected {BRIDGE_PROVIDER} (a Megatron-Bridge Falcon-H1 "
-                       f"checkpoint), got {(model or {}).get('_target_')!r:.80}")
+                       f"checkpoint), got {shown((model or {}).get('_target_'))}")
     for field in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
                   "mamba_state_dim", "mamba_head_dim"):
         if model.get(field) is None:

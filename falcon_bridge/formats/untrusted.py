@@ -15,10 +15,13 @@ import pickle
 import stat
 from pathlib import Path
 
-from falcon_bridge.errors import BadInput, first_line
+from falcon_bridge.errors import BadInput, first_line, shown
 
 MiB = 1 << 20
 JSON_MAX_BYTES = 64 * MiB  # config.json, index, run config, manifest (a 34B index is ~100 KB)
+YAML_MAX_BYTES = 64 * MiB  # model cards, Megatron-Bridge's run_config.yaml (~20 KB)
+SAFETENSORS_HEADER_MAX_BYTES = 100_000_000  # safetensors' own limit (a 34B shard's header is ~50 KB)
+TENSOR_NAME_MAX_CHARS = 1024  # Falcon-H1's longest is ~50
 TOKENIZER_MAX_BYTES = 256 * MiB  # a 256k-token tokenizer.json is ~30 MB
 TRACKER_MAX_BYTES = 64
 DCP_METADATA_MAX_BYTES = 512 * MiB  # .metadata: one entry per tensor chunk (a 34B model at TP 8: ~20 MB)
@@ -79,8 +82,31 @@ def read_json(path: Path, what: str = "JSON file", expect: type = dict):
 def finite_number(value, where: str) -> float:
     """A JSON number (not a boolean) that is finite."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BadInput(f"{where}: expected a finite number, got {value!r}")
+        raise BadInput(f"{where}: expected a finite number, got {shown(value)}")
     return float(value)
+
+
+def read_yaml(path: Path, what: str):
+    """A YAML document of plain values (yaml.safe_load's types), read without aliases: an alias makes one value
+    appear many times, and a few lines of nested aliases expand to billions of items for whoever walks or prints
+    the result. Our cards have none, nor has Megatron-Bridge's run_config.yaml (ConfigContainer.to_dict builds
+    every value afresh, so yaml.safe_dump writes no alias)."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise BadInput(f"{path}: line {mark.line + 1}: YAML aliases (*name) are not accepted in a {what}")
+            return super().compose_node(parent, index)
+
+    text = read_text(path, YAML_MAX_BYTES, what)
+    try:
+        return yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 - a SafeLoader: plain values only
+    except yaml.YAMLError as e:
+        raise BadInput(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except (ValueError, RecursionError) as e:  # an integer past Python's 4300 digits; nesting deeper than the stack
+        raise BadInput(f"{path}: not a readable {what} ({first_line(e)})") from None
 
 
 # ---- pickles ---------------------------------------------------------------------------------------------------

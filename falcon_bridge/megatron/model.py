@@ -14,7 +14,7 @@ Module names follow Megatron-Bridge's Falcon-H1 model so checkpoints interoperat
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.ssm.mamba_mixer import ExtendedRMSNorm, MambaMixer
+from megatron.core.ssm.utils import _split_tensor_factory
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -52,6 +53,7 @@ class FalconH1TransformerConfig(TransformerConfig):
     mamba_d_conv: int = 4
     mamba_chunk_size: int = 128
     mamba_rms_norm: bool = False
+    mamba_norm_before_gate: bool = False  # the gated norm's order (HF's; megatron-core's mixer only normalizes after)
     # B/C groups of the HF model; megatron's mamba_num_groups is larger when they were replicated to reach a TP
     # beyond them (the gated norm's groups and BitNet's weight scales still follow HF's).
     mamba_hf_num_groups: int | None = None
@@ -70,6 +72,26 @@ def scaled_silu(x: torch.Tensor, gate_multiplier: float) -> torch.Tensor:
 
 def _scale(t: torch.Tensor, m: float) -> torch.Tensor:
     return t if m == 1.0 else t * m
+
+
+def _bias_added(output: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """A megatron module's (output, bias) as one tensor: row-parallel linears return their bias unadded."""
+    out, bias = output
+    return out if bias is None else out + bias
+
+
+@cache
+def with_bias(linear: type) -> type:
+    """`linear`, built with a bias whatever its builder asks: megatron-core's MambaMixer asserts bias=False for
+    in_proj and out_proj, while HF's Falcon-H1 mixer has one for each flag (mamba_proj_bias: in_proj,
+    projectors_bias: out_proj). The bias is the linear's own: TP-split with a column-parallel weight's rows, whole
+    on every rank beside a row-parallel one."""
+    class Biased(linear):
+        def __init__(self, *args, bias=None, **kwargs):
+            super().__init__(*args, bias=True, **kwargs)
+
+    Biased.__name__ = Biased.__qualname__ = f"Biased{linear.__name__}"
+    return Biased
 
 
 def _padding_idx(pad_token_id, vocab_size: int) -> int | None:
@@ -150,18 +172,20 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 class HFGroupedGatedRMSNorm(ExtendedRMSNorm):
-    """The gated Mamba norm, rmsnorm(y · silu(z)) · w, over HF's norm groups (d_ssm / HF n_groups channels).
+    """The gated Mamba norm as HF's FalconH1RMSNormGated computes it: rmsnorm(y · silu(z)) · w, or with
+    norm_before_gate rmsnorm(y) · w · silu(z), over HF's norm groups (d_ssm / HF n_groups channels) with HF's eps.
 
-    megatron-core's own norm groups are d_inner / mamba_num_groups, which is wrong once B/C groups were replicated
-    (TP > n_groups). When a rank holds whole HF groups the statistic is local; when one group spans several TP
+    megatron-core's own norm cannot always: its eps is fixed at 1e-5, it only normalizes after the gate, and its
+    groups are d_inner / mamba_num_groups, which is wrong once B/C groups were replicated (TP > n_groups). When a
+    rank holds whole HF groups the statistic is local; when one group spans several TP
     ranks, each rank sums its squares, the sums are all-reduced over the TP group (one slot per norm group, so
     ranks of other groups add zeros) with gradients flowing back through the shared statistic, and each rank
     divides by the full group size. Same parameter (`weight`, TP-sharded on dim 0) and checkpoint key as
     megatron's norm.
     """
 
-    def __init__(self, local: int, group_size: int, tp_group, eps: float, dtype):
-        super().__init__(local, eps=eps, group_size=min(local, group_size), norm_before_gate=False,
+    def __init__(self, local: int, group_size: int, tp_group, eps: float, norm_before_gate: bool, dtype):
+        super().__init__(local, eps=eps, group_size=min(local, group_size), norm_before_gate=norm_before_gate,
                          device=torch.cuda.current_device(), dtype=dtype)
         self.tp_group = tp_group
         self.full_group_size = group_size
@@ -170,8 +194,9 @@ class HFGroupedGatedRMSNorm(ExtendedRMSNorm):
 
     def forward(self, x, z=None):
         h = x.float()
-        if z is not None:
-            h = h * F.silu(z.float())
+        gate = None if z is None else F.silu(z.float())
+        if gate is not None and not self.norm_before_gate:
+            h = h * gate
         local = h.shape[-1]
         if self.full_group_size <= local:  # whole groups on this rank
             g = h.unflatten(-1, (local // self.full_group_size, self.full_group_size))
@@ -184,15 +209,19 @@ class HFGroupedGatedRMSNorm(ExtendedRMSNorm):
             sums = _AllReduceSum.apply(slots * h.square().sum(-1, keepdim=True), self.tp_group)
             mine = rank // ranks_per_group
             normed = h * torch.rsqrt(sums[..., mine:mine + 1] / self.full_group_size + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        out = normed * self.weight.float()
+        if gate is not None and self.norm_before_gate:
+            out = out * gate
+        return out.to(x.dtype)
 
 
 class FalconH1MambaMixer(MambaMixer):
     """MambaMixer with Falcon-H1's ssm_multipliers on the z|x|B|C|dt segments of the in_proj output, and the gated
-    norm computed over HF's norm groups even when one group spans several TP ranks.
+    norm as HF computes it (its eps and gate order, over HF's norm groups even when one group spans several TP
+    ranks). in_proj and out_proj have a bias when their spec's linear is `with_bias`'s.
 
-    The scaling hooks the in_proj output, so it holds on every path that consumes it (fused training kernel,
-    prefill, decode).
+    The scaling hooks the in_proj output (bias included, as in HF), so it holds on every path that consumes it
+    (fused training kernel, prefill, decode).
     """
 
     def __init__(self, config: FalconH1TransformerConfig, *args, **kwargs):
@@ -203,9 +232,14 @@ class FalconH1MambaMixer(MambaMixer):
         first = self.pg_collection.tp.rank() * self.ngroups_local_tp
         self.local_group_copies = [divmod(first + j, self.ngroups // hf_groups) for j in range(self.ngroups_local_tp)]
         group = self.d_inner // hf_groups
-        if self.rmsnorm and group != self.d_inner_local_tp // self.ngroups_local_tp:
-            self.norm = HFGroupedGatedRMSNorm(self.d_inner_local_tp, group, self.pg_collection.tp, self.norm.eps,
+        if self.rmsnorm and (group != self.d_inner_local_tp // self.ngroups_local_tp or config.mamba_norm_before_gate
+                             or config.layernorm_epsilon != self.norm.eps):
+            self.norm = HFGroupedGatedRMSNorm(self.d_inner_local_tp, group, self.pg_collection.tp,
+                                              config.layernorm_epsilon, config.mamba_norm_before_gate,
                                               config.params_dtype)
+        if self.rmsnorm and config.mamba_norm_before_gate:
+            # the fused path gates inside the scan kernel, before its norm; the unfused one hands the norm the gate
+            self.use_mem_eff_path = False
         if self.ngroups > hf_groups:
             self._sum_replica_gradients(hf_groups)
         if all(m == 1.0 for m in config.ssm_multipliers):
@@ -266,11 +300,15 @@ class FalconH1MambaMixer(MambaMixer):
         and saved as, the first stored copy of its HF group, with a replica id per run copy (only the first is
         written). So one checkpoint loads at any TP, and a model trained at TP > groups saves what HF has."""
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if f"{prefix}in_proj.bias" in sd:  # megatron splits the weight only; the bias is stored as its rows are
+            sd[f"{prefix}in_proj.bias"] = _split_tensor_factory(sd[f"{prefix}in_proj.bias"],
+                                                                list(self.local_segment_rows().values()),
+                                                                list(SSM_SEGMENTS), 0)
         stored = (metadata or {}).get(STORED_MAMBA_GROUPS) or self.hf_groups
         if stored == self.ngroups:  # megatron's own sharding already says it
             return sd
         assert not sharded_offsets, "FalconH1Stack passes no sharded offsets"
-        for name in ("in_proj.weight", "conv1d_weight", "conv1d_bias"):
+        for name in ("in_proj.weight", "in_proj.bias", "conv1d_weight", "conv1d_bias"):
             factory = sd.get(f"{prefix}{name}")
             if factory is not None:
                 sd[f"{prefix}{name}"] = replace(factory, build_fn=partial(self._build_onto_stored_groups,
@@ -302,15 +340,16 @@ class FalconH1MambaMixer(MambaMixer):
         return mamba_segment_sizes(self.d_inner_local_tp, self.ngroups_local_tp * self.d_state, self.nheads_local_tp)
 
     def _group_rows(self):
-        """(parameter, (first local B row, first local C row)) for in_proj's weight and conv1d's weight and bias:
-        where the group-shared rows sit in this rank's z|x|B|C|dt and x|B|C slices."""
+        """(parameter, (first local B row, first local C row)) for in_proj's weight (and bias, if any) and conv1d's
+        weight and bias: where the group-shared rows sit in this rank's z|x|B|C|dt and x|B|C slices."""
         sizes = self.local_segment_rows()
 
         def starts(order: tuple[str, ...]) -> tuple[int, ...]:
             return tuple(sum(sizes[s] for s in order[:order.index(g)]) for g in GROUP_SEGMENTS)
 
-        conv = starts(CONV_SEGMENTS)
-        return (self.in_proj.weight, starts(SSM_SEGMENTS)), (self.conv1d_weight, conv), (self.conv1d_bias, conv)
+        ssm, conv = starts(SSM_SEGMENTS), starts(CONV_SEGMENTS)
+        in_proj = [(p, ssm) for p in (self.in_proj.weight, getattr(self.in_proj, "bias", None)) if p is not None]
+        return *in_proj, (self.conv1d_weight, conv), (self.conv1d_bias, conv)
 
     def _scale_zxbcdt(self, module, inputs, output):
         zxbcdt, bias = output
@@ -391,16 +430,12 @@ class FalconH1Layer(MegatronModule):
     def forward(self, hidden_states, attention_mask, rotary_pos_emb=None, **_):
         c = self.config
         normed = self.norm(hidden_states)
-        mamba, _ = self.mamba_mixer(_scale(normed, c.ssm_in_multiplier))
-        attn, attn_bias = self.self_attention(_scale(normed, c.attention_in_multiplier), attention_mask,
-                                              rotary_pos_emb=rotary_pos_emb)
-        if attn_bias is not None:
-            attn = attn + attn_bias
+        mamba = _bias_added(self.mamba_mixer(_scale(normed, c.ssm_in_multiplier)))
+        attn = _bias_added(self.self_attention(_scale(normed, c.attention_in_multiplier), attention_mask,
+                                               rotary_pos_emb=rotary_pos_emb))
         hidden_states = (hidden_states + _scale(mamba, c.ssm_out_multiplier)
                          + _scale(attn, c.attention_out_multiplier))
-        mlp, mlp_bias = self.mlp(hidden_states)
-        if mlp_bias is not None:
-            mlp = mlp + mlp_bias
+        mlp = _bias_added(self.mlp(hidden_states))
         return hidden_states + _scale(mlp, c.mlp_multipliers[1])
 
 

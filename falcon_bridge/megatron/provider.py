@@ -91,6 +91,7 @@ class FalconH1ModelProvider:
             mamba_d_conv=a.mamba_d_conv,
             mamba_chunk_size=a.mamba_chunk_size,
             mamba_rms_norm=a.mamba_rms_norm,
+            mamba_norm_before_gate=a.mamba_norm_before_gate,
             mamba_hf_num_groups=a.mamba_n_groups,
             embedding_multiplier=m.embedding,
             lm_head_multiplier=m.lm_head,
@@ -116,13 +117,16 @@ class FalconH1ModelProvider:
             FalconH1LayerSubmodules,
             FalconH1MambaMixer,
             FalconH1SelfAttention,
+            with_bias,
         )
 
+        a = self.arch
         norm, column, row, norm_column, core_attention = self._backend()
         return ModuleSpec(module=FalconH1Layer, submodules=FalconH1LayerSubmodules(
             norm=norm,
-            mamba_mixer=ModuleSpec(module=FalconH1MambaMixer,
-                                   submodules=MambaMixerSubmodules(in_proj=column, out_proj=row)),
+            mamba_mixer=ModuleSpec(module=FalconH1MambaMixer, submodules=MambaMixerSubmodules(
+                in_proj=with_bias(column) if a.mamba_proj_bias else column,
+                out_proj=with_bias(row) if a.projectors_bias else row)),
             self_attention=ModuleSpec(module=FalconH1SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
                                       submodules=SelfAttentionSubmodules(linear_qkv=column,
                                                                          core_attention=core_attention,

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from falcon_bridge.core.config import FalconH1Arch, Multipliers
+from falcon_bridge.core.mapping import MEGATRON_LAYER_PREFIX, refuse_more_layers_than_stored
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats import megatron as mg
@@ -142,6 +143,8 @@ class TrainingCheckpoint:
         rc = mg.read_run_config(it_dir)
         arch = FalconH1Arch.from_dict(rc["architecture"], str(it_dir / mg.RUN_CONFIG_FILE))
         metadata = mg.checked_metadata(it_dir)
+        refuse_more_layers_than_stored(arch, metadata.state_dict_metadata, MEGATRON_LAYER_PREFIX,
+                                       f"{mg.run_config_path(it_dir)}: field architecture.num_layers")
         has_optimizer = any(k.startswith("optimizer.") for k in metadata.state_dict_metadata)
         iteration = 0 if it_dir.name == "release" else int(it_dir.name.removeprefix("iter_"))
         tok = next((d for d in (it_dir, root / mg.TOKENIZER_DIR) if existing_tokenizer_files(d)), None)
