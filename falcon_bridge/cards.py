@@ -37,6 +37,15 @@ class Card:
     def verified(self) -> bool:
         return not self.is_test and all(p.verified for p in self.provenance.values())
 
+    def unverified_warning(self) -> list[str]:
+        """The warning a command that writes this card's values into a config gives (none when all are verified):
+        the fields whose values are placeholders or unconfirmed, by name."""
+        fields = sorted(name for name, p in self.provenance.items() if not p.verified)
+        if not fields:
+            return []
+        return [f"card {self.name}: {len(fields)} values are not verified against a released config and were "
+                f"written as the card holds them: {', '.join(fields)}"]
+
 
 def card_paths() -> dict[str, Path]:
     return {p.stem: p for p in sorted(CARDS_DIR.rglob("*.yaml"))}

@@ -129,3 +129,28 @@ def test_rope_theta_must_be_written():
     del cfg["rope_theta"]
     with pytest.raises(BadInput, match="rope_theta is missing"):
         FalconH1Arch.from_hf(cfg)
+
+
+@pytest.mark.parametrize("card", [c.name for c in all_cards()])
+def test_commands_writing_a_cards_values_name_the_unverified_ones(card):
+    """create-random and export-hf --card carry this warning in their summary (and --json): the placeholder
+    multipliers of the 1.5B and 3B cards are written without a word otherwise."""
+    c = load_card(card)
+    unverified = sorted(name for name, p in c.provenance.items() if not p.verified)
+    (warning,) = c.unverified_warning() or [None]
+    assert (warning is None) == (not unverified)
+    if unverified:
+        assert warning.endswith(": " + ", ".join(unverified)) and card in warning
+
+
+def test_create_random_reports_the_unverified_values_it_wrote(tmp_path):
+    from dataclasses import replace
+
+    from falcon_bridge.cards import Provenance
+    from falcon_bridge.converters.create_random import CreateRandomOptions, create_random
+
+    card = replace(load_card("tiny-one-group"), is_test=False, provenance={
+        "hidden_size": Provenance(True, "a config"), "ssm_in_multiplier": Provenance(False, "placeholder")})
+    summary = create_random(CreateRandomOptions(card, tmp_path / "hf"))
+    assert summary.to_json()["warnings"] == card.unverified_warning()
+    assert summary.warnings[0].endswith("were written as the card holds them: ssm_in_multiplier")

@@ -21,10 +21,10 @@ def test_json_report_passes_and_then_points_at_a_corrupted_mamba_branch(tiny_hf,
     import_hf(ImportOptions(str(hf), tmp_path / "good", MegatronLayout(tp=2)))
     (tmp_path / "tokens.json").write_text(json.dumps([[5, 17, 3, 99, 42, 8, 250, 1, 64, 7, 12, 200]]))
     proc = subprocess.run([sys.executable, "-m", "falcon_bridge.cli.app", "verify", str(hf), str(tmp_path / "good"),
-                           "--tp", "2", "--tokens", str(tmp_path / "tokens.json"), "--json"],
-                          capture_output=True, text=True)
+                           "--tokens", str(tmp_path / "tokens.json"), "--json"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
+    assert (result["tp"], result["pp"]) == (2, 1)  # the layout import-hf recorded, without --tp
     assert result["passed"] and result["first_divergence"] is None and result["argmax_agreement"] == 1.0
     components = [(row["layer"], row["component"]) for row in result["layers"]]
     assert components[0] == (None, "embedding") and components[-1] == (None, "final_norm")

@@ -90,13 +90,13 @@ def cards():
     from falcon_bridge.cards import all_cards
     from falcon_bridge.core.mapping import num_parameters
 
-    table = Table("card", "params", "layers", "hidden", "mamba groups", "gated norm", "verified")
+    table = Table("card", "HF repo", "params", "layers", "hidden", "mamba groups", "gated norm", "verified")
     for c in all_cards():
         a = c.arch
         checked = sum(p.verified for p in c.provenance.values())
         verified = "test shape" if c.is_test else ("yes" if c.verified else
                                                    f"{checked} of {len(c.provenance)} values")
-        table.add_row(c.name, f"{num_parameters(a):,}", str(a.num_layers), str(a.hidden_size),
+        table.add_row(c.name, c.hf_repo or "-", f"{num_parameters(a):,}", str(a.num_layers), str(a.hidden_size),
                       str(a.mamba_n_groups), "yes" if a.mamba_rms_norm else "no", verified)
     out.print(table)
 
@@ -129,8 +129,9 @@ def create_random(
 def import_hf(
     source: Annotated[str, typer.Argument(help="HF checkpoint directory or Hub repo id.")],
     output: Annotated[Path, typer.Argument(help="Output Megatron checkpoint directory.")],
-    tp: Annotated[int, typer.Option(help="Tensor-parallel size the checkpoint is prepared for.")] = 1,
-    pp: Annotated[int, typer.Option(help="Pipeline-parallel size.")] = 1,
+    tp: Annotated[int, typer.Option(help="Default tensor-parallel size recorded for verify, and checked to fit "
+                                         "the model (the checkpoint itself loads at any TP).")] = 1,
+    pp: Annotated[int, typer.Option(help="Default pipeline-parallel size recorded, likewise.")] = 1,
     pp_layers: PPLayers = None,
     dtype: Annotated[DType | None, typer.Option(help="Stored dtype (default: the source's dtype).")] = None,
     mup: Annotated[MupMode, typer.Option(help="preserve: the model applies the µP multipliers; fold: into the "
@@ -242,8 +243,9 @@ def parse_layers(value: str | None) -> tuple[int, ...] | None:
 def verify(
     hf_dir: Annotated[Path, typer.Argument(help="HF checkpoint directory.")],
     megatron_dir: Annotated[Path, typer.Argument(help="Megatron checkpoint directory written by import-hf.")],
-    tp: int = 1,
-    pp: int = 1,
+    tp: Annotated[int | None, typer.Option(help="Tensor-parallel processes (default: the layout recorded at "
+                                                "import).")] = None,
+    pp: Annotated[int | None, typer.Option(help="Pipeline-parallel processes (default: as recorded).")] = None,
     dtype: Annotated[DType, typer.Option(help="The dtype both models compute in.")] = choices.VERIFY_DTYPE,
     device: Annotated[Device | None, typer.Option(help="Default: cuda when a GPU is visible.")] = None,
     tokens: Annotated[Path | None, typer.Option(help="Token ids: a JSON list or whitespace-separated ints.")
@@ -270,7 +272,7 @@ def verify(
         out.print_json(json.dumps(report_.to_json()))
     else:
         print_layers(report_)
-        print_comparison(f"logits: HF vs Megatron (TP={tp}, PP={pp}, {dtype})", report_.logits)
+        print_comparison(f"logits: HF vs Megatron (TP={report_.tp}, PP={report_.pp}, {dtype})", report_.logits)
         out.print(f"reference: {report_.reference}")
         if report_.fold_rounding is not None:
             out.print(f"µP fold rounding (by design, not judged): folding moved the logits by "

@@ -75,4 +75,4 @@ def create_random(options: CreateRandomOptions, run: Run = QUIET) -> CreateRando
     return CreateRandomSummary(
         card=options.card.name, output=str(options.out), seed=options.seed, dtype=str(dtype).removeprefix("torch."),
         tensors=len(shapes), parameters=parameters, files=writer.file_names,
-        tokenizer_files=tokenizer, seconds=run.seconds())
+        tokenizer_files=tokenizer, seconds=run.seconds(), warnings=options.card.unverified_warning())

@@ -75,4 +75,5 @@ def export_hf(options: ExportOptions, run: Run = QUIET) -> ExportSummary:
         source=str(options.source), output=str(options.out), files=writer.file_names, tensors=len(layout),
         mup="unfolded" if policy.unfolding else source.mup_mode, format=str(options.fmt), bytes=writer.total_bytes,
         tokenizer_files=tokenizer, mamba_groups_collapsed=source.layout.group_factor(source.arch) > 1,
-        diverged_group_replicas=source.divergence, seconds=run.seconds(), warnings=source.divergence_warnings())
+        diverged_group_replicas=source.divergence, seconds=run.seconds(),
+        warnings=source.card_warnings + source.divergence_warnings())

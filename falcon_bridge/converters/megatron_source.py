@@ -43,6 +43,7 @@ class MegatronSource:
     reader: mg.TorchDistReader
     arch_file: Path | None = None  # --hf-config, when the architecture came from there
     divergence: dict[str, float] = field(default_factory=dict)  # HF tensor → max |Δ| between its group replicas
+    card_warnings: list[str] = field(default_factory=list)  # --card with unverified values
 
     @property
     def inputs(self) -> list[Path]:
@@ -118,8 +119,10 @@ def open_megatron_checkpoint(src: Path, card: str | None = None, hf_config: Path
                        "(Megatron-LM: --ckpt-convert-format torch_dist)")
     reader = mg.TorchDistReader(it_dir)
     run_config = mg.read_run_config(it_dir) if mg.run_config_path(it_dir) else None
+    card_warnings = []
     if card:
-        arch, layers_field = load_card(card).arch, f"card {card}: field num_layers"
+        given = load_card(card)
+        arch, layers_field, card_warnings = given.arch, f"card {card}: field num_layers", given.unverified_warning()
     elif hf_config:
         arch = FalconH1Arch.from_hf(read_json(Path(hf_config), "config.json"), str(hf_config))
         layers_field = f"{hf_config}: field num_hidden_layers"
@@ -135,7 +138,8 @@ def open_megatron_checkpoint(src: Path, card: str | None = None, hf_config: Path
     refuse_more_layers_than_stored(arch, reader.tensors, MEGATRON_LAYER_PREFIX, layers_field)
     layout = _stored_layout(arch, reader, it_dir)
     _check_keys(arch, layout, reader, it_dir)
-    return MegatronSource(root, it_dir, arch, layout, run_config, reader, Path(hf_config) if hf_config else None)
+    return MegatronSource(root, it_dir, arch, layout, run_config, reader, Path(hf_config) if hf_config else None,
+                          card_warnings=card_warnings)
 
 
 def _stored_layout(arch: FalconH1Arch, reader: mg.TorchDistReader, it_dir: Path) -> MegatronLayout:

@@ -81,6 +81,8 @@ class VerifyReport:
     # µP-folded checkpoints: how far the fold's own rounding moves the logits from the unfolded HF model's
     # (not judged: folding into the storage dtype rounds each folded weight once, by design)
     fold_rounding: LogitComparison | None = None
+    tp: int = 1  # the layout the Megatron model ran at
+    pp: int = 1
 
     @property
     def first_divergence(self) -> dict | None:
@@ -98,7 +100,7 @@ class VerifyReport:
                 "argmax_agreement": self.logits.argmax_agreement, "logits": self.logits.to_json(),
                 "reference": self.reference,
                 "fold_rounding": self.fold_rounding.to_json() if self.fold_rounding else None,
-                "layers": self.layers}
+                "tp": self.tp, "pp": self.pp, "layers": self.layers}
 
 
 def sample_tokens(vocab_size: int, batch: int = 2, seq_len: int = 32, seed: int = 0) -> torch.Tensor:
@@ -235,12 +237,13 @@ class VerifyOptions:
     """hf_dir vs megatron_dir, the Megatron model run as tp × pp processes, both computing in `dtype`. tolerance:
     max |Δ| / max |reference| accepted (default: default_tolerance). device: default cuda when a GPU is visible.
     The tokens: `tokens_file`, else `prompt` (tokenized with the HF checkpoint's tokenizer), else two rows of
-    `seq_len` fixed random ids."""
+    `seq_len` fixed random ids. tp/pp: default, the layout recorded at import (or reshard; 1 for checkpoints
+    without our run config)."""
 
     hf_dir: Path
     megatron_dir: Path
-    tp: int = 1
-    pp: int = 1
+    tp: int | None = None
+    pp: int | None = None
     dtype: torch.dtype = VERIFY_DTYPE.torch
     tolerance: float | None = None
     seq_len: int = VERIFY_SEQ_LEN
@@ -258,6 +261,10 @@ def verify(options: VerifyOptions) -> VerifyReport:
 
     hf_dir, megatron_dir, tp, pp, dtype = options.hf_dir, options.megatron_dir, options.tp, options.pp, options.dtype
     tolerance, seq_len, device = options.tolerance, options.seq_len, options.device
+    source = open_megatron_checkpoint(Path(megatron_dir))  # every file checked before the HF forward and the spawn
+    recorded = (source.run_config or {}).get("layout", {})
+    tp = recorded.get("tp", 1) if tp is None else tp
+    pp = recorded.get("pp", 1) if pp is None else pp
     if device is not None and device not in tuple(Device):
         raise BadInput(f"--device {device}: expected {one_of(Device)}")
     for flag, value in (("--tp", tp), ("--pp", pp)):
@@ -272,7 +279,6 @@ def verify(options: VerifyOptions) -> VerifyReport:
     if device == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda: no GPU is visible")
     provider, _ = provider_from_checkpoint(Path(megatron_dir), dtype, tp, pp)  # validates TP/PP before any spawn
-    source = open_megatron_checkpoint(Path(megatron_dir))  # every file checked before the HF forward and the spawn
     if provider.arch.to_hf() != arch.to_hf():
         raise BadInput(f"{megatron_dir}: its architecture differs from {hf_dir}/config.json")
     if device == "cuda" and tp * pp > torch.cuda.device_count():
@@ -301,4 +307,4 @@ def verify(options: VerifyOptions) -> VerifyReport:
                               str(dtype).removeprefix("torch."), True)
     return VerifyReport(tolerance, compare_logits(reference["logits"], candidate["logits"], tolerance),
                         compare_branches(reference, candidate, arch.num_layers, tolerance), reference_name,
-                        fold_rounding)
+                        fold_rounding, tp, pp)
