@@ -85,11 +85,17 @@ def main_options(debug: Annotated[bool, typer.Option(help="Show tracebacks for e
 
 
 @app.command()
-def cards():
+def cards(as_json: JsonFlag = False):
     """List the model cards (released Falcon-H1 sizes and tiny test shapes)."""
     from falcon_bridge.cards import all_cards
     from falcon_bridge.core.mapping import num_parameters
 
+    if as_json:
+        out.print_json(json.dumps([{
+            "card": c.name, "hf_repo": c.hf_repo, "test_shape": c.is_test, "parameters": num_parameters(c.arch),
+            "verified": c.verified, "unverified_fields": sorted(n for n, p in c.provenance.items() if not p.verified),
+            "config": c.arch.to_hf()} for c in all_cards()]))
+        return
     table = Table("card", "HF repo", "params", "layers", "hidden", "mamba groups", "gated norm", "verified")
     for c in all_cards():
         a = c.arch
@@ -218,11 +224,16 @@ def reshard(
 
 
 @app.command()
-def check(directory: Annotated[Path, typer.Argument(help="An output directory written by falcon-bridge.")]):
+def check(directory: Annotated[Path, typer.Argument(help="An output directory written by falcon-bridge.")],
+          as_json: JsonFlag = False):
     """Re-hash every file against the directory's falcon_bridge_manifest.json; exit 1 naming any mismatch."""
     from falcon_bridge.formats.manifest import check_manifest
 
     problems = check_manifest(directory)
+    if as_json:
+        out.print_json(json.dumps({"directory": str(directory), "passed": not problems, "problems": problems}),
+                       ensure_ascii=True)
+        raise typer.Exit(1 if problems else 0)
     for line in problems:  # a line names a manifest entry: text anyone could have written
         err.print("[red]mismatch:[/]", literal(directory / line), highlight=False, soft_wrap=True)
     if problems:
@@ -320,6 +331,7 @@ def demo(
     card: str = "tiny-one-group",
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its checkpoints.")] = Path("out/demo"),
     tp: int = 2,
+    as_json: JsonFlag = False,
 ):
     """The main job on an embedded default: tiny card → create-random → import-hf (TP=2) → logits compared."""
     import torch
@@ -335,21 +347,33 @@ def demo(
     from falcon_bridge.core.parallel import MegatronLayout
 
     hf_dir, mg_dir = workdir / f"{card}-hf", workdir / f"{card}-megatron-tp{tp}"
-    out.print(f"[bold]1/3[/] create-random {literal(card)} → {literal(hf_dir)}", highlight=False, soft_wrap=True)
-    with progress_bar("create-random", False) as cb:
-        report(make(CreateRandomOptions(card=load_card(card), out=hf_dir, dtype=torch.float32, overwrite=True),
-                    Run(cb)), False)
-    out.print(f"[bold]2/3[/] import-hf {literal(hf_dir)} → {literal(mg_dir)} (TP={tp})", highlight=False,
-              soft_wrap=True)
-    with progress_bar("import-hf", False) as cb:
-        report(run_import(ImportOptions(source=str(hf_dir), out=mg_dir, layout=MegatronLayout(tp=tp), overwrite=True),
-                          Run(cb)), False)
-    out.print(f"[bold]3/3[/] verify: HF FalconH1ForCausalLM vs our Megatron model at TP={tp} ({tp} processes)")
+
+    def step(text: str) -> None:
+        if not as_json:
+            out.print(text, highlight=False, soft_wrap=True)
+
+    step(f"[bold]1/3[/] create-random {literal(card)} → {literal(hf_dir)}")
+    with progress_bar("create-random", as_json) as cb:
+        created = make(CreateRandomOptions(card=load_card(card), out=hf_dir, dtype=torch.float32, overwrite=True),
+                       Run(cb))
+    if not as_json:
+        report(created, False)
+    step(f"[bold]2/3[/] import-hf {literal(hf_dir)} → {literal(mg_dir)} (TP={tp})")
+    with progress_bar("import-hf", as_json) as cb:
+        imported = run_import(ImportOptions(source=str(hf_dir), out=mg_dir, layout=MegatronLayout(tp=tp),
+                                            overwrite=True), Run(cb))
+    if not as_json:
+        report(imported, False)
+    step(f"[bold]3/3[/] verify: HF FalconH1ForCausalLM vs our Megatron model at TP={tp} ({tp} processes)")
     result = run_verify(VerifyOptions(hf_dir=hf_dir, megatron_dir=mg_dir, tp=tp))
-    print_comparison(f"{literal(card)}: HF vs Megatron (TP={tp}, fp32)", result.logits)
-    first = result.first_divergence
-    out.print(f"every block's Mamba, attention and MLP output compared too: "
-              f"{'all agree' if first is None else f'first divergence at {first}'}")
+    if as_json:
+        out.print_json(json.dumps({"create_random": created.to_json(), "import_hf": imported.to_json(),
+                                   "verify": result.to_json()}), ensure_ascii=True)
+    else:
+        print_comparison(f"{literal(card)}: HF vs Megatron (TP={tp}, fp32)", result.logits)
+        first = result.first_divergence
+        step(f"every block's Mamba, attention and MLP output compared too: "
+             f"{'all agree' if first is None else f'first divergence at {first}'}")
     raise typer.Exit(0 if result.passed else 1)
 
 
