@@ -1,4 +1,6 @@
+import subprocess
 import sys
+import sysconfig
 import warnings
 from pathlib import Path
 
@@ -73,3 +75,15 @@ def legacy_layout_checkpoint(src: Path, dst: Path, tp: int) -> Path:
             elif key.endswith((".B", ".C")):
                 tensors[key] = T.replicate_groups(tensors[key], arch.mamba_n_groups, layout.group_factor(arch))
     return edited_megatron_checkpoint(src, dst, edit)
+
+
+def venv_seeing_this_environment(venv: Path) -> Path:
+    """A fresh virtual environment at `venv` whose interpreter also finds this environment's packages (a .pth
+    after its own site-packages), so pip installs into it find the dependencies installed instead of downloading
+    them. Returns its python."""
+    subprocess.run([Path(sys.base_prefix) / "bin" / "python3.12", "-m", "venv", venv], check=True)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    Path(purelib, "this_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python

@@ -4,9 +4,10 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
+
+from conftest import venv_seeing_this_environment
 
 import falcon_bridge
 
@@ -62,14 +63,9 @@ def test_readme_install_lines_run_as_shown(tmp_path):
     shutil.copytree(REPO, clone, ignore=shutil.ignore_patterns(".git", ".venv*", ".gpu", "build", "dist", "*.egg-info",
                                                                "__pycache__", ".pytest_cache", ".ruff_cache",
                                                                ".hypothesis"))
-    base = Path(sys.base_prefix) / "bin" / "python3.12"
-    subprocess.run([base, "-m", "venv", clone / ".venv"], check=True)
-    purelib = subprocess.run([clone / ".venv" / "bin" / "python", "-c",
-                              "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True).stdout.strip()
-    Path(purelib, "this_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    venv_seeing_this_environment(clone / ".venv")
     (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "python3.12").symlink_to(base)
+    (tmp_path / "bin" / "python3.12").symlink_to(Path(sys.base_prefix) / "bin" / "python3.12")
     env = os.environ | {"PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     for line in readme_install_lines():
         done = subprocess.run(["bash", "-c", line], cwd=clone, env=env, capture_output=True, text=True)
