@@ -1,4 +1,5 @@
 import json
+import re
 
 import torch
 from safetensors import safe_open
@@ -58,3 +59,20 @@ def test_a_small_tokenizer_is_built_offline_with_the_configs_special_ids(tmp_pat
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
     small = CreateRandomOptions(load_card("tiny-mup"), tmp_path / "small", dtype=torch.float32)
     assert create_random(small).tokenizer_files == []
+
+
+def test_progress_in_a_log_is_plain_lines_on_stdout(tmp_path, capsys, monkeypatch):
+    """Without a terminal (a CI log, a pipe) progress is a plain line at most every PLAIN_PROGRESS_SECONDS (here 0:
+    every step), on stdout before the summary; stderr stays empty; --json prints only JSON."""
+    from conftest import run_cli
+
+    from falcon_bridge.cli import app as cli_app
+
+    monkeypatch.setattr(cli_app, "PLAIN_PROGRESS_SECONDS", 0.0)
+    code, out, err = run_cli(capsys, monkeypatch, "create-random", "tiny-one-group", tmp_path / "hf")
+    lines = out.strip().splitlines()
+    assert code == 0 and err == ""
+    assert all(re.fullmatch(r"create-random: \d+% \(\d+/\d+\), ETA \d+ s, [\d.]+/s: \S+", line) for line in lines[:-1])
+    assert len(lines) > 10 and lines[-2].startswith("create-random: 100% ") and lines[-1].startswith("command=")
+    code, out, _ = run_cli(capsys, monkeypatch, "create-random", "tiny-one-group", tmp_path / "j", "--json")
+    assert code == 0 and json.loads(out)["card"] == "tiny-one-group"

@@ -552,3 +552,11 @@ def test_fuzz_megatron_sources(megatron_ckpt, tmp_path, capsys, monkeypatch, dat
         mutate_bytes(case / "iter_0000000" / target, data, region=1 << 16)
     assert_clean_outcome(capsys, monkeypatch, ["export-hf", case, tmp_path / "out"], case, tmp_path / "out")
 
+
+
+@pytest.mark.parametrize("command", ["export-hf", "reshard"])
+def test_an_hf_checkpoint_given_where_a_megatron_one_belongs_points_at_import_hf(src, tmp_path, capsys, monkeypatch,
+                                                                               command):
+    code, err = cli(capsys, monkeypatch, command, src, tmp_path / "out")
+    assert code == 2
+    one_error_line(err, "a Hugging Face checkpoint", "`falcon-bridge import-hf` converts it")

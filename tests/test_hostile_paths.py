@@ -57,7 +57,7 @@ def test_an_error_about_an_odd_path_is_one_line_naming_it(tmp_path_factory, caps
     missing, empty = root / f"missing{name}", root / f"empty{name}"
     empty.mkdir(parents=True)
     cases = [(["export-hf", missing, root / "out"], missing), (["check", empty], empty),
-             (["reshard", empty, root / "out"], empty), (["verify", empty, missing], empty),
+             (["reshard", empty, root / "out"], empty), (["verify", empty, missing], missing),
              (["import-hf", empty, root / "out"], empty),
              (["prepare-data", missing, "--tokenizer", empty, "--output-prefix", root / "o" / "d"], missing)]
     for args, path in cases:

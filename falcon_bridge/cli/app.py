@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,13 +49,35 @@ def progress_bar(description: str, quiet: bool):
     if quiet:
         yield None
         return
-    # disabled when stderr is no terminal: there it draws nothing, and its stop would print an empty line before a
-    # script's one `error:` line
+    if not err.is_interactive:  # a log or a pipe: plain lines instead (a bar draws nothing there)
+        yield plain_progress(description)
+        return
     with Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[item]}"), console=err, transient=True,
                   disable=not err.is_interactive) as bar:
         task = bar.add_task(description, total=None, item="")
         yield lambda done, total, item: bar.update(task, completed=done, total=total, item=literal(item))
+
+
+PLAIN_PROGRESS_SECONDS = 10.0  # a run shorter than this prints no progress line
+
+
+def plain_progress(description: str):
+    """The converters' progress callback for a log: a line on stdout at most every PLAIN_PROGRESS_SECONDS (percent,
+    items per second, ETA), so a long conversion shows it is alive where no bar can be drawn; stderr stays free
+    for the one `error:` line."""
+    start = last = time.monotonic()
+
+    def step(done: int, total: int | None, item: str) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < PLAIN_PROGRESS_SECONDS:
+            return
+        last = now
+        rate = done / (now - start)
+        where = f"{100 * done / total:.0f}% ({done}/{total}), ETA {(total - done) / rate:.0f} s" if total else f"{done}"
+        out.print(f"{description}: {where}, {rate:.1f}/s: {literal(item)}", highlight=False, soft_wrap=True)
+    return step
 
 
 def report(summary, as_json: bool) -> None:
@@ -64,9 +87,24 @@ def report(summary, as_json: bool) -> None:
         err.print("[yellow]warning:[/]", literal(line), highlight=False, soft_wrap=True)
     if as_json:  # ASCII: a path's undecodable byte (a lone surrogate) would not encode to a strict UTF-8 stdout
         out.print_json(json.dumps(fields), ensure_ascii=True)
-    else:
-        out.print(" ".join(f"[bold]{k}[/]={literal(v)}" for k, v in fields.items()), highlight=False,
-                  soft_wrap=True)
+        return
+    shown_fields = {k: summary_value(v) for k, v in fields.items() if k != "warnings"}  # warnings: on stderr
+    if out.is_terminal:
+        table = Table("", "", show_header=False, box=None, title=f"[bold]{fields['command']}[/]")
+        for k, v in shown_fields.items():
+            table.add_row(k, literal(v))
+        out.print(table, highlight=False)
+    else:  # a log: one line of key=value, easy to grep
+        out.print(" ".join(f"{k}={literal(v)}" for k, v in shown_fields.items()), highlight=False, soft_wrap=True)
+
+
+def summary_value(value) -> str:
+    """A summary value as text: lists joined by commas, mappings as JSON, no Python reprs."""
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value)) or "-"
+    if isinstance(value, dict):
+        return json.dumps(value) if value else "-"
+    return str(value)
 
 
 def print_version(wanted: bool) -> None:

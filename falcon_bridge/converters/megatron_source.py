@@ -113,6 +113,9 @@ def open_megatron_checkpoint(src: Path, card: str | None = None, hf_config: Path
     root = Path(src)
     if not root.is_dir():
         raise BadInput(f"{root}: no such directory")
+    if not (root / mg.TRACKER_FILE).exists() and (root / "config.json").is_file() and any(root.glob("*.safetensors")):
+        raise BadInput(f"{root}: a Hugging Face checkpoint (config.json and safetensors), not a Megatron one; "
+                       "`falcon-bridge import-hf` converts it to Megatron")
     it_dir = mg.find_iteration_dir(root)
     if any(it_dir.glob("mp_rank_*")):
         raise BadInput(f"{it_dir}: legacy per-rank checkpoint (mp_rank_* folders); convert it to torch_dist first "
