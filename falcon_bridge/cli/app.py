@@ -343,16 +343,18 @@ def print_layers(r) -> None:
         text = f"{row[key]:.2e}" if key == "relative" else f"{row[key]:.6f}"
         return f"[red]{text}" if bad else text
 
-    emb = rows[(None, "embedding")]
-    table.add_row("embedding", cell(emb, "relative"), cell(emb, "cosine"), "", "", "", "")
     for layer in sorted({k[0] for k in rows if k[0] is not None}):
         cells = []
         for comp in ("mamba", "attention", "mlp"):
             cells += [cell(rows[(layer, comp)], "relative"), cell(rows[(layer, comp)], "cosine")]
         table.add_row(str(layer), *cells)
-    fin = rows[(None, "final_norm")]
-    table.add_row("final norm", cell(fin, "relative"), cell(fin, "cosine"), "", "", "", "")
+    # the embedding and the final norm are no block's branch: lines of their own, not rows under the Mamba columns
+    whole = {name: f"{name}: max |Δ| / max |ref| {cell(rows[(None, key)], 'relative')}, cosine "
+                   f"{cell(rows[(None, key)], 'cosine')}" for key, name in (("embedding", "embedding"),
+                                                                            ("final_norm", "final norm"))}
+    out.print(whole["embedding"])
     out.print(table)
+    out.print(whole["final norm"])
 
 
 def print_comparison(title: str, r) -> None:
