@@ -560,3 +560,9 @@ def test_an_hf_checkpoint_given_where_a_megatron_one_belongs_points_at_import_hf
     code, err = cli(capsys, monkeypatch, command, src, tmp_path / "out")
     assert code == 2
     one_error_line(err, "a Hugging Face checkpoint", "`falcon-bridge import-hf` converts it")
+
+
+def test_debug_still_shows_the_traceback_before_the_one_line(tmp_path, capsys, monkeypatch):
+    code, _, err = run_cli(capsys, monkeypatch, "--debug", "export-hf", tmp_path / "missing[bold]", tmp_path / "out")
+    assert code == 2 and TRACEBACK in err
+    assert err.strip().splitlines()[-1] == f"error: {tmp_path / 'missing[bold]'}: no such directory"
