@@ -19,6 +19,7 @@ from conftest import TINY_CARDS
 from falcon_bridge.cards import all_cards, load_card
 from falcon_bridge.converters.export_hf import ExportOptions, export_hf
 from falcon_bridge.converters.import_hf import ImportOptions, import_hf
+from falcon_bridge.core.config import SSM_SEGMENTS
 from falcon_bridge.core.mapping import entries
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.formats import megatron as mg
@@ -48,7 +49,7 @@ def params_of(arch) -> dict[str, list[str]]:
 def stored_params(it_dir: Path) -> set[str]:
     """The model parameters a checkpoint stores: its tensor keys, with the pieces megatron-core's MambaMixer splits
     in_proj and conv1d into (`.z`, `.x`, `.B`, `.C`, `.dt`) joined back into their parameter."""
-    pieces = (".z", ".x", ".B", ".C", ".dt")
+    pieces = tuple(f".{segment}" for segment in SSM_SEGMENTS)  # conv1d's x|B|C are among them
     return {k.rsplit(".", 1)[0] if k.endswith(pieces) else k for k in mg.TorchDistReader(it_dir).tensors}
 
 
