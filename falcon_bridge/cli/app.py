@@ -34,6 +34,9 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print a JSON summary.")]
 PPLayers = Annotated[str | None, typer.Option(help="Layers per pipeline stage, e.g. 10,12,14.")]
 ArchCard = Annotated[str | None, typer.Option(help="Architecture, for checkpoints without our run config.")]
 ArchConfig = Annotated[Path | None, typer.Option(help="Architecture from an HF config.json instead.")]
+Workers = Annotated[int | None, typer.Option(
+    help="Processes sharing the conversion (default: what the cores and free memory allow). Under torchrun each "
+         "rank is one worker.", show_default=False)]
 
 
 def literal(text: object) -> str:
@@ -81,7 +84,10 @@ def plain_progress(description: str):
 
 
 def report(summary, as_json: bool) -> None:
-    """Print a converter's summary (its warnings on stderr); values (paths among them) printed literally."""
+    """Print a converter's summary (its warnings on stderr); values (paths among them) printed literally. None: a
+    torchrun rank other than 0, whose rank 0 reports."""
+    if summary is None:
+        return
     fields = summary.to_json()
     for line in fields.get("warnings", []):
         err.print("[yellow]warning:[/]", literal(line), highlight=False, soft_wrap=True)
@@ -184,6 +190,7 @@ def import_hf(
                       ] = False,
     allow_extra: Annotated[bool, typer.Option(help="Ignore tensors the architecture does not use.")] = False,
     check_finite: Annotated[bool, typer.Option(help="Refuse NaN/Inf weights.")] = choices.IMPORT_CHECK_FINITE,
+    workers: Workers = None,
     overwrite: bool = False,
     as_json: JsonFlag = False,
 ):
@@ -196,7 +203,7 @@ def import_hf(
     options = ImportOptions(
         source=source, out=output, layout=MegatronLayout(tp=tp, pp=pp, pp_layers=parse_layers(pp_layers)),
         dtype=dtype.torch if dtype else None, overwrite=overwrite, mup_mode=mup, allow_extra=allow_extra,
-        check_finite=check_finite, bitnet=bitnet)
+        check_finite=check_finite, bitnet=bitnet, workers=workers)
     with progress_bar("import-hf", as_json) as cb:
         summary = convert(options, Run(cb, sys.argv))
     report(summary, as_json)
@@ -219,17 +226,18 @@ def export_hf(
     fmt: Annotated[ExportFormat, typer.Option("--format", help="BitNet checkpoints: latent (full-precision weights) "
                                                                "| packed (transformers bitnet) | dequantized")
                    ] = ExportFormat.LATENT,
+    workers: Workers = None,
     overwrite: bool = False,
     as_json: JsonFlag = False,
 ):
-    """Convert a Megatron torch_dist checkpoint into a Hugging Face Falcon-H1 checkpoint (streaming, one process)."""
+    """Convert a Megatron torch_dist checkpoint into a Hugging Face Falcon-H1 checkpoint (streaming)."""
     from falcon_bridge.converters.export_hf import ExportOptions
     from falcon_bridge.converters.export_hf import export_hf as convert
     from falcon_bridge.converters.run import Run
 
     options = ExportOptions(source=source, out=output, card=card, hf_config=hf_config,
                             dtype=dtype.torch if dtype else None, max_shard_bytes=max_shard_size,
-                            check_finite=check_finite, overwrite=overwrite, mup_export=mup, fmt=fmt)
+                            check_finite=check_finite, overwrite=overwrite, mup_export=mup, fmt=fmt, workers=workers)
     with progress_bar("export-hf", as_json) as cb:
         summary = convert(options, Run(cb, sys.argv))
     report(summary, as_json)
@@ -244,6 +252,7 @@ def reshard(
     pp_layers: PPLayers = None,
     card: ArchCard = None,
     hf_config: ArchConfig = None,
+    workers: Workers = None,
     overwrite: bool = False,
     as_json: JsonFlag = False,
 ):
@@ -255,7 +264,7 @@ def reshard(
 
     options = ReshardOptions(source=source, out=output,
                              layout=MegatronLayout(tp=tp, pp=pp, pp_layers=parse_layers(pp_layers)), card=card,
-                             hf_config=hf_config, overwrite=overwrite)
+                             hf_config=hf_config, overwrite=overwrite, workers=workers)
     with progress_bar("reshard", as_json) as cb:
         summary = convert(options, Run(cb, sys.argv))
     report(summary, as_json)

@@ -10,7 +10,8 @@ from typing import ClassVar
 import torch
 
 from falcon_bridge.converters.megatron_sink import MegatronSink
-from falcon_bridge.converters.run import QUIET, Run, Summary, recorded_as, unrecorded
+from falcon_bridge.converters.run import QUIET, ParallelSummary, Run, recorded_as, unrecorded
+from falcon_bridge.converters.workers import Team, balanced_shares
 from falcon_bridge.core import mup
 from falcon_bridge.core.choices import IMPORT_CHECK_FINITE, MupMode, one_of
 from falcon_bridge.core.config import Multipliers
@@ -79,7 +80,8 @@ class ImportOptions:
     apply the multipliers; FOLD multiplies each multiplier into its weights (one rounding to the storage dtype) and
     the model applies none. allow_extra: ignore tensors the architecture does not use (default: refuse them).
     check_finite: refuse NaN/Inf weights. bitnet: the Megatron model uses BitNet b1.58 linears (implied by a packed
-    HF source)."""
+    HF source). workers: processes sharing the work (default: what the cores and memory allow; torchrun's ranks
+    when started by torchrun)."""
 
     source: str
     out: Path = unrecorded()
@@ -90,10 +92,11 @@ class ImportOptions:
     allow_extra: bool = False
     check_finite: bool = IMPORT_CHECK_FINITE
     bitnet: bool = False
+    workers: int | None = None
 
 
 @dataclass(frozen=True)
-class ImportSummary(Summary):
+class ImportSummary(ParallelSummary):
     command: ClassVar[str] = "import-hf"
     source: str
     output: str
@@ -107,7 +110,8 @@ class ImportSummary(Summary):
     mamba_groups: int
 
 
-def import_hf(options: ImportOptions, run: Run = QUIET) -> ImportSummary:
+def import_hf(options: ImportOptions, run: Run = QUIET) -> ImportSummary | None:
+    """The summary; None on a torchrun rank other than 0 (rank 0 reports)."""
     run = run.start()
     path = resolve_source(options.source)
     ckpt = HFCheckpoint(path)
@@ -123,7 +127,8 @@ def import_hf(options: ImportOptions, run: Run = QUIET) -> ImportSummary:
                         "logits move slightly from the unfolded model's; verify judges the conversion against HF's "
                         "weights folded with the same rounding and reports the rounding's effect; --dtype fp32 keeps "
                         "the fold exact")
-    sink = MegatronSink(Ctx(arch, stored_as_hf(arch)), entries(arch), lambda e: store_dtype)
+    plan = entries(arch)
+    sink = MegatronSink(Ctx(arch, stored_as_hf(arch)), plan, lambda e: store_dtype)
     # The HF dtype of every tensor whose dtype differs from the embedding's, so export restores it exactly.
     odd_dtypes = {n: str(i.dtype).removeprefix("torch.") for n, i in ckpt.tensors.items() if i.dtype != hf_dtype}
 
@@ -135,11 +140,16 @@ def import_hf(options: ImportOptions, run: Run = QUIET) -> ImportSummary:
                     raise BadInput(f"{ckpt.tensors[n].file}: tensor {n} holds NaN or Inf values")
         return [folded_if(options.mup_mode, arch, n, t) for n, t in zip(e.hf, hf)]
 
-    sources = BackgroundHashes(ckpt.files())
-    resolved = replace(options, dtype=store_dtype, bitnet=bitnet)  # the manifest records what was stored
-    with run.output(ImportSummary.command, resolved, sink.total_bytes, sources, inputs=[path]) as tmp:
+    sizes = sink.entry_bytes()
+    team = Team(options.workers, sink.total_bytes, max(sizes))
+    shares = balanced_shares(sizes, team.size)
+
+    def share(rank: int, tmp: Path, step) -> None:
+        sink.write(tmp / mg.iteration_dir_name(0), hf_tensors, step, mg.common_state(0),
+                   [plan[i] for i in shares[rank]], distributed=team.size > 1)
+
+    def finish(tmp: Path, sources: BackgroundHashes, results: list) -> dict:
         it_dir = tmp / mg.iteration_dir_name(0)
-        sink.write(it_dir, hf_tensors, run.step, mg.common_state(0))
         tokenizer = copy_tokenizer(ckpt.tokenizer_files(), it_dir)
         run_config = mg.run_config(
             arch, options.layout, store_dtype, hf_dtype=str(hf_dtype).removeprefix("torch."), hf_odd_dtypes=odd_dtypes,
@@ -149,8 +159,16 @@ def import_hf(options: ImportOptions, run: Run = QUIET) -> ImportSummary:
         mg.write_tracker(tmp, 0)
         mg.write_interop_files(tmp, it_dir, arch, Multipliers.from_hf(mup_record["applied_multipliers"]),
                                store_dtype, options.layout.tp, options.layout.pp)
+        return run_config
+
+    # the manifest records what was stored, and how many processes wrote it
+    resolved = replace(options, dtype=store_dtype, bitnet=bitnet, workers=team.size)
+    run_config = team.convert(run, ImportSummary.command, resolved, sink.total_bytes,
+                              lambda: BackgroundHashes(ckpt.files()), [path], len(plan), share, finish)
+    if run_config is None:
+        return None
     return ImportSummary(
         source=str(options.source), output=str(options.out), tp=options.layout.tp, pp=options.layout.pp,
         dtype=run_config["dtype"], mup=str(options.mup_mode), bitnet=bitnet, tensors=len(sink.shapes),
         parameters=sum(math.prod(s) for s, _ in sink.shapes.values()), mamba_groups=arch.mamba_n_groups,
-        seconds=run.seconds(), warnings=warnings)
+        workers=team.size, peak_rss_bytes=team.peak_rss, seconds=run.seconds(), warnings=warnings)

@@ -8,13 +8,14 @@ tensors → Megatron(HF-shaped).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
 from falcon_bridge.converters.megatron_sink import MegatronSink
 from falcon_bridge.converters.megatron_source import open_megatron_checkpoint
-from falcon_bridge.converters.run import QUIET, Run, Summary, unrecorded
+from falcon_bridge.converters.run import QUIET, ParallelSummary, Run, unrecorded
+from falcon_bridge.converters.workers import Team, balanced_shares
 from falcon_bridge.core.choices import MupMode
 from falcon_bridge.core.config import Multipliers
 from falcon_bridge.core.mapping import Ctx
@@ -27,7 +28,8 @@ from falcon_bridge.formats.hf import copy_tokenizer
 @dataclass(frozen=True)
 class ReshardOptions:
     """source: a Megatron checkpoint directory; out: the one to write, for `layout`. card / hf_config: the
-    architecture, for checkpoints without our run config."""
+    architecture, for checkpoints without our run config. workers: processes sharing the work (default: what the
+    cores and memory allow; torchrun's ranks when started by torchrun)."""
 
     source: Path
     out: Path = unrecorded()
@@ -35,10 +37,11 @@ class ReshardOptions:
     card: str | None = None
     hf_config: Path | None = None
     overwrite: bool = unrecorded(default=False)
+    workers: int | None = None
 
 
 @dataclass(frozen=True)
-class ReshardSummary(Summary):
+class ReshardSummary(ParallelSummary):
     command: ClassVar[str] = "reshard"
     source: str
     output: str
@@ -49,20 +52,31 @@ class ReshardSummary(Summary):
     diverged_group_replicas: dict[str, float]
 
 
-def reshard(options: ReshardOptions, run: Run = QUIET) -> ReshardSummary:
+def reshard(options: ReshardOptions, run: Run = QUIET) -> ReshardSummary | None:
+    """The summary; None on a torchrun rank other than 0 (rank 0 reports)."""
     run = run.start()
     layout = options.layout
     source = open_megatron_checkpoint(options.source, options.card, options.hf_config)
     arch = source.arch.validate_for_megatron()
     layout.validate(arch)
+    plan = source.entries()
     # each entry keeps the dtype it is stored in
-    sink = MegatronSink(Ctx(arch, stored_as_hf(arch)), source.entries(),
+    sink = MegatronSink(Ctx(arch, stored_as_hf(arch)), plan,
                         lambda e: source.reader.tensors[next(iter(e.megatron_keys(source.ctx)))][1])
     stored_dtype = sink.shapes["embedding.word_embeddings.weight"][1]
-    with run.output(ReshardSummary.command, options, sink.total_bytes, source.start_file_hashes(),
-                    source.inputs) as tmp:
+    sizes = sink.entry_bytes()
+    team = Team(options.workers, sink.total_bytes, max(sizes))
+    shares = balanced_shares(sizes, team.size)
+
+    def share(rank: int, tmp: Path, step) -> dict[str, float]:
+        sink.write(tmp / mg.iteration_dir_name(0), lambda e: list(source.hf_tensors(e).values()), step,
+                   mg.common_state(0), [plan[i] for i in shares[rank]], distributed=team.size > 1)
+        return source.divergence  # of this rank's entries
+
+    def finish(tmp: Path, sources, results: list[dict[str, float]]) -> bool:
+        for divergence in results:
+            source.divergence.update(divergence)
         it_dir = tmp / mg.iteration_dir_name(0)
-        sink.write(it_dir, lambda e: list(source.hf_tensors(e).values()), run.step, mg.common_state(0))
         tokenizer = copy_tokenizer(source.tokenizer_files(), it_dir)
         previous = source.run_config or {}
         mup_record = previous.get("mup") or run_config_entry(arch, MupMode.PRESERVE)
@@ -75,7 +89,13 @@ def reshard(options: ReshardOptions, run: Run = QUIET) -> ReshardSummary:
         mg.write_tracker(tmp, 0)
         mg.write_interop_files(tmp, it_dir, arch, Multipliers.from_hf(mup_record["applied_multipliers"]),
                                stored_dtype, layout.tp, layout.pp)
+        return True
+
+    if not team.convert(run, ReshardSummary.command, replace(options, workers=team.size), sink.total_bytes,
+                        source.start_file_hashes, source.inputs, len(plan), share, finish):
+        return None
     return ReshardSummary(
         source=str(options.source), output=str(options.out), tp=layout.tp, pp=layout.pp,
         pp_layers=list(layout.stage_layers(arch.num_layers)), mamba_groups=arch.mamba_n_groups,
-        diverged_group_replicas=source.divergence, seconds=run.seconds(), warnings=source.divergence_warnings())
+        diverged_group_replicas=source.divergence, workers=team.size, peak_rss_bytes=team.peak_rss,
+        seconds=run.seconds(), warnings=source.divergence_warnings())

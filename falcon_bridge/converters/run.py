@@ -109,6 +109,16 @@ class Summary:
     warnings: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        own = [f.name for f in dataclasses.fields(self) if f.name not in ("seconds", "warnings")]
+        last = ("workers", "peak_rss_bytes", "seconds", "warnings")  # ParallelSummary's come after the command's own
+        own = [f.name for f in dataclasses.fields(self) if f.name not in last]
+        own += [name for name in last[:2] if hasattr(self, name)]
         return {"command": self.command, **{name: getattr(self, name) for name in own}, "seconds": self.seconds,
                 "warnings": self.warnings}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParallelSummary(Summary):
+    """A conversion shared by `workers` processes (converters/workers.py), with each one's peak resident memory."""
+
+    workers: int
+    peak_rss_bytes: list[int]

@@ -1,10 +1,11 @@
 """Hugging Face checkpoints: lazy safetensors reading, streaming safetensors writing, config files.
 
 Reading parses each file's safetensors header once (safe_open would parse it again for every tensor, and a header
-may be 100 MB) and maps one tensor's bytes at a time. Writing streams: the
-safetensors Python API only writes whole dicts, which would hold a whole shard (up to several GB) in memory, so
-`ShardedSafetensorsWriter` lays out each shard's header from the known shapes first and then appends each tensor's
-bytes as it arrives. The files are plain safetensors: transformers and `safe_open` read them.
+may be 100 MB) and maps one tensor's bytes at a time. Writing streams: the safetensors Python API only writes whole
+dicts, which would hold a whole shard (up to several GB) in memory, so `ShardedSafetensorsWriter` lays out each
+shard's header from the known shapes first and then writes each tensor's bytes at its offset as it arrives (so
+several processes can write one checkpoint). The files are plain safetensors: transformers and `safe_open` read
+them.
 """
 
 from __future__ import annotations
@@ -278,13 +279,16 @@ def check_max_shard_bytes(max_shard_bytes: int) -> None:
 
 
 class ShardedSafetensorsWriter:
-    """Writes tensors, in the announced order, into safetensors shards of at most max_shard_bytes each (a tensor
-    larger than that gets a shard of its own).
+    """Writes tensors into safetensors shards of at most max_shard_bytes each (a tensor larger than that gets a shard
+    of its own), each tensor's bytes at the offset the shard's header gives it.
 
-    `plan` lists (name, shape, dtype) in write order; `put` must follow that order. Memory: one tensor.
+    `plan` lists (name, shape, dtype) in shard order; the headers are laid out from it first, so tensors may arrive
+    in any order. Several writers (processes) may write one checkpoint together: each is given the `names` it
+    writes, and the one with `leader` set writes every shard's header and the index. Memory: one tensor.
     """
 
-    def __init__(self, out_dir: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int):
+    def __init__(self, out_dir: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int,
+                 names: set[str] | None = None, leader: bool = True):
         self.out_dir = Path(out_dir)
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
         size = 0
@@ -298,45 +302,52 @@ class ShardedSafetensorsWriter:
         total = len(shards)
         self.file_names = [SINGLE_FILE] if total == 1 else [f"model-{i + 1:05d}-of-{total:05d}.safetensors"
                                                             for i in range(total)]
-        self._order = [(i, name, shape, dtype) for i, shard in enumerate(shards) for name, shape, dtype in shard]
-        self._shards = shards
-        self._pos = 0
-        self._file = None
-        self._file_index = -1
         self.total_bytes = sum(math.prod(s) * d.itemsize for _, s, d in plan)
+        self._where: dict[str, tuple[str, int, tuple[int, ...], torch.dtype]] = {}  # name → file, offset, shape, dtype
+        headers = []
+        for file_name, shard in zip(self.file_names, shards):
+            header, offset = {}, 0
+            for name, shape, dtype in shard:
+                n = math.prod(shape) * dtype.itemsize
+                header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+                offset += n
+            header["__metadata__"] = {"format": "pt"}
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors itself writes it
+            headers.append((file_name, struct.pack("<Q", len(raw)) + raw))
+            for name, shape, dtype in shard:
+                self._where[name] = (file_name, 8 + len(raw) + header[name]["data_offsets"][0], shape, dtype)
+        self._todo = set(self._where) if names is None else set(names)
+        self._leader = leader
+        if leader:
+            for file_name, raw in headers:
+                self._write_at(file_name, 0, raw)
 
-    def _open_shard(self, i: int) -> None:
-        if self._file:
-            self._file.close()
-        header, offset = {}, 0
-        for name, shape, dtype in self._shards[i]:
-            n = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-            offset += n
-        header["__metadata__"] = {"format": "pt"}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors itself writes it
-        self._file = open(self.out_dir / self.file_names[i], "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
-        self._file_index = i
+    def _write_at(self, file_name: str, offset: int, data) -> None:
+        # no O_TRUNC: other writers' bytes may already be in the file
+        fd = os.open(self.out_dir / file_name, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(data).cast("B")
+            while view:  # pwrite may write less than asked (Linux caps one call near 2 GiB)
+                written = os.pwrite(fd, view, offset)
+                view, offset = view[written:], offset + written
+        finally:
+            os.close(fd)
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
-        i, expected, shape, dtype = self._order[self._pos]
-        if name != expected or tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise RuntimeError(f"writer expected {expected} {shape} {dtype}, got {name} "
-                               f"{tuple(tensor.shape)} {tensor.dtype}")
-        if i != self._file_index:
-            self._open_shard(i)
-        self._file.write(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().data)  # no extra copy
-        self._pos += 1
+        if name not in self._todo:
+            raise RuntimeError(f"writer: {name} is not one of this writer's tensors, or was written already")
+        file_name, offset, shape, dtype = self._where[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise RuntimeError(f"writer expected {name} {shape} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
+        self._write_at(file_name, offset, tensor.detach().contiguous().cpu().view(torch.uint8).numpy())  # no copy
+        self._todo.discard(name)
 
     def close(self) -> None:
-        if self._pos != len(self._order):
-            raise RuntimeError(f"writer closed after {self._pos} of {len(self._order)} tensors")
-        if self._file:
-            self._file.close()
-        if len(self.file_names) > 1:
-            weight_map = {name: self.file_names[i] for i, name, _, _ in self._order}
+        if self._todo:
+            raise RuntimeError(f"writer closed with {len(self._todo)} tensors unwritten, e.g. {min(self._todo)}")
+        if self._leader and len(self.file_names) > 1:
+            weight_map = {name: where[0] for name, where in self._where.items()}
             (self.out_dir / INDEX_FILE).write_text(json.dumps(
                 {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2) + "\n")
 

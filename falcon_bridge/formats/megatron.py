@@ -74,27 +74,43 @@ def _sharded_object(data) -> io.BytesIO:
     return buf
 
 
+class _ReproducibleWriter(dcp.FileSystemWriter):
+    """DCP's file writer without the storage record in `.metadata` (the partial directory's random name and a
+    random save id): the same input gives the same bytes. Loading needs none of it (readers fill in a load id)."""
+
+    def storage_meta(self):
+        return None
+
+
 def write_torch_dist(ckpt_dir: Path, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
                      produce: Callable[[str], torch.Tensor], objects: dict | None = None,
-                     common_state: dict | None = None) -> None:
+                     common_state: dict | None = None, distributed: bool = False) -> None:
     """Write a torch_dist checkpoint holding `shapes` (key → (global shape, dtype)), asking `produce(key)` for each
-    tensor in the order of `shapes`; `objects` maps ShardedObject unique keys to their (small) data."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tensor in the order of `shapes`; `objects` maps ShardedObject unique keys to their (small) data.
+
+    distributed: this process is one rank of the default process group, writing the keys of `shapes` (its share;
+    no two ranks share a key); rank 0 writes the objects, the common state and, once DCP has gathered every rank's
+    plan, the `.metadata` of the whole checkpoint."""
+    leader = not distributed or torch.distributed.get_rank() == 0
+    # With several writers the partial output directory is the leader's: a rank never re-creates it once removed
+    ckpt_dir.mkdir(parents=not distributed, exist_ok=True)
     state: dict = {key: torch.empty(shape, dtype=dtype, device="meta") for key, (shape, dtype) in shapes.items()}
-    state.update({key: _sharded_object(data) for key, data in (objects or {}).items()})
-    state[COMMON_STATE_KEY] = _sharded_object(common_state or {})
+    if leader:
+        state.update({key: _sharded_object(data) for key, data in (objects or {}).items()})
+        state[COMMON_STATE_KEY] = _sharded_object(common_state or {})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_NO_DIST_NOTICE)
-        writer = dcp.FileSystemWriter(str(ckpt_dir), single_file_per_rank=False, thread_count=1, sync_files=False)
+        writer = _ReproducibleWriter(str(ckpt_dir), single_file_per_rank=False, thread_count=1, sync_files=False)
         try:
-            dcp.save(state, storage_writer=writer, planner=_LazySavePlanner(produce), no_dist=True)
+            dcp.save(state, storage_writer=writer, planner=_LazySavePlanner(produce), no_dist=not distributed)
         except CheckpointException as e:  # DCP wraps what `produce` raised (bad input, a full disk): unwrap it
             cause = root_cause(e)
             if isinstance(cause, BadInput | OSError | Interrupted):
                 raise cause from None
             raise
-    (ckpt_dir / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist",
-                                                        "sharded_backend_version": 1}))
+    if leader:
+        (ckpt_dir / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist",
+                                                            "sharded_backend_version": 1}))
 
 
 class _CheckedMetadataReader(dcp.FileSystemReader):
