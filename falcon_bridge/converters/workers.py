@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from falcon_bridge.errors import BadInput, first_line, printable, root_cause, shown
 
@@ -264,8 +265,10 @@ class Team:
         try:
             result = share(self.rank, tmp, self._step(run, total_items))
             return {"rank": self.rank, "peak_rss": peak_rss(), "error": None, "result": result}
-        except Exception as e:  # noqa: BLE001 - every failure becomes the run's one line
-            return {"rank": self.rank, "peak_rss": peak_rss(), "error": _failure_line(root_cause(e), self.rank)}
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - every failure becomes the run's one line
+            # DCP (a BaseException) reports what failed on each rank of its collective write, keyed by rank
+            rank = next(iter(e.failures), self.rank) if isinstance(e, CheckpointException) else self.rank
+            return {"rank": self.rank, "peak_rss": peak_rss(), "error": _failure_line(root_cause(e), rank)}
 
     def _lost_worker_line(self, e: RuntimeError) -> str:
         """Which child died and how: gloo saw its connection close, its exit status follows within moments."""
