@@ -144,9 +144,9 @@ def import_hf(options: ImportOptions, run: Run = QUIET) -> ImportSummary | None:
     team = Team(options.workers, sink.total_bytes, max(sizes))
     shares = balanced_shares(sizes, team.size)
 
-    def share(rank: int, tmp: Path, step) -> None:
-        sink.write(tmp / mg.iteration_dir_name(0), hf_tensors, step, mg.common_state(0),
-                   [plan[i] for i in shares[rank]], distributed=team.size > 1)
+    def share(rank: int, tmp: Path, step) -> dict:
+        return {"hashed": sink.write(tmp / mg.iteration_dir_name(0), hf_tensors, step, mg.common_state(0),
+                                     [plan[i] for i in shares[rank]], distributed=team.size > 1)}
 
     def finish(tmp: Path, sources: BackgroundHashes, results: list) -> dict:
         it_dir = tmp / mg.iteration_dir_name(0)

@@ -41,9 +41,10 @@ class MegatronSink:
 
     def write(self, it_dir: Path, hf_tensors: Callable[[Entry], list[torch.Tensor]],
               step: Callable[[str], None] | None = None, common_state: dict | None = None,
-              share: Sequence[Entry] | None = None, distributed: bool = False) -> None:
+              share: Sequence[Entry] | None = None, distributed: bool = False) -> dict[str, dict]:
         """Write the keys of `share` (default: every entry), calling `step(entry name)` as each entry is made; one
-        of several ranks writing the checkpoint together passes `distributed` and its share."""
+        of several ranks writing the checkpoint together passes `distributed` and its share. Returns the files
+        written, hashed (path relative to it_dir's parent → {sha256, bytes})."""
         current: dict = {"entry": None, "pieces": {}}
 
         def produce(key: str) -> torch.Tensor:
@@ -57,5 +58,7 @@ class MegatronSink:
 
         mine = {id(e) for e in (self.plan if share is None else share)}
         shapes = {key: shape for key, shape in self.shapes.items() if id(self._owner[key]) in mine}
-        mg.write_torch_dist(it_dir, shapes, produce, objects=dict.fromkeys(megatron_extra_state_keys(self.ctx.arch)),
-                            common_state=common_state, distributed=distributed)
+        hashed = mg.write_torch_dist(it_dir, shapes, produce,
+                                     objects=dict.fromkeys(megatron_extra_state_keys(self.ctx.arch)),
+                                     common_state=common_state, distributed=distributed)
+        return {f"{it_dir.name}/{name}": digest for name, digest in hashed.items()}

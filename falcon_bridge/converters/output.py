@@ -152,9 +152,11 @@ def _check_target(out: Path, overwrite: bool) -> None:
 
 @contextmanager
 def atomic_output_dir(out: Path, overwrite: bool = False, expected_bytes: int = 0, command: dict | None = None,
-                      sources: BackgroundHashes | None = None, inputs: Iterable[Path] = ()):
+                      sources: BackgroundHashes | None = None, inputs: Iterable[Path] = (),
+                      hashed: dict[str, dict] | None = None):
     """Yield a fresh partial directory beside `out`; on success a manifest is written into it and it replaces
     `out`; on any failure (an exception, a full disk, SIGINT/SIGTERM raised as errors.Interrupted) it is removed.
+    `hashed`: output files already hashed by their writers (filled in while the caller writes), not hashed again.
 
     Refused before anything is written: OUT overlapping any of `inputs`, OUT a symlink or a file, an existing OUT
     without overwrite (with overwrite it is replaced only once the new output is complete), another live run
@@ -187,7 +189,7 @@ def atomic_output_dir(out: Path, overwrite: bool = False, expected_bytes: int = 
                     raise BadInput(f"{out.parent}: disk full while writing the output (nothing was left at "
                                    f"{out})") from None
                 raise
-            write_manifest(tmp, command or {}, sources.result() if sources is not None else {})
+            write_manifest(tmp, command or {}, sources.result() if sources is not None else {}, hashed)
             with _signals_deferred():
                 _move_into_place(tmp, out, overwrite)
         finally:

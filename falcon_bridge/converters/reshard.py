@@ -68,14 +68,14 @@ def reshard(options: ReshardOptions, run: Run = QUIET) -> ReshardSummary | None:
     team = Team(options.workers, sink.total_bytes, max(sizes))
     shares = balanced_shares(sizes, team.size)
 
-    def share(rank: int, tmp: Path, step) -> dict[str, float]:
-        sink.write(tmp / mg.iteration_dir_name(0), lambda e: list(source.hf_tensors(e).values()), step,
-                   mg.common_state(0), [plan[i] for i in shares[rank]], distributed=team.size > 1)
-        return source.divergence  # of this rank's entries
+    def share(rank: int, tmp: Path, step) -> dict:
+        hashed = sink.write(tmp / mg.iteration_dir_name(0), lambda e: list(source.hf_tensors(e).values()), step,
+                            mg.common_state(0), [plan[i] for i in shares[rank]], distributed=team.size > 1)
+        return {"hashed": hashed, "divergence": source.divergence}  # the divergence of this rank's entries
 
-    def finish(tmp: Path, sources, results: list[dict[str, float]]) -> bool:
-        for divergence in results:
-            source.divergence.update(divergence)
+    def finish(tmp: Path, sources, results: list[dict]) -> bool:
+        for result in results:
+            source.divergence.update(result["divergence"])
         it_dir = tmp / mg.iteration_dir_name(0)
         tokenizer = copy_tokenizer(source.tokenizer_files(), it_dir)
         previous = source.run_config or {}

@@ -88,11 +88,12 @@ class Run:
 
     @contextmanager
     def output(self, name: str, options: Any, expected_bytes: int = 0, sources: BackgroundHashes | None = None,
-               inputs: Iterable[Path] = ()) -> Iterator[Path]:
+               inputs: Iterable[Path] = (), hashed: dict[str, dict] | None = None) -> Iterator[Path]:
         """atomic_output_dir for `options.out` (replacing it only with `options.overwrite`); the manifest records
         the command `name`, the argv and `options` (pass them as resolved, e.g. the dtype actually stored)."""
         command = {"name": name, "argv": self.argv, "options": options_record(options)}
-        with atomic_output_dir(options.out, options.overwrite, expected_bytes, command, sources, inputs) as tmp:
+        with atomic_output_dir(options.out, options.overwrite, expected_bytes, command, sources, inputs,
+                               hashed) as tmp:
             yield tmp
 
 

@@ -45,7 +45,9 @@ WORKER_BASE_BYTES = 1 << 30  # the per-worker memory bound's "+ 1 GiB": interpre
 GROUP_TIMEOUT = timedelta(hours=2)  # a rank may wait this long for the slowest rank's share at the final gather
 
 Step = Callable[[str], None]  # a rank's progress: called with each item it finished
-Share = Callable[[int, Path, Step], Any]  # (rank, partial output directory, step) → this rank's result (JSON)
+# (rank, partial output directory, step) → this rank's result: a JSON object, whose "hashed" (relative path →
+# {sha256, bytes}) names files the rank hashed as it wrote them, so the manifest does not hash them again
+Share = Callable[[int, Path, Step], dict]
 
 
 def balanced_shares(sizes: Sequence[int], n: int) -> list[list[int]]:
@@ -134,8 +136,8 @@ class Team:
         other ranks return None; forked children never return. `hash_sources()` starts hashing the source files
         (threads: called once the children exist)."""
         if self.size == 1:
-            sources = hash_sources()
-            with run.output(name, options, expected_bytes, sources, inputs) as tmp:
+            sources, hashed = hash_sources(), {}
+            with run.output(name, options, expected_bytes, sources, inputs, hashed) as tmp:
                 done = [0]
 
                 def step(item: str) -> None:
@@ -143,6 +145,7 @@ class Team:
                     run.step(done[0], total_items, item)
 
                 result = share(0, tmp, step)
+                hashed.update(result.get("hashed", {}))
                 self.peak_rss = [peak_rss()]
                 return finish(tmp, sources, [result])
         if self.forked:
@@ -215,8 +218,8 @@ class Team:
     def _lead(self, run, name, options, expected_bytes, hash_sources, inputs, total_items, share, finish) -> Any:
         announced = False
         try:
-            sources = hash_sources()
-            with run.output(name, options, expected_bytes, sources, inputs) as tmp:
+            sources, hashed = hash_sources(), {}
+            with run.output(name, options, expected_bytes, sources, inputs, hashed) as tmp:
                 self._broadcast(str(tmp))
                 announced = True
                 try:
@@ -227,6 +230,8 @@ class Team:
                 finally:
                     self._stop_children()  # before run.output removes tmp on failure: nothing writes into it then
                 _raise_first_failure(outcomes)
+                for o in outcomes:
+                    hashed.update(o["result"].get("hashed", {}))
                 self.peak_rss = [o["peak_rss"] for o in outcomes]
                 return finish(tmp, sources, [o["result"] for o in outcomes])
         finally:

@@ -20,7 +20,7 @@ from falcon_bridge.formats.untrusted import read_json
 MANIFEST_FILE = "falcon_bridge_manifest.json"
 
 
-HASH_WORKERS = min(8, os.cpu_count() or 2)  # each holds one 16 MiB block
+HASH_WORKERS = min(16, os.cpu_count() or 2)  # each holds one 16 MiB block
 
 
 class HashingCancelled(Exception):
@@ -76,22 +76,29 @@ def tree_entries(root: Path, descend: Callable[[str], bool] = lambda rel: True) 
     return entries
 
 
-def hash_tree(root: Path, entries: dict[str, str] | None = None) -> dict[str, dict]:
-    """relative path → {sha256, bytes} for every regular file of `entries` (default: everything under root)."""
+def hash_tree(root: Path, entries: dict[str, str] | None = None, known: dict[str, dict] | None = None
+              ) -> dict[str, dict]:
+    """relative path → {sha256, bytes} for every regular file of `entries` (default: everything under root).
+    `known`: files their writer hashed already (relative path → {sha256, bytes}), taken where the size agrees."""
     entries = tree_entries(root) if entries is None else entries
-    files = sorted(root / rel for rel, kind in entries.items() if kind == "file")
-    digests = BackgroundHashes(files).result()
-    return {str(p.relative_to(root)): {"sha256": digests[str(p)], "bytes": p.stat().st_size} for p in files}
+    known = known or {}
+    sizes = {rel: (root / rel).stat().st_size for rel, kind in sorted(entries.items()) if kind == "file"}
+    todo = [rel for rel, size in sizes.items() if known.get(rel, {}).get("bytes") != size]
+    digests = BackgroundHashes([root / rel for rel in todo]).result()
+    return {rel: known[rel] if rel not in todo else {"sha256": digests[str(root / rel)], "bytes": size}
+            for rel, size in sizes.items()}
 
 
-def write_manifest(out_dir: Path, command: dict, sources: dict[str, str]) -> None:
+def write_manifest(out_dir: Path, command: dict, sources: dict[str, str], known: dict[str, dict] | None = None
+                   ) -> None:
+    """`known`: output files hashed by whoever wrote them (see hash_tree)."""
     manifest = {
         "tool": "falcon-bridge",
         "version": __version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command,
         "sources": sources,  # file read → sha256
-        "outputs": hash_tree(out_dir),
+        "outputs": hash_tree(out_dir, known=known),
     }
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 

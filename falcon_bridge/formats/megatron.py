@@ -30,6 +30,7 @@ from falcon_bridge.core.config import FalconH1Arch, Multipliers
 from falcon_bridge.core.mup import run_config_entry
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput, Interrupted, first_line, root_cause, shown
+from falcon_bridge.formats.manifest import BackgroundHashes
 from falcon_bridge.formats.untrusted import (
     PICKLED_ENTRY_MAX_BYTES,
     TRACKER_MAX_BYTES,
@@ -76,17 +77,30 @@ def _sharded_object(data) -> io.BytesIO:
 
 class _ReproducibleWriter(dcp.FileSystemWriter):
     """DCP's file writer without the storage record in `.metadata` (the partial directory's random name and a
-    random save id): the same input gives the same bytes. Loading needs none of it (readers fill in a load id)."""
+    random save id): the same input gives the same bytes. Loading needs none of it (readers fill in a load id).
+    It hashes the files it wrote (for the manifest) as soon as they are written, while other ranks may still be
+    writing theirs: `hashed`, file name → {sha256, bytes}."""
+
+    hashed: dict[str, dict] = {}
 
     def storage_meta(self):
         return None
 
+    def write_data(self, plan, planner):
+        written = super().write_data(plan, planner)  # with thread_count=1 it has written when it returns
+        names = sorted({result.storage_data.relative_path for result in written.wait()})
+        paths = [Path(self.path) / name for name in names]
+        digests = BackgroundHashes(paths).result()
+        self.hashed = {p.name: {"sha256": digests[str(p)], "bytes": p.stat().st_size} for p in paths}
+        return written
+
 
 def write_torch_dist(ckpt_dir: Path, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
                      produce: Callable[[str], torch.Tensor], objects: dict | None = None,
-                     common_state: dict | None = None, distributed: bool = False) -> None:
+                     common_state: dict | None = None, distributed: bool = False) -> dict[str, dict]:
     """Write a torch_dist checkpoint holding `shapes` (key → (global shape, dtype)), asking `produce(key)` for each
-    tensor in the order of `shapes`; `objects` maps ShardedObject unique keys to their (small) data.
+    tensor in the order of `shapes`; `objects` maps ShardedObject unique keys to their (small) data. Returns the
+    data files this process wrote, hashed: file name → {sha256, bytes}.
 
     distributed: this process is one rank of the default process group, writing the keys of `shapes` (its share;
     no two ranks share a key); rank 0 writes the objects, the common state and, once DCP has gathered every rank's
@@ -111,6 +125,7 @@ def write_torch_dist(ckpt_dir: Path, shapes: dict[str, tuple[tuple[int, ...], to
     if leader:
         (ckpt_dir / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist",
                                                             "sharded_backend_version": 1}))
+    return writer.hashed
 
 
 class _CheckedMetadataReader(dcp.FileSystemReader):
