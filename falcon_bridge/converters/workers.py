@@ -119,6 +119,9 @@ class Team:
         else:
             self.rank, self.size = 0, workers or default_workers(total_bytes, largest_bytes)
             self.forked = self.size > 1
+            if self.forked and dist.is_initialized():  # forked children cannot share the caller's group
+                raise BadInput(f"--workers {self.size}: this process already belongs to a torch.distributed group; "
+                               "convert with one worker here, or start the conversion under torchrun")
         self.peak_rss: list[int] = []  # per rank, once `convert` returned on the leader
         self._children: dict[int, int] = {}  # rank → pid of the forked children
         self._done = None  # per-rank finished-item counters in memory shared with the forked children
