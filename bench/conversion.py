@@ -4,17 +4,17 @@
                                [--workers 1,2,...] [--env KEY=VALUE ...]
 
 For each card: create-random (bf16, 2 GiB shards), then the two I/O floors of bench/io_floor.py (io-floor: one
-process; io-floor-parallel: one process per source shard, all at once), then for each --workers count N (default
-1) import-hf --tp 2, reshard --tp 1 --pp 2 and export-hf, each with --workers N. Every step runs as its own
-process; the whole sequence is repeated --repeat times (default 3) keeping each step's best wall time (with that
-run's CPU time, user + sys, of all its processes) and highest peak RSS (these machines are noisy: the
-0.5B floor varied between 5.0 and 8.2 s within an hour). Peak RSS: per worker the largest, and the total over
-workers, from the "peak_rss_bytes" list a step prints (the conversions' --json summary, the parallel floor),
-else the process's own (one process). Prints each step's wall time, its ratios to both floors, CPU time, peak RSS
-and the bound 2 × largest tensor + 1 GiB (per worker). Ratios only: compare numbers from one run. --env sets
-variables for every step, the floors included (e.g. THP_MEM_ALLOC_ENABLE=1: transparent huge pages in torch's CPU
-allocator). Each output is deleted as soon as no later step reads it: at most the source and two outputs are on
-disk at once.
+process; io-floor-parallel: one process per source shard, all at once), then for each --workers count N (default 1)
+import-hf --tp 2, reshard --tp 1 --pp 2 and export-hf, each with --workers N. Every step runs as its own process,
+after an untimed sync (no dirty pages of the step before to write back); the whole sequence is repeated --repeat
+times (default 3) keeping each step's best wall time (with that run's CPU time, user + sys, of all its processes)
+and highest peak RSS (these machines are noisy: the 0.5B floor varied between 5.0 and 8.2 s within an hour). Peak
+RSS: per worker the largest, and the total over workers, from the "peak_rss_bytes" list a step prints (the
+conversions' --json summary, the parallel floor), else the process's own (one process). Prints each step's wall
+time, its ratios to both floors, CPU time, peak RSS and the bound 2 × largest tensor + 1 GiB (per worker). Ratios
+only: compare numbers from one run. --env sets variables for every step, the floors included (e.g.
+THP_MEM_ALLOC_ENABLE=1: transparent huge pages in torch's CPU allocator). Each output is deleted as soon as no later
+step reads it: at most the source and two outputs are on disk at once.
 """
 
 import argparse
@@ -89,6 +89,7 @@ def main() -> None:
         results: dict[tuple[str, int | None], tuple[float, float, int, int, int]] = {}
         for _ in range(args.repeat):
             for step, n, cmd, done in steps:
+                os.sync()  # untimed: every step starts with no dirty pages left by the one before to write back
                 wall, cpu, used, rss, total = measure(cmd, env)
                 best = results.get((step, n), (math.inf, 0.0, used, 0, 0))
                 fastest = (wall, cpu) if wall < best[0] else best[:2]

@@ -116,9 +116,11 @@ class Team:
                 raise BadInput(f"--workers {workers}: under torchrun every process is one worker (torchrun's "
                                "--nproc-per-node sets how many run on each host)")
             self.rank, self.size, self.forked = world[0], world[1], False
+            self.local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # the ranks on this host
         else:
             self.rank, self.size = 0, workers or default_workers(total_bytes, largest_bytes)
             self.forked = self.size > 1
+            self.local_size = self.size
             if self.forked and dist.is_initialized():  # forked children cannot share the caller's group
                 raise BadInput(f"--workers {self.size}: this process already belongs to a torch.distributed group; "
                                "convert with one worker here, or start the conversion under torchrun")
@@ -270,6 +272,10 @@ class Team:
     def _outcome(self, share: Share, tmp: Path, run, total_items: int) -> dict:
         """This rank's share run, as the JSON every rank gathers. An interrupt is not caught: it stops this process
         at once (the leader then kills the children and removes the partial output)."""
+        threads = torch.get_num_threads()
+        # torch's intra-op pool defaults to every core in each process: N ranks of it would oversubscribe the cores
+        # N-fold (its threads spin while they wait); the ranks on one host share the cores instead
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // self.local_size))
         try:
             result = share(self.rank, tmp, self._step(run, total_items))
             return {"rank": self.rank, "peak_rss": peak_rss(), "error": None, "result": result}
@@ -277,6 +283,8 @@ class Team:
             # DCP (a BaseException) reports what failed on each rank of its collective write, keyed by rank
             rank = next(iter(e.failures), self.rank) if isinstance(e, CheckpointException) else self.rank
             return {"rank": self.rank, "peak_rss": peak_rss(), "error": _failure_line(root_cause(e), rank)}
+        finally:
+            torch.set_num_threads(threads)
 
     def _lost_worker_line(self, e: RuntimeError) -> str:
         """Which child died and how: gloo saw its connection close, its exit status follows within moments."""
