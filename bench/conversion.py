@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from io_floor import reap  # bench/ is on the path of a script run from it
+
 from falcon_bridge.cards import load_card
 from falcon_bridge.core.mapping import hf_tensor_shapes
 
@@ -41,9 +43,8 @@ def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int, int
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **env})
-        _, status, usage = os.wait4(proc.pid, 0)  # not proc.wait(): wait4 also returns the process's own peak RSS
+        usage = reap(proc)
         wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
         stdout, stderr = out.read(), err.read()
     if proc.returncode:

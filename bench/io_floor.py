@@ -36,15 +36,21 @@ def copy(src: Path, out: Path, shard: str | None = None) -> None:
         into.rmdir()
 
 
+def reap(proc: subprocess.Popen):
+    """Wait for `proc` as os.wait4 does rather than proc.wait(): its resource usage comes back too (ru_maxrss: the
+    process's own peak RSS, KiB on Linux; CPU times include its waited-for children)."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage
+
+
 def parallel(src: Path, out: Path) -> None:
     out.mkdir(parents=True)
     shards = sorted(f.name for f in src.glob("*.safetensors"))
     procs = [subprocess.Popen([sys.executable, __file__, "--shard", s, str(src), str(out)]) for s in shards]
     peaks = []
-    for p in procs:  # os.wait4 rather than p.wait(): each process's own peak RSS (KiB on Linux)
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-        peaks.append(usage.ru_maxrss * 1024)
+    for p in procs:
+        peaks.append(reap(p).ru_maxrss * 1024)
     failed = [s for s, p in zip(shards, procs) if p.returncode]
     if failed:
         raise SystemExit(f"io_floor: copying {', '.join(failed)} failed")
