@@ -1,8 +1,9 @@
-"""Model cards: one YAML per Falcon-H1 release (falcon_bridge/model_cards/*.yaml) or tiny test shape
+"""Model cards: one YAML per release (falcon_bridge/model_cards/*.yaml) or tiny test shape
 (falcon_bridge/model_cards/tiny/*.yaml), shipped inside the package so that a wheel has them.
 
-A card holds the architecture and the 14 µP multipliers, and for released sizes the provenance of every value
-(verified = read from a copy of the released config.json; otherwise the source it came from).
+A card names its family (`family:`, absent: falcon_h1) and holds the architecture, for Falcon-H1 the 14 µP
+multipliers, and for released sizes the provenance of every value (verified = read from a copy of the released
+config.json; otherwise the source it came from).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from falcon_bridge.core.config import FalconH1Arch
+from falcon_bridge.core.config import Arch
+from falcon_bridge.core.families import DEFAULT_FAMILY, arch_class
 from falcon_bridge.errors import BadInput, shown
 from falcon_bridge.formats.untrusted import read_yaml
 
@@ -28,7 +30,7 @@ class Provenance:
 class Card:
     name: str
     summary: str
-    arch: FalconH1Arch
+    arch: Arch
     is_test: bool
     hf_repo: str | None
     provenance: dict[str, Provenance]  # per architecture field and multiplier key; empty for test cards
@@ -68,13 +70,18 @@ def load_card(name_or_path: str | Path) -> Card:
             raise BadInput(f"{path}: field {key}: expected {expected}, got {shown(value)}")
         return value
 
-    for key in ("name", "architecture", "multipliers"):
+    cls = arch_class(doc.get("family", DEFAULT_FAMILY), str(path))
+    for key in ("name", "architecture") + ("multipliers",) * cls.has_mup:
         if key not in doc:
             raise BadInput(f"{path}: required field {key!r} is missing")
     name, summary = field("name", str, "a string"), field("summary", str, "a string", "")
     kind, hf_repo = field("kind", (str, type(None)), "a string"), field("hf_repo", (str, type(None)), "a Hub repo id")
-    architecture, multipliers = (field(key, dict, "a mapping") for key in ("architecture", "multipliers"))
-    arch = FalconH1Arch.from_dict({**architecture, "multipliers": multipliers}, source=str(path))
+    architecture = field("architecture", dict, "a mapping")
+    multipliers = field("multipliers", dict, "a mapping") if cls.has_mup else {}
+    if multipliers and "multipliers" in architecture:
+        raise BadInput(f"{path}: field architecture.multipliers: the multipliers are a card field of their own")
+    arch = cls.from_dict({**architecture, "multipliers": multipliers} if cls.has_mup else architecture,
+                         source=str(path))
     is_test = kind == "test"
     provenance: dict[str, Provenance] = {}
     if not is_test:

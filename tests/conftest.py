@@ -14,7 +14,9 @@ from falcon_bridge.core.config import FalconH1Arch
 
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
 
-TINY_CARDS = [c.name for c in all_cards() if c.is_test]
+# the tiny test shapes of each family (TINY_CARDS: Falcon-H1's, which most tests run over)
+TINY_CARDS = [c.name for c in all_cards() if c.is_test and c.arch.family == FalconH1Arch.family]
+TINY_LLAMA_CARDS = [c.name for c in all_cards() if c.is_test and c.arch.family == "llama"]
 
 
 def run_cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
@@ -33,7 +35,7 @@ def tiny_hf(tmp_path_factory) -> dict[str, Path]:
     """A random fp32 HF checkpoint for every tiny card (made once per test session)."""
     root = tmp_path_factory.mktemp("hf")
     out = {}
-    for name in TINY_CARDS:
+    for name in TINY_CARDS + TINY_LLAMA_CARDS:
         out[name] = root / name
         create_random(CreateRandomOptions(load_card(name), out[name], seed=1, dtype=torch.float32))
     return out
@@ -50,7 +52,7 @@ def edited_megatron_checkpoint(src: Path, dst: Path, edit) -> Path:
     tensors = {k: reader.get(k) for k in reader.tensors}
     edit(tensors)
     run_config = mg.read_run_config(it_dir)
-    arch = FalconH1Arch.from_dict(run_config["architecture"])
+    arch = mg.arch_from_run_config(run_config, "run config")
     mg.write_torch_dist(dst / "iter_0000000", {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()},
                         tensors.__getitem__, objects=dict.fromkeys(megatron_extra_state_keys(arch)))
     mg.write_run_config(dst / "iter_0000000", run_config)

@@ -9,6 +9,7 @@ from conftest import TINY_CARDS
 from safetensors import safe_open
 from test_roundtrip import assert_bit_identical, hf_tensors
 
+from falcon_bridge.cards import load_card
 from falcon_bridge.converters.export_hf import ExportOptions, export_hf
 from falcon_bridge.converters.import_hf import ImportOptions, import_hf
 from falcon_bridge.converters.verify import VerifyOptions, compare_logits, hf_logits, sample_tokens, verify
@@ -62,11 +63,11 @@ def test_packed_format_matches_transformers_layout_and_config(bitnet_checkpoints
     config = json.loads((packed_dir / "config.json").read_text())
     assert config["quantization_config"] == {"quant_method": "bitnet", "linear_class": "bitlinear",
                                              "quantization_mode": "offline", "modules_to_not_convert": ["lm_head"]}
-    source = hf_tensors(tiny_hf["tiny-mup"])
+    source, arch = hf_tensors(tiny_hf["tiny-mup"]), load_card("tiny-mup").arch
     with safe_open(packed_dir / "model.safetensors", "pt") as f:
         names = set(f.keys())
         for name, latent in source.items():
-            if is_bitnet_linear(name):
+            if is_bitnet_linear(arch, name):
                 packed, scale = f.get_tensor(name), f.get_tensor(name.removesuffix("weight") + "weight_scale")
                 assert packed.dtype == torch.uint8 and packed.shape == (latent.shape[0] // 4, latent.shape[1])
                 assert torch.equal(packed_ternary.unpack_ternary(packed, latent.shape[0]), ternary.ternarize(latent))
@@ -81,8 +82,9 @@ def test_latent_and_dequantized_formats(bitnet_checkpoints, tiny_hf, tmp_path):
     assert_bit_identical(tiny_hf["tiny-mup"], tmp_path / "latent")
     export_hf(ExportOptions(bitnet_checkpoints / "tiny-mup-tp2", tmp_path / "deq", fmt="dequantized"))
     deq, source = hf_tensors(tmp_path / "deq"), hf_tensors(tiny_hf["tiny-mup"])
+    arch = load_card("tiny-mup").arch
     for name in source:
-        expected = ternary.weight_fake_quant(source[name]) if is_bitnet_linear(name) else source[name]
+        expected = ternary.weight_fake_quant(source[name]) if is_bitnet_linear(arch, name) else source[name]
         assert torch.equal(deq[name], expected), name
     import_hf(ImportOptions(str(tiny_hf["tiny-mup"]), tmp_path / "plain", MegatronLayout()))
     with pytest.raises(BadInput, match="not a BitNet checkpoint"):

@@ -13,7 +13,7 @@ from falcon_bridge.cards import Card
 from falcon_bridge.converters.run import QUIET, Run, Summary, unrecorded
 from falcon_bridge.converters.tokenizer import build_tokenizer
 from falcon_bridge.core.choices import CREATE_RANDOM_DTYPE, CREATE_RANDOM_MAX_SHARD_BYTES
-from falcon_bridge.core.config import FalconH1Arch
+from falcon_bridge.core.config import Arch
 from falcon_bridge.core.mapping import hf_rule, hf_tensor_shapes, num_parameters
 from falcon_bridge.errors import BadInput, shown
 from falcon_bridge.formats.hf import ShardedSafetensorsWriter, check_max_shard_bytes, write_config
@@ -23,11 +23,11 @@ SEED_STRIDE = 1_000_003  # a tensor's generator seed: seed × SEED_STRIDE + crc3
 SEED_RANGE = (-(2**63 // SEED_STRIDE), (2**64 - 1 - 0xFFFF_FFFF) // SEED_STRIDE)
 
 
-def random_tensor(name: str, shape: tuple[int, ...], arch: FalconH1Arch, seed: int) -> torch.Tensor:
+def random_tensor(name: str, shape: tuple[int, ...], arch: Arch, seed: int) -> torch.Tensor:
     """One tensor, fp32, initialised as its rule in the map says, reproducible from (seed, name) alone so the order
     of generation does not matter."""
     g = torch.Generator().manual_seed(seed * SEED_STRIDE + zlib.crc32(name.encode()))
-    return hf_rule(name)[1].init(shape, g, arch)
+    return hf_rule(arch, name)[1].init(shape, g, arch)
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def import_options(ckpt: HFCheckpoint, mup_mode: str, bitnet: bool) -> tuple[boo
             raise BadInput("--mup fold with --bitnet: folding the non-uniform ssm_multipliers before ternarizing "
                            "changes which weights round to 0 and ±1; use --mup preserve")
         for name, shape in hf_tensor_shapes(arch).items():
-            problem = DEFAULT_PACKED_FORMAT.shape_problem(name, shape) if is_bitnet_linear(name) else None
+            problem = DEFAULT_PACKED_FORMAT.shape_problem(name, shape) if is_bitnet_linear(arch, name) else None
             if problem:
                 raise BadInput(f"--bitnet: {problem}")
     return bitnet, mup_record, warnings
@@ -107,7 +107,7 @@ class ImportSummary(ParallelSummary):
     bitnet: bool
     tensors: int
     parameters: int
-    mamba_groups: int
+    mamba_groups: int | None  # the B/C groups stored (HF's); None: a family without Mamba
 
 
 def import_hf(options: ImportOptions, run: Run = QUIET) -> ImportSummary | None:
@@ -170,5 +170,5 @@ def import_hf(options: ImportOptions, run: Run = QUIET) -> ImportSummary | None:
     return ImportSummary(
         source=str(options.source), output=str(options.out), tp=options.layout.tp, pp=options.layout.pp,
         dtype=run_config["dtype"], mup=str(options.mup_mode), bitnet=bitnet, tensors=len(sink.shapes),
-        parameters=sum(math.prod(s) for s, _ in sink.shapes.values()), mamba_groups=arch.mamba_n_groups,
+        parameters=sum(math.prod(s) for s, _ in sink.shapes.values()), mamba_groups=stored_as_hf(arch).mamba_groups(arch),
         workers=team.size, peak_rss_bytes=team.peak_rss, seconds=run.seconds(), warnings=warnings)

@@ -15,7 +15,8 @@ import torch
 
 from falcon_bridge.cards import load_card
 from falcon_bridge.core.choices import MupMode
-from falcon_bridge.core.config import FalconH1Arch
+from falcon_bridge.core.config import Arch
+from falcon_bridge.core.families import arch_from_hf
 from falcon_bridge.core.mapping import (
     MEGATRON_LAYER_PREFIX,
     Ctx,
@@ -37,7 +38,7 @@ from falcon_bridge.formats.untrusted import read_json
 class MegatronSource:
     root: Path
     it_dir: Path
-    arch: FalconH1Arch
+    arch: Arch
     layout: MegatronLayout  # as stored: padded vocab and Mamba groups read from the checkpoint
     run_config: dict | None
     reader: mg.TorchDistReader
@@ -127,10 +128,10 @@ def open_megatron_checkpoint(src: Path, card: str | None = None, hf_config: Path
         given = load_card(card)
         arch, layers_field, card_warnings = given.arch, f"card {card}: field num_layers", given.unverified_warning()
     elif hf_config:
-        arch = FalconH1Arch.from_hf(read_json(Path(hf_config), "config.json"), str(hf_config))
+        arch = arch_from_hf(read_json(Path(hf_config), "config.json"), str(hf_config))
         layers_field = f"{hf_config}: field num_hidden_layers"
     elif run_config is not None:
-        arch = FalconH1Arch.from_dict(run_config["architecture"], f"{mg.run_config_path(it_dir)}")
+        arch = mg.arch_from_run_config(run_config, f"{mg.run_config_path(it_dir)}")
         layers_field = f"{mg.run_config_path(it_dir)}: field architecture.num_layers"
     elif (it_dir / mg.BRIDGE_RUN_CONFIG_FILE).exists():  # Megatron-Bridge: its provider's config
         arch = mg.arch_from_bridge_run_config(it_dir)
@@ -145,7 +146,7 @@ def open_megatron_checkpoint(src: Path, card: str | None = None, hf_config: Path
                           card_warnings=card_warnings)
 
 
-def _stored_layout(arch: FalconH1Arch, reader: mg.TorchDistReader, it_dir: Path) -> MegatronLayout:
+def _stored_layout(arch: Arch, reader: mg.TorchDistReader, it_dir: Path) -> MegatronLayout:
     embed = reader.tensors.get("embedding.word_embeddings.weight")
     if embed is None or embed[0][0] < arch.vocab_size:
         raise BadInput(f"{it_dir}: tensor shapes do not match the architecture: embedding.word_embeddings.weight "
@@ -153,7 +154,7 @@ def _stored_layout(arch: FalconH1Arch, reader: mg.TorchDistReader, it_dir: Path)
     return MegatronLayout(stored_padded_vocab=embed[0][0], stored_mamba_groups=mg.stored_mamba_groups(reader, arch))
 
 
-def _check_keys(arch: FalconH1Arch, layout: MegatronLayout, reader: mg.TorchDistReader, it_dir: Path) -> None:
+def _check_keys(arch: Arch, layout: MegatronLayout, reader: mg.TorchDistReader, it_dir: Path) -> None:
     expected = megatron_tensor_shapes(arch, layout)
     for key, shape in expected.items():
         if key not in reader.tensors:

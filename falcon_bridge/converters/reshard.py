@@ -48,7 +48,7 @@ class ReshardSummary(ParallelSummary):
     tp: int
     pp: int
     pp_layers: list[int]
-    mamba_groups: int
+    mamba_groups: int | None  # the B/C groups stored (HF's); None: a family without Mamba
     diverged_group_replicas: dict[str, float]
 
 
@@ -96,6 +96,6 @@ def reshard(options: ReshardOptions, run: Run = QUIET) -> ReshardSummary | None:
         return None
     return ReshardSummary(
         source=str(options.source), output=str(options.out), tp=layout.tp, pp=layout.pp,
-        pp_layers=list(layout.stage_layers(arch.num_layers)), mamba_groups=arch.mamba_n_groups,
+        pp_layers=list(layout.stage_layers(arch.num_layers)), mamba_groups=stored_as_hf(arch).mamba_groups(arch),
         diverged_group_replicas=source.divergence, workers=team.size, peak_rss_bytes=team.peak_rss,
         seconds=run.seconds(), warnings=source.divergence_warnings())

@@ -57,7 +57,7 @@ class HFExport:
 
     def layout(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """(name, shape, dtype) of what is written for one HF tensor."""
-        if self.fmt == ExportFormat.PACKED and is_bitnet_linear(name):
+        if self.fmt == ExportFormat.PACKED and is_bitnet_linear(self.arch, name):
             return self.packing.stored(name, shape, self.dtype_of(name))
         return [(name, shape, self.dtype_of(name))]
 
@@ -66,8 +66,8 @@ class HFExport:
         dtype = self.dtype_of(name)
         if self.unfolding:  # never with BitNet: import refuses --mup fold with --bitnet
             return [(name, mup.unfold(self.arch, name, tensor, dtype))]  # one rounding
-        if self.fmt == ExportFormat.PACKED and is_bitnet_linear(name):
+        if self.fmt == ExportFormat.PACKED and is_bitnet_linear(self.arch, name):
             return self.packing.pack(name, tensor, dtype)
-        if self.fmt == ExportFormat.DEQUANTIZED and is_bitnet_linear(name):
+        if self.fmt == ExportFormat.DEQUANTIZED and is_bitnet_linear(self.arch, name):
             return [(name, ternary.weight_fake_quant(tensor.float()).to(dtype))]
         return [(name, tensor.to(dtype))]

@@ -1,10 +1,11 @@
-"""THE Falcon-H1 map: Megatron checkpoint key ↔ HF tensor name(s) ↔ transform, in one table.
+"""The map: Megatron checkpoint key ↔ HF tensor name(s) ↔ transform, one table per model family; Falcon-H1's is
+here, the Llama family's in `core/llama.py`.
 
-Read it next to transformers' modeling_falcon_h1.py: every HF tensor of FalconH1ForCausalLM appears once below,
-with its shape, the µP multiplier folded into it (`--mup fold`), how create-random initialises it, and whether
-BitNet ternarizes it. Megatron names follow Megatron-Bridge's Falcon-H1 model so checkpoints interoperate.
+Read Falcon-H1's next to transformers' modeling_falcon_h1.py: every HF tensor of FalconH1ForCausalLM appears once
+below, with its shape, the µP multiplier folded into it (`--mup fold`), how create-random initialises it, and
+whether BitNet ternarizes it. Megatron names follow Megatron-Bridge's Falcon-H1 model so checkpoints interoperate.
 Everything else that is per tensor (the fold, BitNet's per-HF-tensor scales, random weights, the packed format's
-list of linears) is read off this table.
+list of linears) is read off the table of the architecture's family (`table_of(arch)`).
 
 Megatron checkpoint tensors are *global* (dist_checkpointing reshards them for any TP at load time); a transform
 turns HF tensors into one or more global Megatron tensors (`suffix → tensor`, e.g. in_proj's `.z .x .B .C .dt`
@@ -13,6 +14,7 @@ pieces, which is how megatron-core's MambaMixer stores them) and back.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -21,7 +23,7 @@ import torch
 
 from falcon_bridge.core import random_init as rnd
 from falcon_bridge.core import transforms as T
-from falcon_bridge.core.config import CONV_SEGMENTS, GROUP_SEGMENTS, SSM_SEGMENTS, FalconH1Arch
+from falcon_bridge.core.config import CONV_SEGMENTS, GROUP_SEGMENTS, SSM_SEGMENTS, Arch, FalconH1Arch
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput, shown
 
@@ -33,7 +35,7 @@ Factor = float | torch.Tensor  # a µP fold factor: a scalar, or one per row ([r
 class Ctx:
     """What a transform needs to know: the HF architecture and the Megatron layout it is stored in."""
 
-    arch: FalconH1Arch
+    arch: Arch
     layout: MegatronLayout
 
     @property
@@ -160,12 +162,12 @@ IN_PROJ, CONV = MambaSegments(SSM_SEGMENTS), MambaSegments(CONV_SEGMENTS)
 @dataclass(frozen=True)
 class HFTensor:
     name: str  # relative to "model.layers.{i}." for layer rules
-    shape: Callable[[FalconH1Arch], Shape]
-    fold: Callable[[FalconH1Arch], Factor] | None  # µP multiplier(s) `--mup fold` multiplies into it; None: none
+    shape: Callable[[Arch], Shape]
+    fold: Callable[[Arch], Factor] | None  # µP multiplier(s) `--mup fold` multiplies into it; None: none
     init: Callable  # create-random's initialiser, from core/random_init.py
 
 
-def hf(name: str, shape: Callable[[FalconH1Arch], Shape], fold: Callable[[FalconH1Arch], Factor] | None = None,
+def hf(name: str, shape: Callable[[Arch], Shape], fold: Callable[[Arch], Factor] | None = None,
        init: Callable | None = None) -> HFTensor:
     """An HF tensor of a rule. create-random initialises it as a linear layer's weight (or, for `.bias`, as a bias)
     unless the rule names another initialiser."""
@@ -177,7 +179,7 @@ class Rule:
     megatron: str  # Megatron parameter name; checkpoint keys are megatron + each suffix of the transform
     hf: tuple[HFTensor, ...]  # the HF tensors feeding it, in the transform's order
     transform: Transform
-    when: Callable[[FalconH1Arch], bool] = lambda a: True
+    when: Callable[[Arch], bool] = lambda a: True
     # BitNet linears (ternary in BitNet models, packed in the HF format) say how TP splits the Megatron weight:
     # COLUMN its rows, ROW its columns. None: not a BitNet linear.
     bitnet: str | None = None
@@ -274,29 +276,75 @@ LAYER_RULES = (
 )
 
 
-# ---- per-tensor facts read off the table --------------------------------------------------------------------------
-_HF_TENSORS = {t.name: (rule, t) for rule in MODEL_RULES + LAYER_RULES for t in rule.hf}
+# Modules with an `_extra_state` object: megatron-core's parallel linears (None for the local backend, FP8 metadata
+# for Transformer Engine) and, under the Transformer Engine spec Megatron-Bridge builds Falcon-H1 with, the norms
+# (TENorm is TE's RMSNorm, whose extra state is empty without FP8). A checkpoint holds one per module (None) so a
+# load by either spec finds every key it asks for; a model without the object ignores it.
+MODEL_EXTRA_STATE_MODULES = ("output_layer", "decoder.final_norm")  # output_layer exists when tied too
+LAYER_EXTRA_STATE_MODULES = ("norm", "mamba_mixer.in_proj", "mamba_mixer.out_proj", "self_attention.linear_qkv",
+                             "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 
 
-def hf_rule(hf_name: str) -> tuple[Rule, HFTensor] | None:
-    """The rule of a full HF tensor name (`model.layers.7.mamba.D` → the mamba_mixer.D rule), None if unknown."""
-    in_layer = hf_name.startswith(HF_LAYER_PREFIX)
-    key = hf_name.split(".", 3)[-1] if in_layer else hf_name
-    found = _HF_TENSORS.get(key)
-    # a layer tensor's relative name never collides with a model-level one, but it is only valid under layers
-    return found if found and (found[0] in LAYER_RULES) == in_layer else None
+# ---- a family's table and the per-tensor facts read off it ------------------------------------------------------
+@dataclass(frozen=True)
+class Table:
+    """One family's map: its model-level rules (the embedding first), its per-layer rules (Megatron
+    `decoder.layers.{i}.<name>` ↔ HF `model.layers.{i}.<name>`), and the modules holding an `_extra_state`."""
+
+    family: str
+    model_rules: tuple[Rule, ...]
+    layer_rules: tuple[Rule, ...]
+    model_extra_state_modules: tuple[str, ...]
+    layer_extra_state_modules: tuple[str, ...]
+
+    def hf_rule(self, hf_name: str) -> tuple[Rule, HFTensor] | None:
+        """The rule of a full HF tensor name (`model.layers.7.mamba.D` → the mamba_mixer.D rule), None if
+        unknown."""
+        in_layer = hf_name.startswith(HF_LAYER_PREFIX)
+        key = hf_name.split(".", 3)[-1] if in_layer else hf_name
+        found = self._hf_tensors.get(key)
+        # a layer tensor's relative name never collides with a model-level one, but it is only valid under layers
+        return found if found and (found[0] in self.layer_rules) == in_layer else None
+
+    @functools.cached_property  # written into the instance's __dict__, which a frozen dataclass allows
+    def _hf_tensors(self) -> dict[str, tuple[Rule, HFTensor]]:
+        return {t.name: (rule, t) for rule in self.model_rules + self.layer_rules for t in rule.hf}
 
 
-def fold_factor(arch: FalconH1Arch, hf_name: str) -> Factor | None:
-    """The µP factor folded into this HF tensor, or None when none is (norms, conv1d, A_log, D, dt_bias, up_proj)."""
-    found = hf_rule(hf_name)
+# Every family's table, by `Arch.family`: a family module registers its own when imported (its architecture class
+# lives there too, so an architecture of the family never exists without its table).
+TABLES: dict[str, Table] = {}
+
+
+def register(table: Table) -> Table:
+    TABLES[table.family] = table
+    return table
+
+
+def table_of(arch: Arch) -> Table:
+    return TABLES[arch.family]
+
+
+FALCON_H1 = register(Table(FalconH1Arch.family, MODEL_RULES, LAYER_RULES, MODEL_EXTRA_STATE_MODULES,
+                           LAYER_EXTRA_STATE_MODULES))
+
+
+def hf_rule(arch: Arch, hf_name: str) -> tuple[Rule, HFTensor] | None:
+    """The rule of a full HF tensor name in the architecture's family, None if unknown."""
+    return table_of(arch).hf_rule(hf_name)
+
+
+def fold_factor(arch: Arch, hf_name: str) -> Factor | None:
+    """The µP factor folded into this HF tensor, or None when none is (norms, conv1d, A_log, D, dt_bias, up_proj;
+    every tensor of a family without µP)."""
+    found = hf_rule(arch, hf_name)
     return None if found is None or found[1].fold is None else found[1].fold(arch)
 
 
-def is_bitnet_linear(hf_name: str) -> bool:
+def is_bitnet_linear(arch: Arch, hf_name: str) -> bool:
     """Whether BitNet ternarizes this HF tensor (every linear weight of the blocks; not embeddings, lm_head, norms,
     conv1d, A_log, D, dt_bias, biases)."""
-    found = hf_rule(hf_name)
+    found = hf_rule(arch, hf_name)
     return found is not None and found[0].bitnet is not None
 
 
@@ -313,19 +361,12 @@ def bitnet_row_sources(rule: Rule, ctx: Ctx, tp_rank: int) -> tuple[torch.Tensor
     return torch.bucketize(local, torch.tensor(rows).cumsum(0), right=True), 1.0 / copies.double(), numel
 
 
-# Modules with an `_extra_state` object: megatron-core's parallel linears (None for the local backend, FP8 metadata
-# for Transformer Engine) and, under the Transformer Engine spec Megatron-Bridge builds Falcon-H1 with, the norms
-# (TENorm is TE's RMSNorm, whose extra state is empty without FP8). A checkpoint holds one per module (None) so a
-# load by either spec finds every key it asks for; a model without the object ignores it.
-MODEL_EXTRA_STATE_MODULES = ("output_layer", "decoder.final_norm")  # output_layer exists when tied too
-LAYER_EXTRA_STATE_MODULES = ("norm", "mamba_mixer.in_proj", "mamba_mixer.out_proj", "self_attention.linear_qkv",
-                             "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
-
-
-def megatron_extra_state_keys(arch: FalconH1Arch) -> list[str]:
-    """The checkpoint keys of those `_extra_state` objects (ShardedObject key + '/shard_0_1', TP-independent)."""
-    modules = [f"{MEGATRON_LAYER_PREFIX}{i}.{m}" for i in range(arch.num_layers) for m in LAYER_EXTRA_STATE_MODULES]
-    modules += MODEL_EXTRA_STATE_MODULES
+def megatron_extra_state_keys(arch: Arch) -> list[str]:
+    """The checkpoint keys of the `_extra_state` objects (ShardedObject key + '/shard_0_1', TP-independent)."""
+    table = table_of(arch)
+    modules = [f"{MEGATRON_LAYER_PREFIX}{i}.{m}" for i in range(arch.num_layers)
+               for m in table.layer_extra_state_modules]
+    modules += table.model_extra_state_modules
     return [f"{m}._extra_state/shard_0_1" for m in modules]
 
 
@@ -346,22 +387,23 @@ class Entry:
         return {self.megatron + suffix: shape for suffix, shape in shapes.items()}
 
 
-def entries(arch: FalconH1Arch) -> list[Entry]:
+def entries(arch: Arch) -> list[Entry]:
     """Every tensor of the model, in forward order (embedding, layers, final norm, output layer)."""
+    table = table_of(arch)
     def make(rule: Rule, mg_prefix: str, hf_prefix: str, layer: int | None) -> Entry:
         return Entry(mg_prefix + rule.megatron, tuple(hf_prefix + t.name for t in rule.hf),
                      tuple(t.shape(arch) for t in rule.hf), rule.transform, layer)
 
-    model = {r.megatron: r for r in MODEL_RULES if r.when(arch)}
+    model = {r.megatron: r for r in table.model_rules if r.when(arch)}
     out = [make(model.pop("embedding.word_embeddings.weight"), "", "", None)]
     for i in range(arch.num_layers):
-        out += [make(r, f"{MEGATRON_LAYER_PREFIX}{i}.", f"{HF_LAYER_PREFIX}{i}.", i) for r in LAYER_RULES
+        out += [make(r, f"{MEGATRON_LAYER_PREFIX}{i}.", f"{HF_LAYER_PREFIX}{i}.", i) for r in table.layer_rules
                 if r.when(arch)]
     out += [make(r, "", "", None) for r in model.values()]
     return out
 
 
-def refuse_more_layers_than_stored(arch: FalconH1Arch, names: Iterable[str], prefix: str, field: str) -> None:
+def refuse_more_layers_than_stored(arch: Arch, names: Iterable[str], prefix: str, field: str) -> None:
     """Everything built per layer (the entries, the expected tensors, the model) loops over the layer count a config
     claims: it is checked first against the layers a checkpoint's tensor names hold (the distinct `i` of names
     `prefix{i}.…`). `field` names where the count came from."""
@@ -371,12 +413,12 @@ def refuse_more_layers_than_stored(arch: FalconH1Arch, names: Iterable[str], pre
         raise BadInput(f"{field} is {shown(arch.num_layers)}, but the checkpoint holds tensors of {stored} layers")
 
 
-def hf_tensor_shapes(arch: FalconH1Arch) -> dict[str, Shape]:
+def hf_tensor_shapes(arch: Arch) -> dict[str, Shape]:
     """Every tensor of the HF checkpoint and its shape."""
     return {n: s for e in entries(arch) for n, s in zip(e.hf, e.hf_shapes)}
 
 
-def num_parameters(arch: FalconH1Arch) -> int:
+def num_parameters(arch: Arch) -> int:
     """Counted from one layer (every layer holds the same tensors), so that a card claiming 10**9 layers is counted,
     and refused for its size, without a loop over its layers."""
     sizes = [(e.layer is None, sum(math.prod(s) for s in e.hf_shapes)) for e in entries(replace(arch, num_layers=1))]
@@ -384,7 +426,7 @@ def num_parameters(arch: FalconH1Arch) -> int:
         n for model_level, n in sizes if not model_level)
 
 
-def megatron_tensor_shapes(arch: FalconH1Arch, layout: MegatronLayout) -> dict[str, Shape]:
+def megatron_tensor_shapes(arch: Arch, layout: MegatronLayout) -> dict[str, Shape]:
     """Every key of the Megatron checkpoint and its global shape."""
     ctx = Ctx(arch, layout)
     return {k: s for e in entries(arch) for k, s in e.megatron_keys(ctx).items()}

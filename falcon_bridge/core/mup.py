@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 
 from falcon_bridge.core.choices import MupMode
-from falcon_bridge.core.config import FalconH1Arch, Multipliers
+from falcon_bridge.core.config import Arch, FalconH1Arch, Multipliers
 from falcon_bridge.core.mapping import fold_factor
 from falcon_bridge.errors import BadInput
 
@@ -30,12 +30,12 @@ def _apply(t: torch.Tensor, factor, out_dtype: torch.dtype, divide: bool) -> tor
     return (x / f if divide else x * f).to(out_dtype)
 
 
-def fold(arch: FalconH1Arch, hf_name: str, t: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def fold(arch: Arch, hf_name: str, t: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     factor = fold_factor(arch, hf_name)
     return t.to(out_dtype) if factor is None else _apply(t, factor, out_dtype, divide=False)
 
 
-def unfold(arch: FalconH1Arch, hf_name: str, t: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def unfold(arch: Arch, hf_name: str, t: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     factor = fold_factor(arch, hf_name)
     return t.to(out_dtype) if factor is None else _apply(t, factor, out_dtype, divide=True)
 
@@ -55,8 +55,13 @@ def folded_arch(arch: FalconH1Arch) -> FalconH1Arch:
     return replace(arch, multipliers=Multipliers())
 
 
-def run_config_entry(arch: FalconH1Arch, mode: MupMode) -> dict:
-    """The run config's `mup` record: the mode, what the model applies, and (fold) what the weights carry."""
+def run_config_entry(arch: Arch, mode: MupMode) -> dict:
+    """The run config's `mup` record: the mode, what the model applies, and (fold) what the weights carry. A family
+    without µP records no multipliers and has nothing to fold."""
+    if not arch.has_mup:
+        if mode != MupMode.PRESERVE:
+            raise BadInput(f"--mup {mode}: the {arch.family} family has no µP multipliers to fold; leave --mup out")
+        return {"mode": MupMode.PRESERVE.value, "applied_multipliers": {}}
     if mode == MupMode.PRESERVE:
         return {"mode": MupMode.PRESERVE.value, "applied_multipliers": arch.multipliers.to_hf()}
     assert mode == MupMode.FOLD, mode

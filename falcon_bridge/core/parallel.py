@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from falcon_bridge.core.config import FalconH1Arch
+from falcon_bridge.core.config import Arch
 from falcon_bridge.core.transforms import padded_vocab_size
 from falcon_bridge.errors import BadInput
 
@@ -30,19 +30,22 @@ class MegatronLayout:
     stored_padded_vocab: int | None = None
     stored_mamba_groups: int | None = None
 
-    def padded_vocab(self, arch: FalconH1Arch) -> int:
+    def padded_vocab(self, arch: Arch) -> int:
         if self.stored_padded_vocab is not None:
             return self.stored_padded_vocab
         return padded_vocab_size(arch.vocab_size, self.tp, self.vocab_divisible_by)
 
-    def mamba_groups(self, arch: FalconH1Arch) -> int:
-        """B/C groups as stored in Megatron: the HF count, replicated up to a multiple of TP if needed."""
+    def mamba_groups(self, arch: Arch) -> int | None:
+        """B/C groups as stored in Megatron: the HF count, replicated up to a multiple of TP if needed (None: a
+        family without Mamba)."""
+        if not arch.has_mamba:
+            return None
         if self.stored_mamba_groups is not None:
             return self.stored_mamba_groups
         return math.lcm(arch.mamba_n_groups, self.tp)
 
-    def group_factor(self, arch: FalconH1Arch) -> int:
-        return self.mamba_groups(arch) // arch.mamba_n_groups
+    def group_factor(self, arch: Arch) -> int:
+        return self.mamba_groups(arch) // arch.mamba_n_groups if arch.has_mamba else 1
 
     def stage_layers(self, num_layers: int) -> tuple[int, ...]:
         if self.pp_layers is not None:
@@ -52,11 +55,14 @@ class MegatronLayout:
     def stage_offset(self, num_layers: int, stage: int) -> int:
         return sum(self.stage_layers(num_layers)[:stage])
 
-    def validate(self, arch: FalconH1Arch) -> MegatronLayout:
+    def validate(self, arch: Arch) -> MegatronLayout:
         tp, pp = self.tp, self.pp
         if tp < 1 or pp < 1:
             raise BadInput(f"--tp/--pp must be ≥ 1, got tp={tp} pp={pp}")
-        for what, n in (("num_attention_heads", arch.num_heads), ("mamba_n_heads", arch.mamba_n_heads)):
+        heads = [("num_attention_heads", arch.num_heads)]
+        if arch.has_mamba:
+            heads.append(("mamba_n_heads", arch.mamba_n_heads))
+        for what, n in heads:
             if n % tp:
                 raise BadInput(f"--tp {tp} does not divide {what} ({n})")
         # megatron-core splits whole KV groups across ranks, or (TP > groups) gives each group to TP/groups ranks
@@ -70,7 +76,7 @@ class MegatronLayout:
             raise BadInput(f"--pp {pp} does not divide num_hidden_layers ({arch.num_layers}); "
                            "pass --pp-layers for an uneven split")
         groups = self.mamba_groups(arch)
-        if groups != arch.mamba_n_groups:
+        if arch.has_mamba and groups != arch.mamba_n_groups:
             if not self.allow_group_replication:
                 raise BadInput(f"--tp {tp} exceeds mamba_n_groups ({arch.mamba_n_groups}); megatron-core needs "
                                "n_groups % tp == 0")
@@ -84,6 +90,7 @@ class MegatronLayout:
         return self
 
 
-def stored_as_hf(arch: FalconH1Arch) -> MegatronLayout:
+def stored_as_hf(arch: Arch) -> MegatronLayout:
     """What every checkpoint we write stores, whatever TP it is for: HF's vocabulary rows and B/C groups."""
-    return MegatronLayout(stored_padded_vocab=arch.vocab_size, stored_mamba_groups=arch.mamba_n_groups)
+    return MegatronLayout(stored_padded_vocab=arch.vocab_size,
+                          stored_mamba_groups=arch.mamba_n_groups if arch.has_mamba else None)

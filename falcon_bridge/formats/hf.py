@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from falcon_bridge.core.config import HF_KEYS, FalconH1Arch
+from falcon_bridge.core.config import HF_KEYS, Arch
+from falcon_bridge.core.families import arch_from_hf
 from falcon_bridge.core.mapping import HF_LAYER_PREFIX, refuse_more_layers_than_stored
 from falcon_bridge.core.packed_ternary import packed_format
 from falcon_bridge.errors import BadInput, first_line, shown
@@ -168,7 +169,7 @@ class HFCheckpoint:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.config = read_json(self.path / "config.json", "config.json")
-        self.arch = FalconH1Arch.from_hf(self.config, source=str(self.path / "config.json"))
+        self.arch = arch_from_hf(self.config, source=str(self.path / "config.json"))
         index = self.path / INDEX_FILE
         weight_map = None
         if index.exists():
@@ -352,7 +353,7 @@ class ShardedSafetensorsWriter:
                 {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2) + "\n")
 
 
-def write_config(out_dir: Path, arch: FalconH1Arch, dtype: torch.dtype, extra: dict | None = None) -> None:
+def write_config(out_dir: Path, arch: Arch, dtype: torch.dtype, extra: dict | None = None) -> None:
     """config.json (every shape key and all 14 multipliers explicit) and generation_config.json."""
     cfg = arch.to_hf()
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")

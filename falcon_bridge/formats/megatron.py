@@ -26,7 +26,8 @@ from torch.distributed.checkpoint.planner import WriteItemType
 
 from falcon_bridge import __version__
 from falcon_bridge.core.choices import MupMode
-from falcon_bridge.core.config import FalconH1Arch, Multipliers
+from falcon_bridge.core.config import Arch, FalconH1Arch, Multipliers
+from falcon_bridge.core.families import arch_from_dict
 from falcon_bridge.core.mup import run_config_entry
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput, Interrupted, first_line, root_cause, shown
@@ -234,11 +235,12 @@ def find_iteration_dir(root: Path) -> Path:
     return it_dir
 
 
-def run_config(arch: FalconH1Arch, layout: MegatronLayout, dtype: torch.dtype, hf_dtype: str, hf_odd_dtypes: dict,
+def run_config(arch: Arch, layout: MegatronLayout, dtype: torch.dtype, hf_dtype: str, hf_odd_dtypes: dict,
                tokenizer_files: list[str], source: dict, mup: dict, bitnet: bool = False) -> dict:
     """What a falcon-bridge checkpoint records beside its weights: enough to rebuild the model and the HF source."""
     return {
         "falcon_bridge_version": __version__,
+        "family": arch.family,  # absent in run configs written before there were families: Falcon-H1
         "architecture": arch.to_dict(),
         "mup": mup,  # falcon_bridge.core.mup.run_config_entry
         "bitnet": bitnet,  # the model's attention/Mamba/MLP linears are BitNet b1.58 (weights stored latent)
@@ -302,7 +304,7 @@ def read_run_config(it_dir: Path) -> dict:
     need(isinstance(tokenizer_files, list) and all(isinstance(n, str) and n not in ("", ".", "..")
                                                    and Path(n).name == n for n in tokenizer_files),
          "tokenizer_files", "a list of file names")
-    arch = FalconH1Arch.from_dict(rc["architecture"], str(path))
+    arch = arch_from_run_config(rc, str(path))
     recorded = run_config_entry(arch, MupMode(mup["mode"]))  # what this mode makes of the architecture's multipliers
     for key in [k for k in ("applied_multipliers", "folded_multipliers") if k in recorded]:
         got = Multipliers.from_hf(mup[key], f"{path}: field mup.{key}").to_hf()
@@ -319,9 +321,16 @@ def read_run_config(it_dir: Path) -> dict:
     return rc
 
 
-def stored_mamba_groups(reader: TorchDistReader, arch: FalconH1Arch) -> int:
+def arch_from_run_config(rc: dict, source: str) -> Arch:
+    """The architecture a run config records, of the family it names."""
+    return arch_from_dict(rc["architecture"], rc.get("family"), source)
+
+
+def stored_mamba_groups(reader: TorchDistReader, arch: Arch) -> int | None:
     """The B/C group count a checkpoint stores, read off its first in_proj B piece: HF's, or a multiple of it in
-    checkpoints that stored the groups replicated for a TP."""
+    checkpoints that stored the groups replicated for a TP (None: a family without Mamba)."""
+    if not arch.has_mamba:
+        return None
     shape = reader.tensors.get("decoder.layers.0.mamba_mixer.in_proj.weight.B")
     groups, rest = divmod(shape[0][0], arch.mamba_d_state) if shape else (0, 1)
     if rest or groups % arch.mamba_n_groups or groups == 0:
@@ -397,10 +406,11 @@ def bridge_run_config(arch: FalconH1Arch, multipliers, dtype: torch.dtype, tp: i
                            "ckpt_format": "torch_dist"}}
 
 
-def write_interop_files(root: Path, it_dir: Path, arch: FalconH1Arch, multipliers, dtype: torch.dtype,
+def write_interop_files(root: Path, it_dir: Path, arch: Arch, multipliers, dtype: torch.dtype,
                         tp: int, pp: int, iteration: int = 0) -> None:
     """Beside our run config: common.pt (same contents as the DCP common state), Megatron-Bridge's train-state
-    tracker and run_config.yaml, so Megatron-LM and Megatron-Bridge load the directory as written."""
+    tracker and, for Falcon-H1 (the family whose Bridge provider this writes), its run_config.yaml, so Megatron-LM
+    and Megatron-Bridge load the directory as written."""
     import yaml
 
     for path, state in ((it_dir / COMMON_STATE_FILE, common_state(iteration)), (root / TRAIN_STATE_FILE,
@@ -409,8 +419,9 @@ def write_interop_files(root: Path, it_dir: Path, arch: FalconH1Arch, multiplier
         # ("basic_ios::clear: iostream error"), Python's write as the OSError(ENOSPC) the output directory expects
         with open(path, "wb") as f:
             torch.save(state, f)
-    (it_dir / BRIDGE_RUN_CONFIG_FILE).write_text(yaml.safe_dump(
-        bridge_run_config(arch, multipliers, dtype, tp, pp), default_flow_style=False, sort_keys=False))
+    if arch.family == FalconH1Arch.family:
+        (it_dir / BRIDGE_RUN_CONFIG_FILE).write_text(yaml.safe_dump(
+            bridge_run_config(arch, multipliers, dtype, tp, pp), default_flow_style=False, sort_keys=False))
 
 
 def arch_from_bridge_run_config(it_dir: Path) -> FalconH1Arch:

@@ -17,7 +17,7 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from falcon_bridge.core import ternary
-from falcon_bridge.core.mapping import LAYER_RULES, Ctx, bitnet_row_sources
+from falcon_bridge.core.mapping import Ctx, bitnet_row_sources, table_of
 from falcon_bridge.megatron.model import NormColumnParallelLinear
 
 
@@ -101,7 +101,7 @@ def assign_segments(model, ctx: Ctx, tp_rank: int) -> None:
     """Tell each BitNet linear of the model's layers which HF tensor each of its local rows comes from, as the map's
     BitNet rules say (q/k/v fused in linear_qkv, gate/up in fc1, replicated B/C rows in in_proj); `ctx` holds the
     architecture and the layout the model was built for."""
-    for rule in LAYER_RULES:
+    for rule in table_of(ctx.arch).layer_rules:
         if rule.bitnet is None or not rule.when(ctx.arch):
             continue
         sources = bitnet_row_sources(rule, ctx, tp_rank)

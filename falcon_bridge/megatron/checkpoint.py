@@ -20,7 +20,7 @@ def provider_from_checkpoint(root: Path, params_dtype: torch.dtype | None = None
     """The provider recorded in a falcon-bridge checkpoint's run config (optionally at another TP/PP)."""
     it_dir = mg.find_iteration_dir(Path(root))
     rc = mg.read_run_config(it_dir)
-    arch = FalconH1Arch.from_dict(rc["architecture"], str(it_dir / mg.RUN_CONFIG_FILE))
+    arch = mg.arch_from_run_config(rc, str(it_dir / mg.RUN_CONFIG_FILE))
     lay = rc["layout"]
     tp, pp = lay["tp"] if tp is None else tp, lay["pp"] if pp is None else pp
     pp_layers = tuple(lay["pp_layers"]) if pp == lay["pp"] else None

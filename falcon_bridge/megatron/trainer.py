@@ -141,7 +141,7 @@ class TrainingCheckpoint:
     def open(cls, root: Path) -> TrainingCheckpoint:
         it_dir = mg.find_iteration_dir(root)
         rc = mg.read_run_config(it_dir)
-        arch = FalconH1Arch.from_dict(rc["architecture"], str(it_dir / mg.RUN_CONFIG_FILE))
+        arch = mg.arch_from_run_config(rc, str(it_dir / mg.RUN_CONFIG_FILE))
         metadata = mg.checked_metadata(it_dir)
         refuse_more_layers_than_stored(arch, metadata.state_dict_metadata, MEGATRON_LAYER_PREFIX,
                                        f"{mg.run_config_path(it_dir)}: field architecture.num_layers")
