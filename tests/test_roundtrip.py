@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import TINY_CARDS, edited_megatron_checkpoint, legacy_layout_checkpoint
+from conftest import TINY_CARDS, TINY_LLAMA_CARDS, edited_megatron_checkpoint, legacy_layout_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -43,7 +43,7 @@ def assert_bit_identical(source, result):
 ROUTES = [((1, 1), (2, 1)), ((2, 1), (1, 2)), ((2, 2), (1, 1)), ((1, 2), (2, 2))]
 
 
-@pytest.mark.parametrize("card", TINY_CARDS)
+@pytest.mark.parametrize("card", TINY_CARDS + TINY_LLAMA_CARDS)
 @pytest.mark.parametrize("first,second", ROUTES, ids=[f"tp{a}pp{b}-tp{c}pp{d}" for (a, b), (c, d) in ROUTES])
 def test_import_reshard_export_is_bit_identical(card, first, second, tiny_hf, tmp_path):
     import_hf(ImportOptions(str(tiny_hf[card]), tmp_path / "a", MegatronLayout(*first)))

@@ -130,24 +130,27 @@ def main_options(debug: Annotated[bool, typer.Option(help="Show tracebacks for e
 
 @app.command()
 def cards(as_json: JsonFlag = False):
-    """List the model cards (released Falcon-H1 sizes and tiny test shapes)."""
+    """List the model cards (released Falcon-H1 and Falcon3-1.58bit sizes, tiny test shapes)."""
     from falcon_bridge.cards import all_cards
     from falcon_bridge.core.mapping import num_parameters
 
     if as_json:
         out.print_json(json.dumps([{
-            "card": c.name, "hf_repo": c.hf_repo, "test_shape": c.is_test, "parameters": num_parameters(c.arch),
+            "card": c.name, "family": c.arch.family, "hf_repo": c.hf_repo, "test_shape": c.is_test,
+            "parameters": num_parameters(c.arch),
             "verified": c.verified, "unverified_fields": sorted(n for n, p in c.provenance.items() if not p.verified),
             "config": c.arch.to_hf()} for c in all_cards()]))
         return
-    table = Table("card", "HF repo", "params", "layers", "hidden", "mamba groups", "gated norm", "verified")
+    table = Table("card", "family", "HF repo", "params", "layers", "hidden", "mamba groups", "gated norm",
+                  "verified")
     for c in all_cards():
         a = c.arch
         checked = sum(p.verified for p in c.provenance.values())
         verified = "test shape" if c.is_test else ("yes" if c.verified else
                                                    f"{checked} of {len(c.provenance)} values")
-        table.add_row(c.name, c.hf_repo or "-", f"{num_parameters(a):,}", str(a.num_layers), str(a.hidden_size),
-                      str(a.mamba_n_groups), "yes" if a.mamba_rms_norm else "no", verified)
+        mamba = (str(a.mamba_n_groups), "yes" if a.mamba_rms_norm else "no") if a.has_mamba else ("-", "-")
+        table.add_row(c.name, a.family, c.hf_repo or "-", f"{num_parameters(a):,}", str(a.num_layers),
+                      str(a.hidden_size), *mamba, verified)
     out.print(table)
 
 

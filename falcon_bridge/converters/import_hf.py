@@ -54,6 +54,12 @@ def import_options(ckpt: HFCheckpoint, mup_mode: str, bitnet: bool) -> tuple[boo
     mup_record = mup.run_config_entry(arch, mup_mode)  # refuses folds that cannot be exact (tied embeddings)
     warnings = []
     if ckpt.packed:
+        # the HF model keeps a linear left unpacked (modules_to_not_convert) in full precision; ours would ternarize it
+        unpacked = next((n for n in hf_tensor_shapes(arch) if is_bitnet_linear(arch, n) and n not in ckpt.packed),
+                        None)
+        if unpacked is not None:
+            raise BadInput(f"{ckpt.tensors[unpacked].file}: tensor {unpacked} is not packed, but the model "
+                           "ternarizes it (only lm_head, embeddings and norms may stay unquantized)")
         bitnet = True
         warnings.append(f"{ckpt.path}: packed ternary checkpoint: imported as ternary × scale; the latent (pre-"
                         "quantization) weights are not in it, so continued training starts from those")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from falcon_bridge.core.ternary import as_scale, ternarize
-from falcon_bridge.errors import BadInput
+from falcon_bridge.errors import BadInput, shown
 
 VALUES_PER_BYTE = 4
 Shape = tuple[int, ...]
@@ -180,4 +180,9 @@ def packed_format(quantization_config: dict, source: str) -> BitLinearFormat:
     if fmt is None:
         raise BadInput(f"{source}: quantization_config.linear_class {linear_class!r} is not supported (only "
                        f"{', '.join(repr(k) for k in PACKED_FORMATS)})")
+    # transformers ≥ 5 can put an RMSNorm inside every BitNet linear; our fused linear_qkv/fc1 have no place for one
+    if quantization_config.get("use_rms_norm", False) is not False:
+        raise BadInput(f"{source}: field quantization_config.use_rms_norm = "
+                       f"{shown(quantization_config['use_rms_norm'])} is not supported (a norm inside each BitNet "
+                       "linear); only false is")
     return fmt

@@ -1,0 +1,187 @@
+"""The Llama family (Falcon3-1.58bit / Falcon-E) through the conversion pipeline: detected from config.json, its own
+table, the same import / reshard / export / packed formats as Falcon-H1, and its bad inputs refused in one line.
+(Our Megatron model for it, against transformers' logits and gradients: tests/test_llama.py.)"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+from test_roundtrip import assert_bit_identical, hf_tensors
+
+from falcon_bridge.cards import Card, all_cards, load_card
+from falcon_bridge.converters.create_random import CreateRandomOptions, create_random
+from falcon_bridge.converters.export_hf import ExportOptions, export_hf
+from falcon_bridge.converters.import_hf import ImportOptions, import_hf
+from falcon_bridge.converters.reshard import ReshardOptions, reshard
+from falcon_bridge.core.families import arch_from_hf
+from falcon_bridge.core.llama import LlamaArch
+from falcon_bridge.core.mapping import hf_tensor_shapes, is_bitnet_linear, num_parameters
+from falcon_bridge.core.parallel import MegatronLayout
+from falcon_bridge.errors import BadInput
+from falcon_bridge.formats import megatron as mg
+
+LLAMA_RELEASED = ["falcon3-1b-1.58bit", "falcon3-3b-1.58bit", "falcon3-7b-1.58bit", "falcon3-10b-1.58bit"]
+
+
+def transformers_llama(arch: LlamaArch, seed: int = 0):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(arch.to_hf_config()).float()
+    with torch.no_grad():  # transformers initialises norms to 1 and biases to 0: make every tensor count
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("card", LLAMA_RELEASED)
+def test_released_llama_cards_are_verified_and_count_what_transformers_counts(card):
+    from transformers import LlamaForCausalLM
+
+    c = load_card(card)
+    assert c.arch.family == "llama" and c.hf_repo.startswith("tiiuae/") and c.verified
+    assert set(c.provenance) == set(c.arch.to_dict())  # every value has a source
+    with torch.device("meta"):
+        model = LlamaForCausalLM(c.arch.to_hf_config())
+    assert num_parameters(c.arch) == sum(p.numel() for p in model.parameters())
+    assert hf_tensor_shapes(c.arch) == {n: tuple(p.shape) for n, p in model.state_dict().items()}
+
+
+def test_a_checkpoint_transformers_saved_converts_and_comes_back_bit_identical(tmp_path):
+    arch = load_card("tiny-llama-tied").arch  # tied embeddings, every bias, one KV head
+    transformers_llama(arch).save_pretrained(tmp_path / "hf")
+    assert arch_from_hf(json.loads((tmp_path / "hf" / "config.json").read_text()), "config.json") == arch
+    import_hf(ImportOptions(str(tmp_path / "hf"), tmp_path / "a", MegatronLayout(tp=4)))
+    rc = mg.read_run_config(tmp_path / "a" / "iter_0000000")
+    assert rc["family"] == "llama" and rc["mup"] == {"mode": "preserve", "applied_multipliers": {}}
+    assert not (tmp_path / "a" / "iter_0000000" / mg.BRIDGE_RUN_CONFIG_FILE).exists()  # Bridge's file is H1's
+    reshard(ReshardOptions(tmp_path / "a", tmp_path / "b", MegatronLayout(tp=1, pp=2)))
+    export_hf(ExportOptions(tmp_path / "b", tmp_path / "out"))
+    saved, back = load_file(tmp_path / "hf" / "model.safetensors"), hf_tensors(tmp_path / "out")
+    assert saved.keys() == back.keys()
+    for name in saved:
+        assert torch.equal(saved[name], back[name]), name
+
+
+@st.composite
+def llama_architectures(draw):
+    kv = draw(st.sampled_from([1, 2, 4]))
+    bias = draw(st.booleans())
+    return LlamaArch(vocab_size=draw(st.integers(17, 300)), hidden_size=draw(st.sampled_from([16, 24])),
+                     intermediate_size=draw(st.sampled_from([8, 20])), num_layers=draw(st.sampled_from([2, 4])),
+                     num_heads=kv * draw(st.sampled_from([1, 2])), num_kv_heads=kv,
+                     head_dim=draw(st.sampled_from([4, 8])), rope_theta=1e4, attention_bias=bias, mlp_bias=bias,
+                     tie_word_embeddings=draw(st.booleans()), pad_token_id=None, bos_token_id=1, eos_token_id=2)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(arch=llama_architectures(), first=st.sampled_from([(1, 1), (2, 1), (1, 2)]),
+       second=st.sampled_from([(1, 1), (2, 2), (4, 1)]))
+def test_llama_roundtrip_property(arch, first, second, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("llama")
+    create_random(CreateRandomOptions(Card("prop", "", arch, True, None, {}), tmp / "src", dtype=torch.bfloat16))
+    if arch.num_heads % max(first[0], second[0]) or arch.num_layers % max(first[1], second[1]):
+        with pytest.raises(BadInput, match="--tp|--pp"):
+            import_hf(ImportOptions(str(tmp / "src"), tmp / "a", MegatronLayout(*first)))
+            reshard(ReshardOptions(tmp / "a", tmp / "b", MegatronLayout(*second)))
+        return
+    import_hf(ImportOptions(str(tmp / "src"), tmp / "a", MegatronLayout(*first)))
+    reshard(ReshardOptions(tmp / "a", tmp / "b", MegatronLayout(*second)))
+    export_hf(ExportOptions(tmp / "b", tmp / "hf"))
+    assert_bit_identical(tmp / "src", tmp / "hf")
+
+
+def test_packed_llama_survives_import_and_export(tiny_hf, tmp_path):
+    """bitnet import → packed export is transformers' BitLinear layout; that packed checkpoint → import at TP=2 →
+    packed export gives the same ternary bytes and scales."""
+    arch = load_card("tiny-llama").arch
+    import_hf(ImportOptions(str(tiny_hf["tiny-llama"]), tmp_path / "mg", MegatronLayout(), bitnet=True))
+    export_hf(ExportOptions(tmp_path / "mg", tmp_path / "packed", fmt="packed"))
+    config = json.loads((tmp_path / "packed" / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["quantization_config"]["quant_method"] == "bitnet"
+    packed = hf_tensors(tmp_path / "packed")
+    bitnet = [n for n in hf_tensor_shapes(arch) if is_bitnet_linear(arch, n)]
+    assert len(bitnet) == 7 * arch.num_layers  # q k v o gate up down; never lm_head, embeddings or norms
+    assert all(packed[n].dtype == torch.uint8 and n.removesuffix("weight") + "weight_scale" in packed for n in bitnet)
+    summary = import_hf(ImportOptions(str(tmp_path / "packed"), tmp_path / "mg2", MegatronLayout(tp=2)))
+    assert summary.bitnet  # implied by the packed source
+    export_hf(ExportOptions(tmp_path / "mg2", tmp_path / "again", fmt="packed"))
+    again = hf_tensors(tmp_path / "again")
+    for name, t in packed.items():
+        if t.dtype == torch.uint8:
+            assert torch.equal(t, again[name]), name
+        else:
+            assert torch.allclose(t, again[name], rtol=1e-6, atol=0), name
+
+
+def edited_config(src, dst, **changes):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    for key, value in changes.items():
+        node = cfg
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model_type", "mistral", "field model_type: 'mistral' is not a supported model"),
+    ("pretraining_tp", 2, "field pretraining_tp = 2 is not supported"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "field rope_scaling = .* is not supported"),
+    ("hidden_act", "gelu", "field hidden_act: only 'silu'"),
+    ("quantization_config.quant_method", "bitnet", "no tensor is packed"),
+])
+def test_llama_configs_the_model_does_not_implement_are_refused_naming_the_field(tiny_hf, tmp_path, field, value,
+                                                                                 message):
+    src = edited_config(tiny_hf["tiny-llama"], tmp_path / "src", **{field: value})
+    with pytest.raises(BadInput, match=message):
+        import_hf(ImportOptions(str(src), tmp_path / "out", MegatronLayout()))
+    assert not (tmp_path / "out").exists()
+
+
+def test_packed_llama_bad_inputs_name_the_field_or_tensor(tiny_hf, tmp_path):
+    import_hf(ImportOptions(str(tiny_hf["tiny-llama"]), tmp_path / "mg", MegatronLayout(), bitnet=True))
+    export_hf(ExportOptions(tmp_path / "mg", tmp_path / "packed", fmt="packed"))
+    for field, value, message in [
+            ("quantization_config.linear_class", "autobitlinear", "linear_class 'autobitlinear' is not supported"),
+            ("quantization_config.use_rms_norm", True, "field quantization_config.use_rms_norm = True")]:
+        src = edited_config(tmp_path / "packed", tmp_path / field, **{field: value})
+        with pytest.raises(BadInput, match=message):
+            import_hf(ImportOptions(str(src), tmp_path / "out", MegatronLayout()))
+    # one linear left in full precision (modules_to_not_convert beyond lm_head): our model would ternarize it
+    name = "model.layers.1.mlp.down_proj.weight"
+    shutil.copytree(tmp_path / "packed", tmp_path / "float-linear")
+    tensors = load_file(tmp_path / "packed" / "model.safetensors")
+    tensors[name] = torch.randn(64, 96)
+    del tensors["model.layers.1.mlp.down_proj.weight_scale"]
+    save_file(tensors, tmp_path / "float-linear" / "model.safetensors")
+    with pytest.raises(BadInput, match=f"tensor {name} is not packed"):
+        import_hf(ImportOptions(str(tmp_path / "float-linear"), tmp_path / "out", MegatronLayout()))
+    # a packed tensor without its scale
+    tensors = load_file(tmp_path / "packed" / "model.safetensors")
+    del tensors["model.layers.0.self_attn.q_proj.weight_scale"]
+    shutil.copytree(tmp_path / "packed", tmp_path / "no-scale")
+    save_file(tensors, tmp_path / "no-scale" / "model.safetensors")
+    with pytest.raises(BadInput, match="tensor model.layers.0.self_attn.q_proj.weight_scale is missing"):
+        import_hf(ImportOptions(str(tmp_path / "no-scale"), tmp_path / "out", MegatronLayout()))
+    assert not (tmp_path / "out").exists()
+
+
+def test_llama_has_no_mup_to_fold(tiny_hf, tmp_path):
+    with pytest.raises(BadInput, match="the llama family has no µP multipliers"):
+        import_hf(ImportOptions(str(tiny_hf["tiny-llama"]), tmp_path / "out", MegatronLayout(), mup_mode="fold"))
+
+
+def test_a_card_names_a_known_family(tmp_path):
+    card = tmp_path / "card.yaml"
+    card.write_text("name: x\nfamily: gpt-j\narchitecture: {}\n")
+    with pytest.raises(BadInput, match="field family: 'gpt-j' is not a known family"):
+        load_card(card)
+    assert {c.arch.family for c in all_cards()} == {"falcon_h1", "llama"}
