@@ -1,5 +1,5 @@
-"""The live bridge: HF weights straight into a running Megatron Falcon-H1 model, and a running model's weights out
-as HF tensors, with no checkpoint on disk.
+"""The live bridge: HF weights straight into a running Megatron model (any family's), and a running model's weights
+out as HF tensors, with no checkpoint on disk.
 
 Both directions go through what the file path uses: the model's own `sharded_state_dict` (the checkpoint keys,
 global shapes, offsets and replica ids its torch_dist checkpoints have) and the one map (`core.mapping`) with its
@@ -78,7 +78,8 @@ def _owners(arch) -> tuple[Ctx, dict]:
 def model_from_hf(source: str | Path, mup: MupMode = MupMode.PRESERVE, bitnet: bool = False,
                   params_dtype: torch.dtype | None = None, parallel_output: bool = True,
                   device: torch.device | str | None = None):
-    """Our Megatron Falcon-H1 model for this rank's TP/PP position, its weights read from an HF directory or Hub id.
+    """Our Megatron model (of the checkpoint's family) for this rank's TP/PP position, its weights read from an HF
+    directory or Hub id.
 
     mup: "preserve" (the model applies the multipliers) or "fold" (folded into the weights); bitnet: BitNet b1.58
     linears (implied by a packed source); params_dtype: default the checkpoint's. Each rank reads only the map
@@ -87,7 +88,7 @@ def model_from_hf(source: str | Path, mup: MupMode = MupMode.PRESERVE, bitnet: b
     from megatron.core import parallel_state as ps
 
     from falcon_bridge.core import mup as mup_rules
-    from falcon_bridge.megatron.provider import FalconH1ModelProvider
+    from falcon_bridge.megatron.provider import provider_class
 
     ckpt = HFCheckpoint(resolve_source(str(source)))
     arch = ckpt.arch.validate_for_megatron()
@@ -95,9 +96,11 @@ def model_from_hf(source: str | Path, mup: MupMode = MupMode.PRESERVE, bitnet: b
                             pp=ps.get_pipeline_model_parallel_world_size()).validate(arch)
     bitnet, _, _ = import_options(ckpt, mup, bitnet)
     check_tensors(ckpt)
-    applied = mup_rules.folded_arch(arch).multipliers if mup == MupMode.FOLD else arch.multipliers
-    provider = FalconH1ModelProvider(arch, layout, params_dtype or ckpt.tensors["model.embed_tokens.weight"].dtype,
-                                     multipliers=applied, bitnet=bitnet)
+    applied = None  # a family without µP applies none
+    if arch.has_mup:
+        applied = mup_rules.folded_arch(arch).multipliers if mup == MupMode.FOLD else arch.multipliers
+    provider = provider_class(arch)(arch, layout, params_dtype or ckpt.tensors["model.embed_tokens.weight"].dtype,
+                                    multipliers=applied, bitnet=bitnet)
     model = provider.provide(parallel_output=parallel_output)
     if device is not None:
         model = model.to(device)
@@ -149,14 +152,14 @@ def _fill(sh, region: tuple[slice, ...], values: torch.Tensor) -> None:
 
 # ---- live model → HF ------------------------------------------------------------------------------------------
 def _unwrap(model):
-    """The FalconH1Model inside DDP / Float16Module wrappers."""
-    from falcon_bridge.megatron.model import FalconH1Model
+    """Our model (any family's) inside DDP / Float16Module wrappers."""
+    from falcon_bridge.megatron.language_model import HFLanguageModel
 
     inner = model
-    while not isinstance(inner, FalconH1Model) and hasattr(inner, "module"):
+    while not isinstance(inner, HFLanguageModel) and hasattr(inner, "module"):
         inner = inner.module
-    if not isinstance(inner, FalconH1Model) or not hasattr(inner, "provider"):
-        raise BadInput(f"{type(model).__name__}: not a Falcon-H1 model built by falcon-bridge's provider")
+    if not isinstance(inner, HFLanguageModel) or not hasattr(inner, "provider"):
+        raise BadInput(f"{type(model).__name__}: not a model built by falcon-bridge's provider")
     return inner
 
 

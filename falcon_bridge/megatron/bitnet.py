@@ -18,7 +18,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 
 from falcon_bridge.core import ternary
 from falcon_bridge.core.mapping import Ctx, bitnet_row_sources, table_of
-from falcon_bridge.megatron.model import NormColumnParallelLinear
+from falcon_bridge.megatron.language_model import NormColumnParallelLinear
 
 
 @functools.cache
@@ -59,7 +59,7 @@ class _TernaryWeight:
 
     def quantized_weight(self, weight: torch.Tensor) -> torch.Tensor:
         assert hasattr(self, "bitnet_segment"), \
-            "BitNet linear without row segments: build the model with FalconH1ModelProvider.provide()"
+            "BitNet linear without row segments: build the model with its provider's provide()"
         with torch.no_grad():
             abs_rows = weight.double().abs().reshape(weight.shape[0], -1).sum(1) * self.bitnet_row_weight
             sums = torch.zeros_like(self.bitnet_numel).index_add_(0, self.bitnet_segment, abs_rows)

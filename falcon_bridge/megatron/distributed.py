@@ -60,6 +60,9 @@ def quiet() -> None:
     # "use_mem_eff_path==False is not tested for training", once per layer: expected for evaluation without
     # causal-conv1d's CUDA extension
     logging.getLogger("megatron.core.ssm.mamba_mixer").setLevel(logging.ERROR)
+    # "GPTModel IS DEPRECATED … use HybridModel", per build: our Llama is a GPTModel on purpose (HybridModel would
+    # store attention and MLP as separate layers, not the checkpoint keys Llama's map and Megatron-LM use)
+    logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(megatron|torch\.distributed)\.")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(megatron|torch\.distributed)\.")
 

@@ -1,4 +1,6 @@
-"""FalconH1ModelProvider: a Falcon-H1 architecture + a TP/PP layout → megatron-core config, specs and model."""
+"""Model providers: an architecture + a TP/PP layout → megatron-core config, specs and model, one class per family
+(`FalconH1ModelProvider`, `LlamaModelProvider`; `provider_class(arch)` picks it) over what they share
+(`ModelProvider`: fields, the architecture's common TransformerConfig fields, the module backend, the finish)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from falcon_bridge.core.choices import MupMode
-from falcon_bridge.core.config import FalconH1Arch, Multipliers
+from falcon_bridge.core.config import Arch, FalconH1Arch, Multipliers
+from falcon_bridge.core.llama import LlamaArch
 from falcon_bridge.core.parallel import MegatronLayout
 
 
@@ -24,38 +27,27 @@ def have_causal_conv1d_cuda() -> bool:
 
 
 @dataclass
-class FalconH1ModelProvider:
-    arch: FalconH1Arch
+class ModelProvider:
+    """What every family's provider holds and does; a family's provider adds `transformer_config`, `provide` and
+    `mup_mode`."""
+
+    arch: Arch
     layout: MegatronLayout = field(default_factory=MegatronLayout)
     params_dtype: torch.dtype = torch.float32
-    # Multipliers the model applies at run time: the architecture's own (µP preserved), or all 1.0 when the
-    # checkpoint has them folded into its weights.
+    # Multipliers the model applies at run time (µP families): the architecture's own (µP preserved), or all 1.0
+    # when the checkpoint has them folded into its weights. None: the architecture's own, or a family without µP.
     multipliers: Multipliers | None = None
     seq_length: int = 4096
     use_te: bool | None = None  # None: use Transformer Engine modules when TE is importable
-    use_mamba_mem_eff_path: bool | None = None  # None: fused kernel when it can run (CPU reference, or CUDA + conv)
     bitnet: bool = False  # BitNet b1.58 linears in attention, Mamba and MLP (not embedding, lm_head, norms, conv)
     # TransformerConfig fields a training loop sets beyond the architecture (sequence parallel, recompute, CUDA
     # graphs, dtype flags: `falcon-bridge train` passes those Megatron-LM's flags give and our model honours)
     run_settings: dict = field(default_factory=dict)
 
-    @property
-    def mup_mode(self) -> MupMode:
-        """fold: the weights carry the multipliers (the model applies the folded ones); preserve: the model applies
-        the architecture's own."""
-        return MupMode.PRESERVE if self.multipliers in (None, self.arch.multipliers) else MupMode.FOLD
-
-    # ---- megatron-core config -------------------------------------------------------------------------------
-    def transformer_config(self):
-        from falcon_bridge.megatron.model import FalconH1TransformerConfig, scaled_silu
-
+    def _architecture_config(self) -> dict:
+        """The TransformerConfig fields every family's decoder takes from the architecture and the layout."""
         a, lay = self.arch, self.layout
-        m = self.multipliers if self.multipliers is not None else a.multipliers
-        on_gpu = torch.cuda.is_available()
-        mem_eff = self.use_mamba_mem_eff_path
-        if mem_eff is None:
-            mem_eff = not on_gpu or have_causal_conv1d_cuda()
-        architecture = dict(
+        return dict(
             num_layers=a.num_layers,
             hidden_size=a.hidden_size,
             ffn_hidden_size=a.intermediate_size,
@@ -65,7 +57,7 @@ class FalconH1ModelProvider:
             normalization="RMSNorm",
             layernorm_epsilon=a.rms_norm_eps,
             gated_linear_unit=True,
-            activation_func=F.silu if m.mlp[0] == 1.0 else partial(scaled_silu, gate_multiplier=m.mlp[0]),
+            activation_func=F.silu,
             add_bias_linear=a.mlp_bias,
             add_qkv_bias=a.attention_bias,
             hidden_dropout=0.0,
@@ -82,7 +74,87 @@ class FalconH1ModelProvider:
             pipeline_dtype=self.params_dtype,
             params_dtype=self.params_dtype,
             bf16=self.params_dtype == torch.bfloat16,
-            use_cpu_initialization=not on_gpu,  # on GPU megatron initializes on the device (RoPE needs it)
+            use_cpu_initialization=not torch.cuda.is_available(),  # on GPU megatron initializes on the device (RoPE
+            # needs it)
+        )
+
+    def _backend(self):
+        """(norm, column-parallel, row-parallel, norm+column-parallel, core attention) module classes."""
+        use_te = have_transformer_engine() if self.use_te is None else self.use_te
+        if self.bitnet:
+            from falcon_bridge.megatron.bitnet import (
+                BitNetColumnParallelLinear,
+                BitNetNormColumnParallelLinear,
+                BitNetRowParallelLinear,
+            )
+            from falcon_bridge.megatron.language_model import HFRMSNorm, SDPAttention
+
+            return HFRMSNorm, BitNetColumnParallelLinear, BitNetRowParallelLinear, BitNetNormColumnParallelLinear, \
+                SDPAttention
+        if use_te:
+            from megatron.core.extensions.transformer_engine import (
+                TEColumnParallelLinear,
+                TEDotProductAttention,
+                TELayerNormColumnParallelLinear,
+                TENorm,
+                TERowParallelLinear,
+            )
+
+            return TENorm, TEColumnParallelLinear, TERowParallelLinear, TELayerNormColumnParallelLinear, \
+                TEDotProductAttention
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        from falcon_bridge.megatron.language_model import HFRMSNorm, NormColumnParallelLinear, SDPAttention
+
+        return HFRMSNorm, ColumnParallelLinear, RowParallelLinear, NormColumnParallelLinear, SDPAttention
+
+    def _stage(self, pp_rank: int | None, pg_collection):
+        """(pipeline rank, process groups): megatron's parallel state's unless given."""
+        from megatron.core import parallel_state
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        if pp_rank is None:
+            pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        return pp_rank, pg_collection
+
+    def _finish(self, model, pg_collection):
+        """The built stage, told what it needs of the provider: BitNet's per-HF-tensor row segments (each linear
+        learns which HF tensor its rows come from, for its scales) and the provider itself."""
+        if self.bitnet:
+            from falcon_bridge.core.mapping import Ctx
+            from falcon_bridge.megatron.bitnet import assign_segments
+
+            assign_segments(model, Ctx(self.arch, self.layout), pg_collection.tp.rank())
+        model.provider = self  # what the live bridge (converters/live.py) needs to map the weights back to HF
+        return model
+
+
+@dataclass
+class FalconH1ModelProvider(ModelProvider):
+    """Falcon-H1 as our FalconH1Model (megatron/model.py): parallel Mamba and attention branches per block, µP."""
+
+    arch: FalconH1Arch
+    use_mamba_mem_eff_path: bool | None = None  # None: fused kernel when it can run (CPU reference, or CUDA + conv)
+
+    @property
+    def mup_mode(self) -> MupMode:
+        """fold: the weights carry the multipliers (the model applies the folded ones); preserve: the model applies
+        the architecture's own."""
+        return MupMode.PRESERVE if self.multipliers in (None, self.arch.multipliers) else MupMode.FOLD
+
+    # ---- megatron-core config -------------------------------------------------------------------------------
+    def transformer_config(self):
+        from falcon_bridge.megatron.model import FalconH1TransformerConfig, scaled_silu
+
+        a, lay = self.arch, self.layout
+        m = self.multipliers if self.multipliers is not None else a.multipliers
+        mem_eff = self.use_mamba_mem_eff_path
+        if mem_eff is None:
+            mem_eff = not torch.cuda.is_available() or have_causal_conv1d_cuda()
+        architecture = self._architecture_config() | dict(
+            activation_func=F.silu if m.mlp[0] == 1.0 else partial(scaled_silu, gate_multiplier=m.mlp[0]),
             mamba_state_dim=a.mamba_d_state,
             mamba_head_dim=a.mamba_d_head,
             mamba_num_heads=a.mamba_n_heads,
@@ -134,49 +206,13 @@ class FalconH1ModelProvider:
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=norm_column, linear_fc2=row)),
         ))
 
-    def _backend(self):
-        """(norm, column-parallel, row-parallel, norm+column-parallel, core attention) module classes."""
-        use_te = have_transformer_engine() if self.use_te is None else self.use_te
-        if self.bitnet:
-            from falcon_bridge.megatron.bitnet import (
-                BitNetColumnParallelLinear,
-                BitNetNormColumnParallelLinear,
-                BitNetRowParallelLinear,
-            )
-            from falcon_bridge.megatron.model import FalconH1RMSNorm, SDPAttention
-
-            return FalconH1RMSNorm, BitNetColumnParallelLinear, BitNetRowParallelLinear, \
-                BitNetNormColumnParallelLinear, SDPAttention
-        if use_te:
-            from megatron.core.extensions.transformer_engine import (
-                TEColumnParallelLinear,
-                TEDotProductAttention,
-                TELayerNormColumnParallelLinear,
-                TENorm,
-                TERowParallelLinear,
-            )
-
-            return TENorm, TEColumnParallelLinear, TERowParallelLinear, TELayerNormColumnParallelLinear, \
-                TEDotProductAttention
-        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
-        from falcon_bridge.megatron.model import FalconH1RMSNorm, NormColumnParallelLinear, SDPAttention
-
-        return FalconH1RMSNorm, ColumnParallelLinear, RowParallelLinear, NormColumnParallelLinear, SDPAttention
-
     # ---- the model -------------------------------------------------------------------------------------------
     def provide(self, pp_rank: int | None = None, parallel_output: bool = True, pg_collection=None):
         """Build this process's pipeline stage (needs megatron's model-parallel state initialized)."""
-        from megatron.core import parallel_state
-        from megatron.core.process_groups_config import ProcessGroupCollection
-
         from falcon_bridge.megatron.model import FalconH1Model
 
         a, lay = self.arch, self.layout
-        if pp_rank is None:
-            pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-        if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        pp_rank, pg_collection = self._stage(pp_rank, pg_collection)
         norm = self._backend()[0]
         model = FalconH1Model(
             self.transformer_config(), self.layer_spec(), norm, vocab_size=lay.padded_vocab(a),
@@ -185,10 +221,77 @@ class FalconH1ModelProvider:
             post_process=pp_rank == lay.pp - 1, parallel_output=parallel_output,
             share_embeddings_and_output_weights=a.tie_word_embeddings, rotary_base=a.rope_theta,
             unpadded_vocab_size=a.vocab_size, pg_collection=pg_collection)
-        if self.bitnet:  # BitNet scales are per HF tensor: each linear learns which HF tensor its rows come from
-            from falcon_bridge.core.mapping import Ctx
-            from falcon_bridge.megatron.bitnet import assign_segments
+        return self._finish(model, pg_collection)
 
-            assign_segments(model, Ctx(a, lay), pg_collection.tp.rank())
-        model.provider = self  # what the live bridge (converters/live.py) needs to map the weights back to HF
-        return model
+
+@dataclass
+class LlamaModelProvider(ModelProvider):
+    """Llama as megatron-core's GPTModel (megatron/llama.py): TransformerLayers of SelfAttention and MLP, the
+    input norm fused into linear_qkv and the MLP norm into linear_fc1 (checkpoint keys as core/llama.py maps them)."""
+
+    arch: LlamaArch
+
+    @property
+    def mup_mode(self) -> MupMode:
+        """Llama has no µP multipliers: nothing is folded."""
+        return MupMode.PRESERVE
+
+    def transformer_config(self):
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        architecture = self._architecture_config()
+        if self.layout.pp > 1:
+            # megatron's TransformerBlock counts and numbers its stage's layers itself: the layout's split (even
+            # or --pp-layers), in its terms
+            stages = [["decoder"] * n for n in self.layout.stage_layers(self.arch.num_layers)]
+            stages[0].insert(0, "embedding")
+            stages[-1].append("loss")
+            architecture["pipeline_model_parallel_layout"] = stages
+        return TransformerConfig(**(architecture | self.run_settings))
+
+    def layer_spec(self):
+        from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+        from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+        from megatron.core.transformer.enums import AttnMaskType
+        from megatron.core.transformer.mlp import MLP, MLPSubmodules
+        from megatron.core.transformer.spec_utils import ModuleSpec
+        from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+        _, column, row, norm_column, core_attention = self._backend()
+        return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+            self_attention=ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+                                      submodules=SelfAttentionSubmodules(linear_qkv=norm_column,
+                                                                         core_attention=core_attention,
+                                                                         linear_proj=row)),
+            self_attn_bda=get_bias_dropout_add,
+            mlp=partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(linear_fc1=norm_column, linear_fc2=row)),
+            mlp_bda=get_bias_dropout_add,
+        ))
+
+    def provide(self, pp_rank: int | None = None, parallel_output: bool = True, pg_collection=None):
+        """Build this process's pipeline stage (needs megatron's model-parallel state initialized)."""
+        from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+        from falcon_bridge.megatron.llama import LlamaModel
+
+        a, lay = self.arch, self.layout
+        pp_rank, pg_collection = self._stage(pp_rank, pg_collection)
+        # TransformerBlock builds the stage of its process group's pipeline rank
+        assert pp_rank == pg_collection.pp.rank(), "a Llama stage is built on its own pipeline rank"
+        block = TransformerBlockSubmodules(layer_specs=[self.layer_spec()] * lay.stage_layers(a.num_layers)[pp_rank],
+                                           layer_norm=self._backend()[0])
+        model = LlamaModel(
+            self.transformer_config(), block, vocab_size=lay.padded_vocab(a), max_sequence_length=self.seq_length,
+            pre_process=pp_rank == 0, post_process=pp_rank == lay.pp - 1, parallel_output=parallel_output,
+            share_embeddings_and_output_weights=a.tie_word_embeddings, position_embedding_type="rope",
+            rotary_base=a.rope_theta, pg_collection=pg_collection, unpadded_vocab_size=a.vocab_size)
+        return self._finish(model, pg_collection)
+
+
+PROVIDERS: dict[str, type[ModelProvider]] = {FalconH1Arch.family: FalconH1ModelProvider,
+                                             LlamaArch.family: LlamaModelProvider}
+
+
+def provider_class(arch: Arch) -> type[ModelProvider]:
+    """The provider of the architecture's family."""
+    return PROVIDERS[arch.family]

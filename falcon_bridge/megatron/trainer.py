@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from falcon_bridge.core.config import FalconH1Arch, Multipliers
+from falcon_bridge.core.config import FalconH1Arch
 from falcon_bridge.core.mapping import MEGATRON_LAYER_PREFIX, refuse_more_layers_than_stored
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.errors import BadInput
@@ -351,17 +351,18 @@ def model_provider(ckpt: TrainingCheckpoint, pre_process=True, post_process=True
     """Our model's stage for this rank, configured by Megatron-LM's args (layout, dtype, run-time settings)."""
     from megatron.training import get_args
 
-    from falcon_bridge.megatron.provider import FalconH1ModelProvider
+    from falcon_bridge.megatron.checkpoint import recorded_multipliers
+    from falcon_bridge.megatron.provider import provider_class
 
     args = get_args()
     rc = ckpt.run_config
     layout = MegatronLayout(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                             vocab_divisible_by=rc["layout"]["vocab_divisible_by"])
     settings = {name: value for name, value in _model_config_fields(args).items() if name in MODEL_RUN_SETTINGS}
-    provider = FalconH1ModelProvider(
+    provider = provider_class(ckpt.arch)(
         ckpt.arch, layout.validate(ckpt.arch), params_dtype=args.params_dtype, seq_length=args.seq_length,
-        multipliers=Multipliers.from_hf(rc["mup"]["applied_multipliers"]), bitnet=rc.get("bitnet", False),
-        run_settings=settings)
+        multipliers=recorded_multipliers(rc, ckpt.arch, str(mg.run_config_path(ckpt.it_dir))),
+        bitnet=rc.get("bitnet", False), run_settings=settings)
     model = provider.provide(pg_collection=pg_collection)
     assert (model.pre_process, model.post_process) == (pre_process, post_process)
     return model
