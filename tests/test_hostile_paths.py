@@ -69,8 +69,8 @@ def test_an_error_about_an_odd_path_is_one_line_naming_it(tmp_path_factory, caps
 
 
 # ---- a Hub repo id that cannot be fetched ------------------------------------------------------------------------
-def import_hub_id(tmp_path, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "falcon_bridge.cli.app", "import-hf", "someone/no-such-model",
+def import_hub_id(tmp_path, repo="someone/no-such-model", **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "falcon_bridge.cli.app", "import-hf", repo,
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
                           env=os.environ | {"HF_HUB_CACHE": str(tmp_path / "cache"), **env})
 
@@ -87,16 +87,24 @@ def test_an_unreachable_hub_fails_in_one_line_without_retrying(tmp_path, env, wh
     assert why in lines[0] and not (tmp_path / "out").exists()
 
 
-def test_a_hub_id_already_in_the_local_cache_converts_offline(tiny_hf, tmp_path):
-    """The Hugging Face cache's own layout (refs/main → snapshots/REV/ of symlinks into blobs/) opens with the Hub
-    unreachable."""
+@pytest.mark.parametrize("ref", ["main", "prequantized"])
+def test_a_hub_id_already_in_the_local_cache_converts_offline(tiny_hf, tmp_path, ref):
+    """The Hugging Face cache's own layout (refs/REF → snapshots/REV/ of symlinks into blobs/) opens with the Hub
+    unreachable: `repo` for main, `repo@REF` for another branch (Falcon-E's latent weights are its `prequantized`
+    branch)."""
     repo = tmp_path / "cache" / "models--someone--no-such-model"
     snapshot = repo / "snapshots" / "0123abcd"
     (repo / "blobs").mkdir(parents=True), snapshot.mkdir(parents=True), (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "refs" / ref).write_text("0123abcd")
     for f in tiny_hf[CARD].iterdir():
         (repo / "blobs" / f"blob-{f.name}").write_bytes(f.read_bytes())
         (snapshot / f.name).symlink_to(f"../../blobs/blob-{f.name}")
-    done = import_hub_id(tmp_path, HF_ENDPOINT="http://127.0.0.1:9")
+    name = "someone/no-such-model" + ("" if ref == "main" else f"@{ref}")
+    done = import_hub_id(tmp_path, name, HF_ENDPOINT="http://127.0.0.1:9")
     assert done.returncode == 0, done.stderr
     assert check_manifest(tmp_path / "out") == []
+    if ref != "main":  # a branch the cache does not hold is named, in one line
+        done = import_hub_id(tmp_path / "again", "someone/no-such-model@bfloat16", HF_ENDPOINT="http://127.0.0.1:9",
+                             HF_HUB_CACHE=str(tmp_path / "cache"))
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "someone/no-such-model@bfloat16" in done.stderr

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import legacy_layout_checkpoint
+from conftest import TINY_CARDS, legacy_layout_checkpoint
 from safetensors.torch import load_file, save_file
 
 from falcon_bridge.cards import load_card
@@ -27,7 +27,7 @@ TOKENS = sample_tokens(vocab_size=256, batch=2, seq_len=24)  # 24 > mamba_chunk_
 
 @pytest.fixture(scope="module")
 def reference_logits(tiny_hf):
-    return {name: hf_logits(path, TOKENS, torch.float32) for name, path in tiny_hf.items()}
+    return {name: hf_logits(tiny_hf[name], TOKENS, torch.float32) for name in TINY_CARDS}
 
 
 # (TP, PP) the model runs at, the layout import-hf was told, µP mode. The checkpoint is the same for every TP/PP
@@ -41,7 +41,7 @@ LAYOUTS = {"tp1": ((1, 1), (1, 1), "preserve"), "tp2": ((2, 1), (2, 1), "preserv
 def test_megatron_logits_equal_hf(layout, tiny_hf, reference_logits, tmp_path):
     """fp32, max |Δ| ≤ 1e-5 · max |logit| (folded µP included: folded = preserved = HF)."""
     (tp, pp), imported_as, mup_mode = LAYOUTS[layout]
-    cards = [c for c in tiny_hf if fits(FalconH1Arch.from_hf(json.loads((tiny_hf[c] / "config.json").read_text())),
+    cards = [c for c in TINY_CARDS if fits(FalconH1Arch.from_hf(json.loads((tiny_hf[c] / "config.json").read_text())),
                                         tp, pp)]
     for name in cards:
         import_hf(ImportOptions(str(tiny_hf[name]), tmp_path / name, MegatronLayout(*imported_as), mup_mode=mup_mode))

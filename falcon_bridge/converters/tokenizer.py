@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from falcon_bridge.core.config import FalconH1Arch
+from falcon_bridge.core.config import Arch
 
 MIN_VOCAB = 512  # byte-level BPE needs the 256 byte symbols plus merges and specials
 CORPUS = (
@@ -18,7 +18,7 @@ CORPUS = (
 )
 
 
-def build_tokenizer(arch: FalconH1Arch, out_dir: Path) -> list[str]:
+def build_tokenizer(arch: Arch, out_dir: Path) -> list[str]:
     """Write tokenizer.json and its configs into out_dir; return the file names (none for tiny vocabularies)."""
     if arch.vocab_size < MIN_VOCAB:
         return []

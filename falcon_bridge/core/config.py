@@ -129,9 +129,7 @@ def refuse_unsupported(hf: dict[str, Any], source: str, checks: dict[str, tuple[
     """Fields transformers reads that our Megatron model does not implement: accepted only at the value that changes
     nothing (transformers' default), refused otherwise, naming the field and its value. `checks`: config key →
     (its value, whether it is supported, what it would change)."""
-    rope = hf.get("rope_parameters")
-    if rope is not None and not isinstance(rope, dict):
-        raise BadInput(f"{source}: field rope_parameters: expected an object, got {shown(rope)}")
+    rope = hf.get("rope_parameters")  # an object: Arch.from_hf checked it
     common = {
         "rope_scaling": (hf.get("rope_scaling"), lambda v: v is None, "RoPE scaling"),
         "rope_parameters.rope_type": ((rope or {}).get("rope_type"), lambda v: v in (None, "default"),
@@ -235,8 +233,10 @@ class Arch:
             kw["num_kv_heads"] = heads
         if kw["head_dim"] is None:
             kw["head_dim"] = hidden // heads
-        rope = hf.get("rope_parameters") or {}
-        kw["rope_theta"] = rope.get("rope_theta", hf.get("rope_theta"))
+        rope = hf.get("rope_parameters")
+        if rope is not None and not isinstance(rope, dict):
+            raise BadInput(f"{source}: field rope_parameters: expected an object, got {shown(rope)}")
+        kw["rope_theta"] = (rope or {}).get("rope_theta", hf.get("rope_theta"))
         if kw["rope_theta"] is None:  # transformers 4 defaults it to 1e5, transformers 5 to 1e4: the config must say
             raise BadInput(f"{source}: field rope_theta is missing (transformers' default differs between "
                            "versions); write it explicitly")

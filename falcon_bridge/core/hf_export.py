@@ -12,7 +12,7 @@ import torch
 
 from falcon_bridge.core import mup, ternary
 from falcon_bridge.core.choices import ExportFormat, MupExport, MupMode, one_of
-from falcon_bridge.core.config import FalconH1Arch
+from falcon_bridge.core.config import Arch
 from falcon_bridge.core.mapping import is_bitnet_linear
 from falcon_bridge.core.packed_ternary import DEFAULT_PACKED_FORMAT, BitLinearFormat
 from falcon_bridge.errors import BadInput
@@ -24,7 +24,7 @@ class HFExport:
     mup_export: unfold (restore the original weights and multipliers) or keep-folded; fmt: BitNet output format;
     dtype_of: the HF dtype each tensor is written in."""
 
-    arch: FalconH1Arch
+    arch: Arch
     mup_mode: MupMode
     bitnet: bool
     dtype_of: Callable[[str], torch.dtype]
@@ -47,7 +47,7 @@ class HFExport:
         return self.mup_mode == MupMode.FOLD and self.mup_export == MupExport.UNFOLD
 
     @property
-    def config_arch(self) -> FalconH1Arch:
+    def config_arch(self) -> Arch:
         """The architecture config.json describes: the folded one when the weights stay folded."""
         return mup.folded_arch(self.arch) if self.mup_mode == MupMode.FOLD and not self.unfolding else self.arch
 

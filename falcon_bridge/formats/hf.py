@@ -50,20 +50,24 @@ HUB_PROBE_SECONDS = 3.0
 
 
 def resolve_source(src: str) -> Path:
-    """A local HF directory, or a Hub repo id downloaded (weights, configs, tokenizer) into the HF cache."""
+    """A local HF directory, or a Hub repo id, optionally `@REVISION` (a branch, tag or commit: Falcon-E ships its
+    latent weights as the `prequantized` branch), downloaded (weights, configs, tokenizer) into the HF cache."""
     path = Path(src)
     if path.exists():
         if not path.is_dir():
             raise BadInput(f"{src}: expected a directory holding config.json and *.safetensors")
         return path
-    if src.count("/") != 1:
-        raise BadInput(f"{src}: no such directory (and not a Hub repo id like 'tiiuae/Falcon-H1-0.5B-Base')")
+    repo, at, revision = src.partition("@")
+    if repo.count("/") != 1 or (at and not revision):
+        raise BadInput(f"{src}: no such directory (and not a Hub repo id like 'tiiuae/Falcon-H1-0.5B-Base' or "
+                       "'tiiuae/Falcon-E-1B-Base@prequantized')")
     from huggingface_hub import snapshot_download
 
     unreachable = why_hub_unreachable()
     try:
         # unreachable: only the local Hub cache is looked in, so a repo downloaded before still opens offline
-        return Path(snapshot_download(src, allow_patterns=HUB_FILES, local_files_only=unreachable is not None))
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=HUB_FILES,
+                                      local_files_only=unreachable is not None))
     except Exception as e:  # noqa: BLE001 - every Hub failure (not cached, 404, auth) is one line for the user
         if unreachable is not None:
             raise BadInput(f"{src}: neither a local directory nor in the local Hugging Face cache, and the Hub "
