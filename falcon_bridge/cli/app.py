@@ -345,10 +345,12 @@ def verify(
 
 
 def print_layers(r) -> None:
-    """One row per block: max |Δ| / max |ref| and cosine of its Mamba, attention and MLP outputs."""
-    table = Table("layer", "mamba rel", "mamba cos", "attention rel", "attention cos", "mlp rel", "mlp cos",
-                  title=f"per block (tolerance {r.tolerance:.0e})")
+    """One row per block: max |Δ| / max |ref| and cosine of each of its branches (the family's: Falcon-H1's Mamba,
+    attention and MLP, Llama's attention and MLP)."""
     rows = {(row["layer"], row["component"]): row for row in r.layers}
+    branches = list(dict.fromkeys(component for layer, component in rows if layer is not None))
+    table = Table("layer", *(f"{b} {what}" for b in branches for what in ("rel", "cos")),
+                  title=f"per block (tolerance {r.tolerance:.0e})")
 
     def cell(row, key):
         bad = row["relative"] > r.tolerance
@@ -357,10 +359,10 @@ def print_layers(r) -> None:
 
     for layer in sorted({k[0] for k in rows if k[0] is not None}):
         cells = []
-        for comp in ("mamba", "attention", "mlp"):
+        for comp in branches:
             cells += [cell(rows[(layer, comp)], "relative"), cell(rows[(layer, comp)], "cosine")]
         table.add_row(str(layer), *cells)
-    # the embedding and the final norm are no block's branch: lines of their own, not rows under the Mamba columns
+    # the embedding and the final norm are no block's branch: lines of their own, not rows under the branch columns
     whole = {name: f"{name}: max |Δ| / max |ref| {cell(rows[(None, key)], 'relative')}, cosine "
                    f"{cell(rows[(None, key)], 'cosine')}" for key, name in (("embedding", "embedding"),
                                                                             ("final_norm", "final norm"))}

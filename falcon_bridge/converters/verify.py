@@ -1,20 +1,22 @@
 """verify: the HF model and our Megatron model on the same tokens, compared block by block.
 
-Both sides record what each part adds to the residual stream — the embedding, every layer's Mamba branch,
-attention branch and MLP (module outputs × their µP multipliers), the final norm — and the logits. The report
-points at the first place where the two models part ways.
+Both sides record what each part adds to the residual stream — the embedding, every layer's branches as its
+family has them (Falcon-H1: Mamba, attention and MLP, module outputs × their µP multipliers; Llama: attention and
+MLP), the final norm — and the logits. The report points at the first place where the two models part ways.
 """
 
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from falcon_bridge.core.choices import VERIFY_DTYPE, VERIFY_SEQ_LEN, Device, MupMode, one_of
+from falcon_bridge.core.config import FalconH1Arch
+from falcon_bridge.core.llama import LlamaArch
 from falcon_bridge.errors import BadInput, shown
 
 # max |Δ| / max |reference| accepted per compute dtype (fp32: the CPU suite's bar; bf16: a few ulps of the logits)
@@ -69,15 +71,16 @@ def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, tolerance: 
         argmax_agreement=(reference.argmax(-1) == candidate.argmax(-1)).float().mean().item())
 
 
-HF_REFERENCE = "transformers' FalconH1ForCausalLM on the HF checkpoint"
+def hf_reference(arch) -> str:
+    return f"transformers' {arch.hf_architecture} on the HF checkpoint"
 
 
 @dataclass
 class VerifyReport:
     tolerance: float
     logits: LogitComparison
-    layers: list[dict] = field(default_factory=list)  # one row per compared component, in forward order
-    reference: str = HF_REFERENCE  # what the Megatron model was compared with
+    layers: list[dict]  # one row per compared component, in forward order
+    reference: str  # what the Megatron model was compared with
     # µP-folded checkpoints: how far the fold's own rounding moves the logits from the unfolded HF model's
     # (not judged: folding into the storage dtype rounds each folded weight once, by design)
     fold_rounding: LogitComparison | None = None
@@ -126,7 +129,7 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor, dtype: torch.dtype, device: st
 def folded_hf_model(hf_dir: Path, arch, stored_dtype: torch.dtype, dtype: torch.dtype, device: str):
     """What a correct µP fold into `stored_dtype` computes: HF's weights times their multipliers, rounded once to
     the stored dtype exactly as import-hf rounds them, in a transformers model applying the folded multipliers."""
-    from transformers import FalconH1ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from falcon_bridge.core import mup
 
@@ -135,37 +138,58 @@ def folded_hf_model(hf_dir: Path, arch, stored_dtype: torch.dtype, dtype: torch.
     if arch.tie_word_embeddings:  # one matrix: it carries the embedding's fold (lm_head applies the ratio)
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     del source
-    model = FalconH1ForCausalLM(mup.folded_arch(arch).to_hf_config())
+    model = AutoModelForCausalLM.from_config(mup.folded_arch(arch).to_hf_config())
     model.load_state_dict(state)
     return model.to(dtype=dtype, device=device).eval()
 
 
-def hf_capture(model, tokens: torch.Tensor, device: str) -> dict[str, torch.Tensor]:
-    """The HF side of capture_branches (falcon_bridge.megatron.forward): same names, same quantities."""
+def _falcon_h1_parts(model) -> dict:
+    c, inner = model.config, model.model
+    parts = {"embedding": (inner.embed_tokens, c.embedding_multiplier)}
+    for i, layer in enumerate(inner.layers):
+        parts |= {f"{i}.mamba": (layer.mamba, c.ssm_out_multiplier),
+                  f"{i}.attention": (layer.self_attn, c.attention_out_multiplier),
+                  f"{i}.mlp": (layer.feed_forward, 1.0)}  # FalconH1MLP applies its down multiplier
+    return parts | {"final_norm": (inner.final_layernorm, 1.0)}
+
+
+def _llama_parts(model) -> dict:
+    inner = model.model
+    parts = {"embedding": (inner.embed_tokens, 1.0)}
+    for i, layer in enumerate(inner.layers):
+        parts |= {f"{i}.attention": (layer.self_attn, 1.0), f"{i}.mlp": (layer.mlp, 1.0)}
+    return parts | {"final_norm": (inner.norm, 1.0)}
+
+
+# Per family: what transformers' model adds to the residual stream, under the names (and in the forward order)
+# megatron/forward.py's capture_branches records for ours
+HF_PARTS = {FalconH1Arch.family: _falcon_h1_parts, LlamaArch.family: _llama_parts}
+
+
+def hf_capture(model, arch, tokens: torch.Tensor, device: str) -> dict[str, torch.Tensor]:
+    """The HF side of capture_branches (falcon_bridge.megatron.forward): same names, same quantities, in forward
+    order (the branches first, then `logits`)."""
     from falcon_bridge.megatron.forward import record_scaled_outputs
 
-    c, inner = model.config, model.model
-    modules = {"embedding": (inner.embed_tokens, c.embedding_multiplier)}
-    for i, layer in enumerate(inner.layers):
-        modules |= {f"{i}.mamba": (layer.mamba, c.ssm_out_multiplier),
-                    f"{i}.attention": (layer.self_attn, c.attention_out_multiplier),
-                    f"{i}.mlp": (layer.feed_forward, 1.0)}  # FalconH1MLP applies its down multiplier
-    modules["final_norm"] = (inner.final_layernorm, 1.0)
+    parts = HF_PARTS[arch.family](model)
     captured: dict[str, torch.Tensor] = {}
-    record_scaled_outputs(modules, captured, megatron=False)
+    record_scaled_outputs(parts, captured, megatron=False)
     with torch.no_grad():
-        captured["logits"] = model(tokens.to(device)).logits.float().cpu()
-    return captured
+        logits = model(tokens.to(device)).logits.float().cpu()
+    return {name: captured[name] for name in parts} | {"logits": logits}
 
 
-def compare_branches(reference: dict, candidate: dict, num_layers: int, tolerance: float) -> list[dict]:
+def compare_branches(reference: dict, candidate: dict, tolerance: float) -> list[dict]:
+    """One row per part `reference` recorded (hf_capture's order: forward order), `logits` aside."""
     rows = []
-    names = [("embedding", None)] + [(f"{i}.{c}", i) for i in range(num_layers) for c in ("mamba", "attention",
-                                                                                            "mlp")]
-    for name, layer in names + [("final_norm", None)]:
+    for name in reference:
+        if name == "logits":
+            continue
+        layer, _, component = name.rpartition(".")
         d = difference(reference[name], candidate[name])
-        rows.append({"layer": layer, "component": name.split(".")[-1], "max_abs_diff": d["max_abs_diff"],
-                     "mean_abs_diff": d["mean_abs_diff"], "cosine": d["cosine"], "relative": d["relative"]})
+        rows.append({"layer": int(layer) if layer else None, "component": component,
+                     "max_abs_diff": d["max_abs_diff"], "mean_abs_diff": d["mean_abs_diff"], "cosine": d["cosine"],
+                     "relative": d["relative"]})
     return rows
 
 
@@ -286,7 +310,7 @@ def verify(options: VerifyOptions) -> VerifyReport:
     tokens = choose_tokens(Path(hf_dir), arch.vocab_size, options.tokens_file, options.prompt, seq_len)
     if tolerance is None:
         tolerance = default_tolerance(dtype, device)
-    reference_name, fold_rounding = HF_REFERENCE, None
+    reference_name, fold_rounding = hf_reference(arch), None
     if source.mup_mode == MupMode.FOLD:
         # Folding rounds each folded weight once to the stored dtype (in bf16 that moves logits by ~1e-3, more
         # than the fp32 bar): the conversion is judged against the same fold and rounding done on HF's weights,
@@ -295,10 +319,10 @@ def verify(options: VerifyOptions) -> VerifyReport:
         unfolded_logits = hf_logits(Path(hf_dir), tokens, dtype, device)
         model = folded_hf_model(Path(hf_dir), arch, stored, dtype, device)
         reference_name = (f"HF's weights µP-folded into {source.run_config['dtype']} as import-hf folds them (one "
-                          "rounding each), in transformers' FalconH1ForCausalLM")
+                          f"rounding each), in transformers' {arch.hf_architecture}")
     else:
         model = hf_model(Path(hf_dir), dtype, device)
-    reference = hf_capture(model, tokens, device)
+    reference = hf_capture(model, arch, tokens, device)
     del model
     if source.mup_mode == MupMode.FOLD:
         fold_rounding = compare_logits(unfolded_logits, reference["logits"], tolerance)
@@ -306,5 +330,5 @@ def verify(options: VerifyOptions) -> VerifyReport:
         (candidate,) = launch(megatron_logits_worker, tp * pp, [str(megatron_dir)], tp, pp, tokens,
                               str(dtype).removeprefix("torch."), True)
     return VerifyReport(tolerance, compare_logits(reference["logits"], candidate["logits"], tolerance),
-                        compare_branches(reference, candidate, arch.num_layers, tolerance), reference_name,
+                        compare_branches(reference, candidate, tolerance), reference_name,
                         fold_rounding, tp, pp)

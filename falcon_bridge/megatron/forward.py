@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from falcon_bridge.core.config import FalconH1Arch
+from falcon_bridge.core.llama import LlamaArch
 from falcon_bridge.megatron.checkpoint import load_model, provider_from_checkpoint
 from falcon_bridge.megatron.distributed import init_distributed, shutdown_distributed
 
@@ -54,20 +56,42 @@ def record_scaled_outputs(modules: dict[str, tuple[torch.nn.Module, float]], cap
     return [module.register_forward_hook(hook(name, multiplier)) for name, (module, multiplier) in modules.items()]
 
 
+def _stage_parts(model, embedding_multiplier: float, layer_branches, final_norm) -> dict:
+    """name → (module, multiplier) of what this stage adds to the residual stream: the embedding, each layer's
+    branches (`layer_branches(layer)`: branch name → (module, multiplier), in forward order), the final norm
+    (`final_norm(decoder)`)."""
+    parts = {"embedding": (model.embedding, embedding_multiplier)} if model.pre_process else {}
+    for layer in model.decoder.layers:
+        parts |= {f"{layer.layer_number - 1}.{name}": part for name, part in layer_branches(layer).items()}
+    if model.post_process:
+        parts["final_norm"] = (final_norm(model.decoder), 1.0)
+    return parts
+
+
+def _falcon_h1_parts(model) -> dict:
+    c = model.config
+    return _stage_parts(model, c.embedding_multiplier, lambda layer: {
+        "mamba": (layer.mamba_mixer, c.ssm_out_multiplier),
+        "attention": (layer.self_attention, c.attention_out_multiplier),
+        "mlp": (layer.mlp, c.mlp_multipliers[1])}, lambda decoder: decoder.final_norm)
+
+
+def _llama_parts(model) -> dict:
+    return _stage_parts(model, 1.0, lambda layer: {"attention": (layer.self_attention, 1.0), "mlp": (layer.mlp, 1.0)},
+                        lambda decoder: decoder.final_layernorm)
+
+
+# Per family: what its model's stage adds to the residual stream; verify's HF side (converters/verify.py) records
+# the same names for transformers' model of the family.
+STAGE_PARTS = {FalconH1Arch.family: _falcon_h1_parts, LlamaArch.family: _llama_parts}
+
+
 def capture_branches(model, captured: dict[str, torch.Tensor]) -> list:
     """Forward hooks recording what each block adds to the residual stream, as HF's module outputs × multipliers:
-    `embedding`, `{layer}.mamba`, `{layer}.attention`, `{layer}.mlp`, `final_norm` ([b, s, h], fp32, CPU).
-    With µP folded the model's multipliers are 1.0 and the folded weights carry them, so both compare alike."""
-    c = model.config
-    modules = {"embedding": (model.embedding, c.embedding_multiplier)} if model.pre_process else {}
-    for layer in model.decoder.layers:
-        i = layer.layer_number - 1
-        modules |= {f"{i}.mamba": (layer.mamba_mixer, c.ssm_out_multiplier),
-                    f"{i}.attention": (layer.self_attention, c.attention_out_multiplier),
-                    f"{i}.mlp": (layer.mlp, c.mlp_multipliers[1])}
-    if model.post_process:
-        modules["final_norm"] = (model.decoder.final_norm, 1.0)
-    return record_scaled_outputs(modules, captured, megatron=True)
+    `embedding`, `{layer}.{branch}` for the family's branches (Falcon-H1: mamba, attention, mlp; Llama: attention,
+    mlp), `final_norm` ([b, s, h], fp32, CPU). With µP folded the model's multipliers are 1.0 and the folded
+    weights carry them, so both compare alike."""
+    return record_scaled_outputs(STAGE_PARTS[model.provider.arch.family](model), captured, megatron=True)
 
 
 def megatron_logits_worker(rank: int, roots: list[str], tp: int, pp: int, tokens: torch.Tensor,
