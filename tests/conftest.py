@@ -41,6 +41,19 @@ def tiny_hf(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def hub_cache_with(cache: Path, repo_id: str, ref: str, checkpoint: Path) -> None:
+    """The Hugging Face cache's own layout for `repo_id` at branch `ref` (refs/REF → snapshots/REV/ of symlinks
+    into blobs/), holding `checkpoint`'s files: what a download left behind, opened offline."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True, exist_ok=True), snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / ref).write_text("0123abcd")
+    for f in checkpoint.iterdir():
+        (repo / "blobs" / f"blob-{f.name}").write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(f"../../blobs/blob-{f.name}")
+
+
 def edited_megatron_checkpoint(src: Path, dst: Path, edit) -> Path:
     """A copy of a falcon-bridge Megatron checkpoint whose global tensors went through `edit(tensors)` — e.g. what
     training (or a bug) could have done to them."""

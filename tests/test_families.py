@@ -10,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
+from test_bitnet import bitnet_agree
 from test_roundtrip import assert_bit_identical, hf_tensors
 
 from falcon_bridge.cards import Card, all_cards, load_card
@@ -95,11 +96,13 @@ def test_llama_roundtrip_property(arch, first, second, tmp_path_factory):
     assert_bit_identical(tmp / "src", tmp / "hf")
 
 
-def test_packed_llama_survives_import_and_export(tiny_hf, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_llama_survives_import_and_export_byte_for_byte(tmp_path, dtype):
     """bitnet import → packed export is transformers' BitLinear layout; that packed checkpoint → import at TP=2 →
-    packed export gives the same ternary bytes and scales."""
+    packed export gives it back byte for byte (the same ternary values and the same weight_scale bits)."""
     arch = load_card("tiny-llama").arch
-    import_hf(ImportOptions(str(tiny_hf["tiny-llama"]), tmp_path / "mg", MegatronLayout(), bitnet=True))
+    create_random(CreateRandomOptions(load_card("tiny-llama"), tmp_path / "hf", seed=3, dtype=dtype))
+    import_hf(ImportOptions(str(tmp_path / "hf"), tmp_path / "mg", MegatronLayout(), bitnet=True))
     export_hf(ExportOptions(tmp_path / "mg", tmp_path / "packed", fmt="packed"))
     config = json.loads((tmp_path / "packed" / "config.json").read_text())
     assert config["model_type"] == "llama" and config["quantization_config"]["quant_method"] == "bitnet"
@@ -110,12 +113,7 @@ def test_packed_llama_survives_import_and_export(tiny_hf, tmp_path):
     summary = import_hf(ImportOptions(str(tmp_path / "packed"), tmp_path / "mg2", MegatronLayout(tp=2)))
     assert summary.bitnet  # implied by the packed source
     export_hf(ExportOptions(tmp_path / "mg2", tmp_path / "again", fmt="packed"))
-    again = hf_tensors(tmp_path / "again")
-    for name, t in packed.items():
-        if t.dtype == torch.uint8:
-            assert torch.equal(t, again[name]), name
-        else:
-            assert torch.allclose(t, again[name], rtol=1e-6, atol=0), name
+    assert_bit_identical(tmp_path / "packed", tmp_path / "again")
 
 
 def edited_config(src, dst, **changes):
@@ -150,7 +148,8 @@ def test_packed_llama_bad_inputs_name_the_field_or_tensor(tiny_hf, tmp_path):
     import_hf(ImportOptions(str(tiny_hf["tiny-llama"]), tmp_path / "mg", MegatronLayout(), bitnet=True))
     export_hf(ExportOptions(tmp_path / "mg", tmp_path / "packed", fmt="packed"))
     for field, value, message in [
-            ("quantization_config.linear_class", "autobitlinear", "linear_class 'autobitlinear' is not supported"),
+            ("quantization_config.linear_class", "int2", "field quantization_config.linear_class: 'int2' is not supp"),
+            ("quantization_config.quantization_mode", "dynamic", "quantization_mode: 'dynamic' is not one of"),
             ("quantization_config.use_rms_norm", True, "field quantization_config.use_rms_norm = True")]:
         src = edited_config(tmp_path / "packed", tmp_path / field, **{field: value})
         with pytest.raises(BadInput, match=message):
@@ -185,3 +184,46 @@ def test_a_card_names_a_known_family(tmp_path):
     with pytest.raises(BadInput, match="field family: 'gpt-j' is not a known family"):
         load_card(card)
     assert {c.arch.family for c in all_cards()} == {"falcon_h1", "llama"}
+
+
+def test_autobitlinear_checkpoints_read_as_transformers_runs_them(tmp_path):
+    """transformers' other BitNet class: offline, the same packed bytes with weight_scale = mean|W| (its output is
+    multiplied by it, BitLinear's divided); online, latent weights and no scale. transformers gives the same logits
+    for our bitlinear export and its autobitlinear-offline twin; both import to the same Megatron tensors; the
+    online checkpoint imports as a BitNet model of its latent weights; the twin survives import → packed export."""
+    from transformers import AutoModelForCausalLM
+
+    create_random(CreateRandomOptions(load_card("tiny-llama"), tmp_path / "hf", seed=4, dtype=torch.float32))
+    import_hf(ImportOptions(str(tmp_path / "hf"), tmp_path / "mg", MegatronLayout(), bitnet=True))
+    export_hf(ExportOptions(tmp_path / "mg", tmp_path / "bitlinear", fmt="packed"))
+    shutil.copytree(tmp_path / "bitlinear", tmp_path / "auto")
+    tensors = load_file(tmp_path / "bitlinear" / "model.safetensors")
+    for name in [n for n in tensors if n.endswith("weight_scale")]:
+        tensors[name] = tensors[name].reciprocal()
+    save_file(tensors, tmp_path / "auto" / "model.safetensors")
+    edited = edited_config(tmp_path / "auto", tmp_path / "autobitlinear", **{
+        "quantization_config.linear_class": "autobitlinear", "quantization_config.quantization_mode": "offline"})
+    tokens = torch.randint(0, 200, (2, 12))
+    logits = {}
+    for variant in ("bitlinear", "autobitlinear"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / variant, dtype=torch.float32)
+        assert type(model.model.layers[0].mlp.down_proj).__name__ == {"bitlinear": "BitLinear",
+                                                                        "autobitlinear": "AutoBitLinear"}[variant]
+        logits[variant] = model(tokens).logits.detach()
+    ok, report = bitnet_agree(logits["bitlinear"], logits["autobitlinear"])  # its two classes' arithmetic orders
+    assert ok, report
+    for variant in ("bitlinear", "autobitlinear"):
+        import_hf(ImportOptions(str(edited if variant == "autobitlinear" else tmp_path / variant),
+                                tmp_path / f"mg-{variant}", MegatronLayout(tp=2)))
+    a, b = (mg.TorchDistReader(tmp_path / f"mg-{v}" / "iter_0000000") for v in ("bitlinear", "autobitlinear"))
+    for key in a.tensors:
+        assert torch.allclose(a.get(key), b.get(key), rtol=1e-6, atol=0), key
+    export_hf(ExportOptions(tmp_path / "mg-autobitlinear", tmp_path / "again", fmt="packed"))
+    assert_bit_identical(tmp_path / "bitlinear", tmp_path / "again")  # written back as bitlinear
+    online = edited_config(tmp_path / "hf", tmp_path / "online", **{
+        "quantization_config": {"quant_method": "bitnet", "linear_class": "autobitlinear",
+                                "quantization_mode": "online"}})
+    summary = import_hf(ImportOptions(str(online), tmp_path / "mg-online", MegatronLayout()))
+    assert summary.bitnet
+    c, d = (mg.TorchDistReader(tmp_path / f"mg{v}" / "iter_0000000") for v in ("", "-online"))
+    assert all(torch.equal(c.get(k), d.get(k)) for k in c.tensors)

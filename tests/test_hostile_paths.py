@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import hub_cache_with
 from conftest import run_cli as run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -92,13 +93,7 @@ def test_a_hub_id_already_in_the_local_cache_converts_offline(tiny_hf, tmp_path,
     """The Hugging Face cache's own layout (refs/REF → snapshots/REV/ of symlinks into blobs/) opens with the Hub
     unreachable: `repo` for main, `repo@REF` for another branch (Falcon-E's latent weights are its `prequantized`
     branch)."""
-    repo = tmp_path / "cache" / "models--someone--no-such-model"
-    snapshot = repo / "snapshots" / "0123abcd"
-    (repo / "blobs").mkdir(parents=True), snapshot.mkdir(parents=True), (repo / "refs").mkdir()
-    (repo / "refs" / ref).write_text("0123abcd")
-    for f in tiny_hf[CARD].iterdir():
-        (repo / "blobs" / f"blob-{f.name}").write_bytes(f.read_bytes())
-        (snapshot / f.name).symlink_to(f"../../blobs/blob-{f.name}")
+    hub_cache_with(tmp_path / "cache", "someone/no-such-model", ref, tiny_hf[CARD])
     name = "someone/no-such-model" + ("" if ref == "main" else f"@{ref}")
     done = import_hub_id(tmp_path, name, HF_ENDPOINT="http://127.0.0.1:9")
     assert done.returncode == 0, done.stderr

@@ -9,6 +9,8 @@ mixes rows r, r+R4, r+2·R4, r+3·R4), so a packed tensor can't be sliced for te
 
 Checkpoint convention (``BitLinear``): ``weight_scale`` stores ``s = 1/mean|W|`` as a 1-element tensor in the model
 dtype, and the forward is ``y = linear(x_q_int, T) / (s_a · weight_scale)``, i.e. ``linear(x_q, T / s)``.
+``AutoBitLinear`` (``linear_class="autobitlinear"``, offline mode) stores the same packed bytes (or the ternary values
+as floats) and multiplies by ``weight_scale``, so there it holds ``mean|W|``.
 
 Written from the math of the project's BitNet reference notes (bitnet_ternary.md); no code is taken from
 transformers or onebitllms.
@@ -16,9 +18,11 @@ transformers or onebitllms.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from falcon_bridge.core.ternary import as_scale, ternarize
+from falcon_bridge.core.ternary import EPS, as_scale, ternarize
 from falcon_bridge.errors import BadInput, shown
 
 VALUES_PER_BYTE = 4
@@ -122,10 +126,21 @@ def unpack_checkpoint_tensor(packed: torch.Tensor, weight_scale: torch.Tensor, o
 
 
 # ---- the formats ------------------------------------------------------------------------------------------------
+def file_absmean(w: torch.Tensor) -> torch.Tensor:
+    """``max(mean|W|, 1e-5)`` as the packed formats compute it for the `weight_scale` they write: summed in fp64
+    and rounded once, so it depends on the values alone (a strided view, such as k split out of linear_qkv, sums
+    in another order than a contiguous copy) and the magnitudes `read_back` chooses sum exactly. (The model's
+    quantizers keep transformers' fp32 sum, core/ternary.py; the two differ by at most an ulp.)"""
+    return w.detach().double().abs().mean().float().clamp(min=EPS)
+
+
+NEIGHBOURS_TRIED = 4  # absmeans tried on each side of 1/weight_scale, in fp32 ulps
+
+
 class BitLinearFormat:
     """transformers' `linear_class="bitlinear"`: each BitNet linear `X.weight` is stored as uint8 `X.weight`
-    [out/4, in] plus `X.weight_scale` [1] in the model dtype. A second format is a second class (its own
-    linear_class, pack, read_back) whose instance joins PACKED_FORMATS."""
+    [out/4, in] plus `X.weight_scale` [1] in the model dtype, which BitLinear divides by (1/mean|W|). A second
+    format is a subclass (its linear_class, its scale convention) whose instance joins PACKED_FORMATS."""
 
     linear_class = "bitlinear"
 
@@ -140,6 +155,11 @@ class BitLinearFormat:
         """The companion of `X.weight`: `X.weight_scale`."""
         return weight_name.removesuffix("weight") + "weight_scale"
 
+    @staticmethod
+    def stored_scale(w: torch.Tensor) -> torch.Tensor:
+        """The `weight_scale` value of a weight, fp32 0-d: s = 1/mean|W| (what BitLinear divides by)."""
+        return file_absmean(w).reciprocal()
+
     def shape_problem(self, name: str, shape: Shape) -> str | None:
         """Why a linear of this shape cannot be stored in the format (it stores out_features/4 packed rows), or
         None."""
@@ -153,36 +173,102 @@ class BitLinearFormat:
 
     def pack(self, name: str, latent: torch.Tensor, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
         """What is written for one latent weight, in the order of `stored`: ternarized with its own absmean."""
-        packed, scale = pack_checkpoint_tensor(latent.float())
-        return [(name, packed), (self.scale_name(name), scale.to(dtype))]
+        w = latent.float()
+        packed, _ = pack_checkpoint_tensor(w, file_absmean(w).reciprocal())
+        return [(name, packed), (self.scale_name(name), self.stored_scale(w).to(dtype).reshape(1))]
 
-    def unpacked_shape(self, packed_shape: Shape) -> Shape:
-        return (packed_shape[0] * VALUES_PER_BYTE, *packed_shape[1:])
+    @staticmethod
+    def unpacked_shape(stored_shape: Shape, stored_dtype: torch.dtype) -> Shape:
+        """The weight's shape: packed uint8 rows hold four rows each; a float weight holds its ternary values
+        unpacked (autobitlinear's offline checkpoints may)."""
+        if stored_dtype != torch.uint8:
+            return stored_shape
+        return (stored_shape[0] * VALUES_PER_BYTE, *stored_shape[1:])
 
-    def read_back(self, packed: torch.Tensor, weight_scale: torch.Tensor, rows: int) -> torch.Tensor:
-        """A packed tensor as the float weight import hands on (fp32): ternary × mean|W|, divided by the fraction
-        of non-zero values. Ternary × mean|W| has a smaller absmean than the latent weights it came from (zeros
-        count), so this rescaling makes re-quantization give back the same ternary values and the same
-        weight_scale: a packed model survives import → export unchanged."""
-        w = unpack_checkpoint_tensor(packed, weight_scale, rows, torch.float32)
-        nonzero = (w != 0).float().mean()
-        return w / nonzero if nonzero > 0 else w
+    def read_back(self, stored: torch.Tensor, weight_scale: torch.Tensor, rows: int, dtype: torch.dtype
+                  ) -> torch.Tensor:
+        """A stored linear as the weight import hands on, in dtype: its ternary values times magnitudes chosen so
+        that `pack` writes the same ternary values and the same weight_scale bits again — a packed model survives
+        import → export byte for byte. Ternary × mean|W| itself would not: its absmean is smaller than the latent
+        weights' (zeros count). So the k non-zero magnitudes must sum to S = N × m, m being the absmean whose scale
+        is the stored one (N elements): the two neighbouring values of dtype around S/k, the upper one on the first
+        `a` non-zeros, with `a` chosen so the sum is S to within half a step. Each |value| × the re-computed scale
+        is then ≈ N/k ≥ 1, so every non-zero rounds back to ±1."""
+        s = torch.as_tensor(weight_scale)
+        if s.numel() != 1:
+            raise ValueError(f"weight_scale must hold one value, got shape {tuple(s.shape)}")
+        s = s.reshape(())
+        if stored.dtype == torch.uint8:
+            t = unpack_ternary(stored, rows=rows, dtype=torch.float32)
+        else:
+            t = stored.float()
+            if not bool(((t == -1) | (t == 0) | (t == 1)).all()):
+                raise ValueError("a float weight stored beside a weight_scale must hold ternary values (-1, 0, 1)")
+        nonzero = t.flatten().nonzero()
+        k = nonzero.numel()
+        if k == 0:
+            return t.to(dtype)
+        total = self.absmean_for(s).double() * t.numel()  # exact in fp64: 24-bit m × N < 2^53
+        near = (total / k).to(dtype)
+        if near.double() * k > total:
+            low, high = torch.nextafter(near, torch.tensor(0.0, dtype=dtype)), near
+        else:
+            low, high = near, torch.nextafter(near, torch.tensor(math.inf, dtype=dtype))
+        a = int(((total - k * low.double()) / (high.double() - low.double())).round().clamp(0, k))
+        magnitudes = torch.full((k,), low.item(), dtype=torch.float32)
+        magnitudes[:a] = high.item()
+        w = t.flatten()
+        w[nonzero.flatten()] *= magnitudes
+        return w.reshape(t.shape).to(dtype)
+
+    def absmean_for(self, weight_scale: torch.Tensor) -> torch.Tensor:
+        """The fp32 absmean m whose `stored_scale` is this weight_scale (in its dtype): 1/weight_scale, or the
+        neighbour of it that reciprocal rounding maps back exactly."""
+        m = weight_scale.float().reciprocal()
+        up, down = torch.tensor(math.inf), torch.tensor(0.0)
+        candidates, above, below = [m], m, m
+        for _ in range(NEIGHBOURS_TRIED):
+            above, below = torch.nextafter(above, up), torch.nextafter(below, down)
+            candidates += [above, below]
+        return next((c for c in candidates if c.reciprocal().to(weight_scale.dtype) == weight_scale), m)
 
 
-PACKED_FORMATS = {f.linear_class: f for f in (BitLinearFormat(),)}
+class AutoBitLinearFormat(BitLinearFormat):
+    """transformers' `linear_class="autobitlinear"`, offline mode: the same packed uint8 weight (or its ternary
+    values as floats), but AutoBitLinear multiplies its output by `weight_scale`, so it stores mean|W|. (Online
+    mode stores latent weights and no scale: nothing packed, read as an ordinary checkpoint of a BitNet model.)"""
+
+    linear_class = "autobitlinear"
+
+    @staticmethod
+    def stored_scale(w: torch.Tensor) -> torch.Tensor:
+        return file_absmean(w)
+
+    def absmean_for(self, weight_scale: torch.Tensor) -> torch.Tensor:
+        return weight_scale.float()
+
+
+PACKED_FORMATS = {f.linear_class: f for f in (BitLinearFormat(), AutoBitLinearFormat())}
 DEFAULT_PACKED_FORMAT = PACKED_FORMATS[BitLinearFormat.linear_class]  # what export-hf --format packed writes
+QUANTIZATION_MODES = ("offline", "online")
 
 
-def packed_format(quantization_config: dict, source: str) -> BitLinearFormat:
-    """The format a config.json's `quantization_config` names (absent: transformers' default, bitlinear)."""
+def packed_format(quantization_config: dict, source: str) -> BitLinearFormat | None:
+    """The format a config.json's `quantization_config` names (absent linear_class: transformers' default,
+    bitlinear); None for autobitlinear's online mode, whose checkpoints hold latent weights."""
     linear_class = quantization_config.get("linear_class", BitLinearFormat.linear_class)
     fmt = PACKED_FORMATS.get(linear_class) if isinstance(linear_class, str) else None
     if fmt is None:
-        raise BadInput(f"{source}: quantization_config.linear_class {linear_class!r} is not supported (only "
-                       f"{', '.join(repr(k) for k in PACKED_FORMATS)})")
+        raise BadInput(f"{source}: field quantization_config.linear_class: {shown(linear_class)} is not supported "
+                       f"(only {', '.join(repr(k) for k in PACKED_FORMATS)})")
+    mode = quantization_config.get("quantization_mode", "offline")
+    if mode not in QUANTIZATION_MODES:
+        raise BadInput(f"{source}: field quantization_config.quantization_mode: {shown(mode)} is not one of "
+                       f"{', '.join(QUANTIZATION_MODES)}")
     # transformers ≥ 5 can put an RMSNorm inside every BitNet linear; our fused linear_qkv/fc1 have no place for one
     if quantization_config.get("use_rms_norm", False) is not False:
         raise BadInput(f"{source}: field quantization_config.use_rms_norm = "
                        f"{shown(quantization_config['use_rms_norm'])} is not supported (a norm inside each BitNet "
                        "linear); only false is")
-    return fmt
+    online = fmt.linear_class == AutoBitLinearFormat.linear_class and mode == "online"
+    return None if online else fmt

@@ -209,24 +209,31 @@ class HFCheckpoint:
         if not isinstance(quant, dict):
             raise BadInput(f"{self.path / 'config.json'}: field quantization_config: expected an object")
         self.packing = None
-        if quant.get("quant_method") == "bitnet":
+        # a BitNet model: packed linears, or (autobitlinear online) latent weights the model quantizes as it runs
+        self.bitnet = quant.get("quant_method") == "bitnet"
+        if self.bitnet:
             self.packing = packed_format(quant, str(self.path / "config.json"))
-            self._adopt_packed_linears()
+            if self.packing is not None:
+                self._adopt_packed_linears()
 
     def _adopt_packed_linears(self) -> None:
-        """Present each packed uint8 `X.weight` (with its `X.weight_scale`) as the float tensor `X.weight` of the
-        unpacked shape, so the rest of the pipeline sees an ordinary checkpoint."""
-        packed = [n for n, i in self.tensors.items() if i.dtype == torch.uint8]
+        """Present each quantized `X.weight` (packed uint8, or autobitlinear's ternary floats, with its
+        `X.weight_scale`) as the float tensor `X.weight` of the unpacked shape, so the rest of the pipeline sees
+        an ordinary checkpoint."""
+        scales = {n for n in self.tensors if n.endswith(".weight_scale")}
+        packed = sorted({n for n, i in self.tensors.items() if i.dtype == torch.uint8}
+                        | {n.removesuffix("_scale") for n in scales if n.removesuffix("_scale") in self.tensors})
         if not packed:
             raise BadInput(f"{self.path / 'config.json'}: quantization_config says bitnet, but no tensor is packed "
-                           "(uint8)")
+                           "(uint8, or with a weight_scale)")
         for name in packed:
             scale_name = self.packing.scale_name(name)
             scale = self.tensors.pop(scale_name, None)
             if scale is None:
                 raise BadInput(f"{self.tensors[name].file}: tensor {scale_name} is missing (packed {name} needs it)")
             info = self.tensors[name]
-            self.tensors[name] = TensorInfo(info.file, self.packing.unpacked_shape(info.shape), scale.dtype)
+            self.tensors[name] = TensorInfo(info.file, self.packing.unpacked_shape(info.shape, info.dtype),
+                                            scale.dtype)
             self.packed[name] = scale
 
     def _shard_path(self, index: Path, tensor: object, file: object) -> Path:
@@ -248,8 +255,8 @@ class HFCheckpoint:
         try:
             if name in self.packed:
                 weight_scale = read_tensor(self.packed[name])
-                return self.packing.read_back(read_tensor(self.stored[name]), weight_scale, info.shape[0]
-                                              ).to(info.dtype)
+                return self.packing.read_back(read_tensor(self.stored[name]), weight_scale, info.shape[0],
+                                              info.dtype)
             return read_tensor(info)
         except Exception as e:  # noqa: BLE001
             raise BadInput(f"{info.file}: tensor {name} could not be read ({first_line(e)})") from None
