@@ -79,8 +79,8 @@ def train_and_save(rank: int, root: str, tp: int, pp: int, batches: list[torch.T
             optimizer.step()
         # the largest difference between the TP ranks' copies of a B/C group, over every stage (0: they trained
         # in step; with save_gradients, their gradients agree)
-        spread = torch.tensor([max(layer.mamba_mixer.group_copy_spread() for layer in model.decoder.layers)],
-                              device=device)
+        spread = torch.tensor([max((layer.mamba_mixer.group_copy_spread() for layer in model.decoder.layers
+                                    if hasattr(layer, "mamba_mixer")), default=0.0)], device=device)  # Llama: none
         torch.distributed.all_reduce(spread, torch.distributed.ReduceOp.MAX)
         save_checkpoint(model, Path(out), it_dir)
         if live_out is not None:

@@ -34,15 +34,18 @@ def bitnet_checkpoints(tiny_hf, tmp_path_factory):
     return tmp
 
 
-def test_bitnet_logits_are_the_same_at_every_tp_and_equal_transformers_packed(bitnet_checkpoints):
-    """fp32. Before any rounding boundary is crossed the two agree to fp32 noise (1e-7, see `verify` on these
-    checkpoints). But quantization is discrete: a 1e-7 difference upstream (another summation order) can move one
-    int8 activation code across a rounding boundary, and later layers carry that jump (~1e-3 of the logits on the
-    tiny cards). So: mean |Δ| ≤ 1e-3 · max |logit|, max |Δ| ≤ 1e-2 · max |logit|, argmax agreement ≥ 95 %."""
+def bitnet_agree(a: torch.Tensor, b: torch.Tensor):
+    """(whether two BitNet models' fp32 logits agree, the comparison). Before any rounding boundary is crossed the
+    two agree to fp32 noise (1e-7, see `verify` on these checkpoints). But quantization is discrete: a 1e-7
+    difference upstream (another summation order) can move one int8 activation code across a rounding boundary,
+    and later layers carry that jump (~1e-3 of the logits on the tiny cards). So: mean |Δ| ≤ 1e-3 · max |logit|,
+    max |Δ| ≤ 1e-2 · max |logit|, argmax agreement ≥ 95 %."""
+    r = compare_logits(a, b, tolerance=1e-2)
+    return r.passed and r.mean_abs_diff <= 1e-3 * r.max_abs_logit and r.argmax_agreement >= 0.95, r
 
-    def agree(a, b):
-        r = compare_logits(a, b, tolerance=1e-2)
-        return r.passed and r.mean_abs_diff <= 1e-3 * r.max_abs_logit and r.argmax_agreement >= 0.95, r
+
+def test_bitnet_logits_are_the_same_at_every_tp_and_equal_transformers_packed(bitnet_checkpoints):
+    """fp32, against transformers' packed BitLinear model and across TP (bitnet_agree)."""
 
     def roots(layout):  # the tp4 checkpoint was imported with --tp 4 (any import loads at any TP)
         return [str(bitnet_checkpoints / f"{name}-{layout}") for name in CARDS]
@@ -52,9 +55,9 @@ def test_bitnet_logits_are_the_same_at_every_tp_and_equal_transformers_packed(bi
     for i, name in enumerate(CARDS):
         reference = hf_logits(bitnet_checkpoints / f"{name}-packed", TOKENS, torch.float32)  # transformers BitLinear
         for tp, results in by_tp.items():
-            ok, r = agree(reference, results[i])
+            ok, r = bitnet_agree(reference, results[i])
             assert ok, f"{name} TP={tp} vs transformers: {r}"
-            ok, r = agree(by_tp[1][i], results[i])
+            ok, r = bitnet_agree(by_tp[1][i], results[i])
             assert ok, f"{name} TP={tp} vs TP=1: {r}"
 
 

@@ -102,22 +102,27 @@ def test_every_gradient_equals_hf(tiny_hf, hf_reference, tmp_path, card, tp, pp)
     summary = export_hf(ExportOptions(tmp_path / "grads", tmp_path / "grads-hf"))
     # the B/C copies of each replicated group received bit-identical gradients
     assert summary.diverged_group_replicas == {} and summary.warnings == []
-    ours, reference = exported(tmp_path / "grads-hf"), hf_reference(card)
+    assert_gradients_equal_hf(card, exported(tmp_path / "grads-hf"), hf_reference(card), f"TP={tp} PP={pp}")
+
+
+def assert_gradients_equal_hf(card: str, ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
+                              where: str) -> None:
+    """Every exported gradient (HF names) equals transformers' (hf_loss_and_gradients on hf_tokens(card)), the pad
+    row included: HF's padding_idx keeps the lookup's gradient out of it; tied, the lm_head's remains."""
     assert set(ours) == set(reference) - {"loss"}
     errors = {name: relative_error(ours[name], reference[name]) for name in ours}
     worst = max(errors, key=errors.get)
-    assert errors[worst] <= 1e-4, f"TP={tp} PP={pp}: {worst} gradient off by {errors[worst]:.2e} (relative)"
-    # the pad row, on its own: HF's padding_idx keeps the lookup's gradient out of it; tied, the lm_head's remains
+    assert errors[worst] <= 1e-4, f"{where}: {worst} gradient off by {errors[worst]:.2e} (relative)"
     embedding, pad = "model.embed_tokens.weight", pad_id(card)
     assert (hf_tokens(card) == pad).sum() >= 2
     if "lm_head.weight" in reference:  # untied: HF's pad row gets no gradient at all, and neither does ours
         assert reference[embedding][pad].abs().max() == 0 and ours[embedding][pad].abs().max() == 0, \
-            f"TP={tp} PP={pp}: the pad row got a gradient of up to {ours[embedding][pad].abs().max():.2e}"
+            f"{where}: the pad row got a gradient of up to {ours[embedding][pad].abs().max():.2e}"
     else:  # tied: the output layer's part only, which is not zero
         assert reference[embedding][pad].abs().max() > 0
         off = (ours[embedding][pad] - reference[embedding][pad]).abs().max()
         assert off <= 1e-4 * reference[embedding].abs().max(), \
-            f"TP={tp} PP={pp}: the tied pad row's gradient is off by up to {off:.2e}"
+            f"{where}: the tied pad row's gradient is off by up to {off:.2e}"
 
 
 @pytest.mark.parametrize("card", ["tiny-vocab-pad", "tiny-mup"])
