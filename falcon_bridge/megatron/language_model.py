@@ -98,8 +98,9 @@ class HFRMSNorm(torch.nn.Module):
 class NormColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
     """RMSNorm fused in front of a ColumnParallelLinear, without Transformer Engine.
 
-    Same parameter names as TE's TELayerNormColumnParallelLinear (`layer_norm_weight`, `weight`), so the MLP
-    pre-norm is stored as `mlp.linear_fc1.layer_norm_weight` whichever backend built the model.
+    Same parameter names as TE's TELayerNormColumnParallelLinear (`layer_norm_weight`, `weight`), so a pre-norm
+    is stored as `mlp.linear_fc1.layer_norm_weight` (and Llama's input norm as
+    `self_attention.linear_qkv.layer_norm_weight`) whichever backend built the model.
     """
 
     def __init__(self, input_size, output_size, *, config, **kwargs):
