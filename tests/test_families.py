@@ -3,10 +3,16 @@ table, the same import / reshard / export / packed formats as Falcon-H1, and its
 (Our Megatron model for it, against transformers' logits and gradients: tests/test_llama.py.)"""
 
 import json
+import os
+import shlex
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import hub_cache_with
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -227,3 +233,25 @@ def test_autobitlinear_checkpoints_read_as_transformers_runs_them(tmp_path):
     assert summary.bitnet
     c, d = (mg.TorchDistReader(tmp_path / f"mg{v}" / "iter_0000000") for v in ("", "-online"))
     assert all(torch.equal(c.get(k), d.get(k)) for k in c.tensors)
+
+
+def readme_falcon_e_example() -> list[str]:
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    return text.split("<!-- falcon-e-example", 1)[1].split("```", 2)[1].strip().splitlines()
+
+
+def test_readme_falcon_e_example_runs_as_shown(tiny_hf, tmp_path):
+    """README's Falcon-E lines, literally: the prequantized branch read from the Hugging Face cache (a tiny Llama
+    checkpoint placed there, the Hub unreachable), imported as BitNet at TP=2, exported packed, and that packed
+    export through another import (PP=2) and export gives the same bytes."""
+    hub_cache_with(tmp_path / "cache", "tiiuae/Falcon-E-1B-Base", "prequantized", tiny_hf["tiny-llama"])
+    env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "cache"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    for line in readme_falcon_e_example():
+        words = shlex.split(line)
+        assert words[0] == "falcon-bridge", line
+        done = subprocess.run([sys.executable, "-m", "falcon_bridge.cli.app", *words[1:]], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (line, done.stderr[-3000:])
+    config = json.loads((tmp_path / "falcon-e-packed" / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["quantization_config"]["linear_class"] == "bitlinear"
+    assert_bit_identical(tmp_path / "falcon-e-packed", tmp_path / "falcon-e-packed-again")

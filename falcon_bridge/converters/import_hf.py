@@ -178,5 +178,6 @@ def import_hf(options: ImportOptions, run: Run = QUIET) -> ImportSummary | None:
     return ImportSummary(
         source=str(options.source), output=str(options.out), tp=options.layout.tp, pp=options.layout.pp,
         dtype=run_config["dtype"], mup=str(options.mup_mode), bitnet=bitnet, tensors=len(sink.shapes),
-        parameters=sum(math.prod(s) for s, _ in sink.shapes.values()), mamba_groups=stored_as_hf(arch).mamba_groups(arch),
-        workers=team.size, peak_rss_bytes=team.peak_rss, seconds=run.seconds(), warnings=warnings)
+        parameters=sum(math.prod(s) for s, _ in sink.shapes.values()),
+        mamba_groups=stored_as_hf(arch).mamba_groups(arch), workers=team.size, peak_rss_bytes=team.peak_rss,
+        seconds=run.seconds(), warnings=warnings)
