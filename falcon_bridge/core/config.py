@@ -12,8 +12,8 @@ from __future__ import annotations
 import functools
 import math
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
 from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from falcon_bridge.errors import BadInput, shown
