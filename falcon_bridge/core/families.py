@@ -2,7 +2,7 @@
 
 A family is an `Arch` subclass (its fields, defaults and checks) and a map table registered under the same
 `family` name (`core/mapping.TABLES`). Adding one: its module (architecture + table), a line here, and for the
-Megatron side a provider (`megatron/provider.py`).
+Megatron side a provider and its `provider.PROVIDERS` entry (`megatron/provider.py`).
 """
 
 from __future__ import annotations
