@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from test_bitnet import bitnet_agree
-from test_roundtrip import assert_bit_identical, hf_tensors
+from test_roundtrip import assert_bit_identical, assert_round_trip, hf_tensors
 
-from falcon_bridge.cards import Card, all_cards, load_card
+from falcon_bridge.cards import all_cards, load_card
 from falcon_bridge.converters.create_random import CreateRandomOptions, create_random
 from falcon_bridge.converters.export_hf import ExportOptions, export_hf
 from falcon_bridge.converters.import_hf import ImportOptions, import_hf
@@ -89,17 +89,7 @@ def llama_architectures(draw):
 @given(arch=llama_architectures(), first=st.sampled_from([(1, 1), (2, 1), (1, 2)]),
        second=st.sampled_from([(1, 1), (2, 2), (4, 1)]))
 def test_llama_roundtrip_property(arch, first, second, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("llama")
-    create_random(CreateRandomOptions(Card("prop", "", arch, True, None, {}), tmp / "src", dtype=torch.bfloat16))
-    if arch.num_heads % max(first[0], second[0]) or arch.num_layers % max(first[1], second[1]):
-        with pytest.raises(BadInput, match="--tp|--pp"):
-            import_hf(ImportOptions(str(tmp / "src"), tmp / "a", MegatronLayout(*first)))
-            reshard(ReshardOptions(tmp / "a", tmp / "b", MegatronLayout(*second)))
-        return
-    import_hf(ImportOptions(str(tmp / "src"), tmp / "a", MegatronLayout(*first)))
-    reshard(ReshardOptions(tmp / "a", tmp / "b", MegatronLayout(*second)))
-    export_hf(ExportOptions(tmp / "b", tmp / "hf"))
-    assert_bit_identical(tmp / "src", tmp / "hf")
+    assert_round_trip(arch, first, second, tmp_path_factory.mktemp("llama"), seed=0, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
