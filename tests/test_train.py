@@ -175,10 +175,12 @@ def test_a_killed_run_resumes_from_its_last_complete_save(runs):
     ok("export-hf", save, tmp / "killed-hf")
 
 
-def test_bitnet_trains_and_exports_packed(tiny_hf, tmp_path):
-    """BitNet b1.58 fine-tuning in the loop (TP=2, one Mamba group replicated): the packed export (transformers'
-    BitLinear format) computes the trained model's logits."""
-    ok("import-hf", tiny_hf["tiny-one-group"], tmp_path / "mg", "--bitnet")
+@pytest.mark.parametrize("card", ["tiny-one-group", "tiny-llama-tied"])
+def test_bitnet_trains_and_exports_packed(tiny_hf, tmp_path, card):
+    """BitNet b1.58 fine-tuning in the loop (TP=2; Falcon-H1 with one Mamba group replicated, and a BitNet GPT of
+    the Llama family, as Falcon-E is): the packed export (transformers' BitLinear format, which verify's reference
+    loads in transformers) computes the trained model's logits."""
+    ok("import-hf", tiny_hf[card], tmp_path / "mg", "--bitnet")
     out = ok("train", "--nproc-per-node", 2, "--load", tmp_path / "mg", "--save", tmp_path / "trained",
              "--tensor-model-parallel-size", 2, "--mock-data", "--seq-length", 32, "--train-iters", 2,
              "--save-interval", 2, *COMMON)

@@ -55,13 +55,21 @@ ARCHITECTURE_ARGS = {
     "untie_embeddings_and_output_weights": lambda a: not a.tie_word_embeddings,
     "add_bias_linear": lambda a: a.mlp_bias,
     "add_qkv_bias": lambda a: a.attention_bias,
+    "hidden_dropout": lambda a: 0.0,  # neither family has dropout; our layers apply none
+    "attention_dropout": lambda a: 0.0,
+}
+MAMBA_ARGS = {  # … and, for a family with a Mamba mixer, its sizes
     "mamba_state_dim": lambda a: a.mamba_d_state,
     "mamba_head_dim": lambda a: a.mamba_d_head,
     "mamba_num_groups": lambda a: a.mamba_n_groups,
     "mamba_num_heads": lambda a: a.mamba_n_heads,
-    "hidden_dropout": lambda a: 0.0,  # Falcon-H1 has no dropout; our layer applies none
-    "attention_dropout": lambda a: 0.0,
 }
+
+
+def architecture_args(arch) -> dict:
+    """The Megatron-LM arguments this architecture fixes (dest → its value)."""
+    rules = ARCHITECTURE_ARGS | (MAMBA_ARGS if arch.has_mamba else {})
+    return {name: value(arch) for name, value in rules.items()}
 
 # TransformerConfig fields a Megatron-LM flag may change that our model implements (model.py, or the megatron-core
 # modules it is built of): the provider builds the model with the values the flags give.
@@ -154,7 +162,7 @@ class TrainingCheckpoint:
 def parser_defaults(ckpt: TrainingCheckpoint) -> dict:
     """Megatron-LM argument defaults that make the checkpoint's model (flags the user types still win)."""
     a = ckpt.arch
-    defaults = {name: value(a) for name, value in ARCHITECTURE_ARGS.items()}
+    defaults = architecture_args(a)
     dtype = ckpt.run_config["dtype"]
     defaults.update(
         bf16=dtype == "bfloat16", fp16=dtype == "float16",
@@ -226,15 +234,16 @@ def check_flags(argv: list[str], ckpt: TrainingCheckpoint, world_size: int) -> a
     baseline = parse_megatron_args(["--load", str(ckpt.root)], ckpt)
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
 
-    for name, expected in ARCHITECTURE_ARGS.items():
-        if getattr(args, name) != expected(ckpt.arch):
+    fixed = architecture_args(ckpt.arch)
+    for name, expected in fixed.items():
+        if getattr(args, name) != expected:
             raise BadInput(f"{flag(name)} {getattr(args, name)!r:.80}: the checkpoint's model has "
-                           f"{expected(ckpt.arch)!r} ({ckpt.it_dir})")
+                           f"{expected!r} ({ckpt.it_dir})")
     for name, (what, refused, why) in REFUSED_ARGS.items():
         if hasattr(args, name) and refused(getattr(args, name)):
             raise BadInput(f"{flag(name)} {what}: not supported by falcon-bridge's Falcon-H1 ({why})")
     changed = {k for k, v in _model_config_fields(args).items() if v != getattr(baseline, k)}
-    for name in sorted(changed - MODEL_RUN_SETTINGS - HONOURED_ELSEWHERE - set(ARCHITECTURE_ARGS)):
+    for name in sorted(changed - MODEL_RUN_SETTINGS - HONOURED_ELSEWHERE - set(fixed)):
         raise BadInput(f"{flag(name)}: not supported by falcon-bridge's Falcon-H1 model (it would be ignored)")
     if args.cuda_graph_impl not in CUDA_GRAPH_IMPLS:
         raise BadInput(f"--cuda-graph-impl {args.cuda_graph_impl}: falcon-bridge's Falcon-H1 runs under "
