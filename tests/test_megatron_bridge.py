@@ -27,7 +27,7 @@ from falcon_bridge.formats import megatron as mg
 REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "tests" / "megatron_bridge" / "probe.py"
 BRIDGE_VENV = REPO / ".venv-megatron-bridge"
-REAL_CARDS = [c.name for c in all_cards() if not c.is_test]
+REAL_CARDS = [c.name for c in all_cards() if not c.is_test and c.arch.family == "falcon_h1"]  # Bridge: Falcon-H1
 # Megatron-Bridge provider field → the config.json key whose value it must hold (ours: formats.megatron)
 FIELDS = {f: k for f, k in mg.BRIDGE_FIELDS.items() if f != "expand"}
 
