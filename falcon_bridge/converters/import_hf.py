@@ -53,8 +53,8 @@ def import_options(ckpt: HFCheckpoint, mup_mode: str, bitnet: bool) -> tuple[boo
         raise BadInput(f"--mup {mup_mode}: expected {one_of(MupMode)}")
     mup_record = mup.run_config_entry(arch, mup_mode)  # refuses folds that cannot be exact (tied embeddings)
     warnings = []
-    if ckpt.bitnet and not ckpt.packed:  # autobitlinear online: latent weights, quantized as the model runs
-        bitnet = True
+    bitnet = bitnet or ckpt.bitnet  # a BitNet source: packed, or latent weights the model quantizes (autobitlinear
+    # online)
     if ckpt.packed:
         # the HF model keeps a linear left unpacked (modules_to_not_convert) in full precision; ours would ternarize it
         unpacked = next((n for n in hf_tensor_shapes(arch) if is_bitnet_linear(arch, n) and n not in ckpt.packed),
@@ -62,7 +62,6 @@ def import_options(ckpt: HFCheckpoint, mup_mode: str, bitnet: bool) -> tuple[boo
         if unpacked is not None:
             raise BadInput(f"{ckpt.tensors[unpacked].file}: tensor {unpacked} is not packed, but the model "
                            "ternarizes it (only lm_head, embeddings and norms may stay unquantized)")
-        bitnet = True
         warnings.append(f"{ckpt.path}: packed ternary checkpoint: imported as ternary × scale; the latent (pre-"
                         "quantization) weights are not in it, so continued training starts from those")
     if bitnet:
