@@ -1,14 +1,18 @@
 """Our Megatron model of the Llama family (megatron-core's GPTModel, megatron/llama.py) equals transformers'
-LlamaForCausalLM: logits at every TP/PP, every gradient, BitNet against transformers' packed BitLinear, and verify.
+LlamaForCausalLM: logits at every TP/PP, every gradient, BitNet against transformers' packed BitLinear (logits) and
+its trainable AutoBitLinear (every gradient), and verify.
 
 Few launches on purpose (each spawns TP×PP processes that import megatron): one per layout, every checkpoint in it.
 """
+
+import json
 
 import pytest
 import torch
 from conftest import TINY_LLAMA_CARDS, run_cli
 from megatron_workers import train_and_save
 from test_bitnet import bitnet_agree
+from test_families import edited_config
 from test_training_parity import (
     assert_gradients_equal_hf,
     exported,
@@ -24,6 +28,7 @@ from falcon_bridge.converters.verify import (
     compare_logits,
     default_tolerance,
     hf_logits,
+    hf_model,
     sample_tokens,
     verify,
 )
@@ -96,3 +101,34 @@ def test_verify_passes_on_a_llama_import_plain_and_bitnet(llama_checkpoints, cap
     assert [(row["layer"], row["component"]) for row in report.layers] == \
         [(None, "embedding"), (0, "attention"), (0, "mlp"), (1, "attention"), (1, "mlp"), (None, "final_norm")]
     assert max(row["relative"] for row in report.layers) < 1e-5  # quantized on both sides, fp32 noise apart
+
+
+# transformers' trainable BitNet: AutoBitLinear in online mode fake-quantizes the latent weight (absmean, per tensor)
+# and the input (int8, per token) on every forward, both with a straight-through estimator
+ONLINE_BITNET = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online",
+                 "modules_to_not_convert": ["lm_head"]}
+
+
+@pytest.mark.parametrize("card", TINY_LLAMA_CARDS)
+def test_every_bitnet_gradient_equals_transformers_autobitlinear_at_tp2(tiny_hf, tmp_path, card):
+    """BitNet training: one step at TP=2 under megatron-core's DDP and schedule, from the latent weights, on the
+    batch with pad tokens (as labels too); every exported gradient equals transformers' own latent BitNet path
+    (from_pretrained of the same weights with an online autobitlinear quantization_config, on CPU), pad rows as in
+    the plain test. The straight-through estimator makes each gradient a continuous function of the forward's
+    values, so the fp32 bar holds as long as no quantization code differs between the two forwards: a weight or
+    activation code that flipped would move a branch's output by ~1/127 of its scale; verify on this very batch shows
+    every branch agreeing to < 1e-5, so none did. transformers' quantizers run eagerly (the same ops, not compiled by
+    inductor: 25 s per test on CPU)."""
+    online = edited_config(tiny_hf[card], tmp_path / "online", quantization_config=ONLINE_BITNET)
+    assert import_hf(ImportOptions(str(online), tmp_path / "mg", MegatronLayout(tp=2))).bitnet  # from its config
+    tokens = hf_tokens(card)
+    (tmp_path / "tokens.json").write_text(json.dumps(tokens.tolist()))
+    with torch.compiler.set_stance("force_eager"):
+        assert type(hf_model(online, torch.float32, "cpu").model.layers[0].mlp.down_proj).__name__ == "AutoBitLinear"
+        report = verify(VerifyOptions(online, tmp_path / "mg", tp=2, dtype=torch.float32,
+                                      tokens_file=tmp_path / "tokens.json"))
+        reference = hf_loss_and_gradients(online, tokens)
+    assert report.passed and max(row["relative"] for row in report.layers) < 1e-5, report.to_json()
+    launch(train_and_save, 2, str(tmp_path / "mg"), 2, 1, [tokens], str(tmp_path / "grads"), True)
+    export_hf(ExportOptions(tmp_path / "grads", tmp_path / "grads-hf"))  # latent: the gradients as they are
+    assert_gradients_equal_hf(card, exported(tmp_path / "grads-hf"), reference, "BitNet TP=2")
