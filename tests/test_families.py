@@ -230,18 +230,46 @@ def readme_falcon_e_example() -> list[str]:
     return text.split("<!-- falcon-e-example", 1)[1].split("```", 2)[1].strip().splitlines()
 
 
+def word_tokenizer(words: list[str], arch: LlamaArch, out_dir: Path) -> None:
+    """A tokenizer of whole `words` (one id each, after the config's pad/bos/eos ids and an unknown-word id) saved
+    into `out_dir`: the tiny cards' vocabularies are too small for create-random's byte-level one, and a released
+    checkpoint comes with its tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {"pad": arch.pad_token_id, "bos": arch.bos_token_id, "eos": arch.eos_token_id}
+    vocab = {f"<|{kind}|>": i for kind, i in specials.items()} | {"<|unk|>": max(specials.values()) + 1}
+    vocab |= {w: len(vocab) + i for i, w in enumerate(dict.fromkeys(words))}
+    assert len(vocab) <= arch.vocab_size
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<|unk|>",
+                            **{f"{kind}_token": f"<|{kind}|>" for kind in specials}).save_pretrained(str(out_dir))
+
+
 def test_readme_falcon_e_example_runs_as_shown(tiny_hf, tmp_path):
     """README's Falcon-E lines, literally: the prequantized branch read from the Hugging Face cache (a tiny Llama
-    checkpoint placed there, the Hub unreachable), imported as BitNet at TP=2, exported packed, and that packed
+    checkpoint placed there, the Hub unreachable), imported as BitNet at TP=2, its tokenizer preparing a corpus,
+    trained two iterations at TP=2 in Megatron-LM's loop, the trained checkpoint exported packed, and that packed
     export through another import (PP=2) and export gives the same bytes."""
-    hub_cache_with(tmp_path / "cache", "tiiuae/Falcon-E-1B-Base", "prequantized", tiny_hf["tiny-llama"])
+    words = "a ternary falcon learns to fly over the dunes at dawn and lands by the sea".split()
+    shutil.copytree(tiny_hf["tiny-llama"], tmp_path / "prequantized")
+    word_tokenizer(words, load_card("tiny-llama").arch, tmp_path / "prequantized")
+    hub_cache_with(tmp_path / "cache", "tiiuae/Falcon-E-1B-Base", "prequantized", tmp_path / "prequantized")
     env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "cache"), "HF_ENDPOINT": "http://127.0.0.1:9"}
-    for line in readme_falcon_e_example():
-        words = shlex.split(line)
-        assert words[0] == "falcon-bridge", line
-        done = subprocess.run([sys.executable, "-m", "falcon_bridge.cli.app", *words[1:]], cwd=tmp_path, env=env,
+    rows = [" ".join(words[(i * 5 + j) % len(words)] for j in range(40 + i % 11)) for i in range(200)]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    lines = readme_falcon_e_example()
+    assert [shlex.split(line)[1] for line in lines] == ["import-hf", "prepare-data", "train", "export-hf",
+                                                        "import-hf", "export-hf"]
+    for line in lines:
+        command = shlex.split(line)
+        assert command[0] == "falcon-bridge", line
+        done = subprocess.run([sys.executable, "-m", "falcon_bridge.cli.app", *command[1:]], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, (line, done.stderr[-3000:])
+    trained = mg.find_iteration_dir(tmp_path / "falcon-e-trained")  # what export-hf read: the two iterations' save
+    assert trained.name == mg.iteration_dir_name(2) and mg.read_run_config(trained)["bitnet"]
     config = json.loads((tmp_path / "falcon-e-packed" / "config.json").read_text())
     assert config["model_type"] == "llama" and config["quantization_config"]["linear_class"] == "bitlinear"
     assert_bit_identical(tmp_path / "falcon-e-packed", tmp_path / "falcon-e-packed-again")
