@@ -143,3 +143,51 @@ def test_bitnet_bad_inputs(bitnet_checkpoints, tmp_path):
     with pytest.raises(BadInput, match="--mup fold with --bitnet"):
         import_hf(ImportOptions(str(packed), tmp_path / "out", MegatronLayout(), mup_mode="fold"))
     assert not (tmp_path / "out").exists()
+
+
+def bf16_bitnet_worker(rank: int, card: str) -> dict:
+    """Our BitNet model as Megatron-LM trains it in bf16 (wrapped in megatron-core's Float16Module, which casts every
+    floating-point parameter and buffer): each linear's quantized weight against fp32's on the same (bf16-rounded)
+    weights, and a forward."""
+    from megatron.core.transformer.module import Float16Module
+
+    from falcon_bridge.megatron.distributed import init_distributed, shutdown_distributed
+    from falcon_bridge.megatron.provider import provider_class
+
+    init_distributed(rank, 1, 1, 1)
+    try:
+        arch = load_card(card).arch
+        model = provider_class(arch)(arch, MegatronLayout(), torch.float32, bitnet=True).provide()
+        linears = {n: m for n, m in model.named_modules() if hasattr(m, "bitnet_segment")}
+        with torch.no_grad():
+            for m in linears.values():
+                m.weight.copy_(m.weight.bfloat16())
+            in_fp32 = {n: m.quantized_weight(m.weight) for n, m in linears.items()}
+        wrapped = Float16Module(model.config.__class__(**{**vars(model.config), "bf16": True,
+                                                          "params_dtype": torch.bfloat16}), model)
+        with torch.no_grad():
+            # the same ternary values and scales, then the bf16 straight-through sum both sides compute
+            unequal = [n for n, m in linears.items()
+                       if not torch.equal(m.quantized_weight(m.weight), ternary.ste(m.weight, in_fp32[n].bfloat16()))]
+            tokens = torch.randint(0, arch.vocab_size, (1, 16))
+            logits = wrapped(tokens, None, None)
+        return {"linears": len(linears),
+                "buffer_dtypes": sorted({str(b.dtype) for m in linears.values() for n, b in m.named_buffers()
+                                         if n.startswith("bitnet_")}),
+                "unequal": unequal,
+                "finite": bool(torch.isfinite(logits).all()),
+                "param_dtypes": sorted({str(p.dtype) for p in model.parameters()})}
+    finally:
+        shutdown_distributed()
+
+
+@pytest.mark.parametrize("card", ["tiny-one-group", "tiny-llama-tied"])
+def test_bitnet_model_trains_in_bf16_as_megatron_lm_casts_it(card):
+    """Megatron-LM's bf16 training wraps the model in Float16Module, which casts floating buffers to bf16: the
+    per-HF-tensor counts behind each absmean scale are integer buffers, so they stay exact, and the quantized
+    weights equal fp32's on the same weights up to bf16 rounding of the result (an H200 run of a Falcon3-1.58bit
+    card failed here when the counts were fp64 buffers cast to bf16)."""
+    result = launch(bf16_bitnet_worker, 1, card)
+    assert result["linears"] > 0 and result["buffer_dtypes"] == ["torch.int64"], result
+    assert result["unequal"] == [], result
+    assert result["finite"] and result["param_dtypes"] == ["torch.bfloat16"], result

@@ -350,15 +350,16 @@ def is_bitnet_linear(arch: Arch, hf_name: str) -> bool:
 
 def bitnet_row_sources(rule: Rule, ctx: Ctx, tp_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For a BitNet linear's weight on one TP rank: which of the rule's HF tensors each local row comes from
-    (long [rows]), the weight each row's |W| counts with (1/copies, so replicated Mamba B/C rows count once), and
-    each HF tensor's element count — what per-HF-tensor absmean scales need, whatever TP fuses and splits."""
+    (long [rows]), how many copies of each row the rank's weight holds (long [rows]: replicated Mamba B/C rows
+    count once), and each HF tensor's element count (long) — what per-HF-tensor absmean scales need, whatever TP
+    fuses and splits."""
     shapes = [t.shape(ctx.arch) for t in rule.hf]
     rows = [s[0] for s in shapes]
     numel = torch.tensor([math.prod(s) for s in shapes])
     if rule.bitnet == ROW:  # TP splits the columns: every rank holds all rows, of one HF tensor
-        return torch.zeros(rows[0], dtype=torch.long), torch.ones(rows[0]), numel
+        return torch.zeros(rows[0], dtype=torch.long), torch.ones(rows[0], dtype=torch.long), numel
     local, copies = rule.transform.rank_rows(ctx, rows, tp_rank)
-    return torch.bucketize(local, torch.tensor(rows).cumsum(0), right=True), 1.0 / copies.double(), numel
+    return torch.bucketize(local, torch.tensor(rows).cumsum(0), right=True), copies.long(), numel
 
 
 def megatron_extra_state_keys(arch: Arch) -> list[str]:

@@ -46,23 +46,25 @@ def _all_reduce(t: torch.Tensor, group, op=torch.distributed.ReduceOp.SUM) -> to
 
 
 class _TernaryWeight:
-    """Per-row view of which HF tensor each local row belongs to: `segment` (long [rows]), `row_weight`
-    ([rows], 1/replicas), `numel` ([segments], elements of each whole HF tensor)."""
+    """Per-row view of which HF tensor each local row belongs to: `segment` (long [rows]), `copies` (long [rows]:
+    how many copies of the row the rank holds), `numel` (long [segments], elements of each whole HF tensor). Integer
+    buffers, so a bf16/fp16 cast of the model (Megatron-LM's Float16Module) leaves these counts exact."""
 
-    def set_segments(self, segment: torch.Tensor, row_weight: torch.Tensor, numel: torch.Tensor) -> None:
+    def set_segments(self, segment: torch.Tensor, copies: torch.Tensor, numel: torch.Tensor) -> None:
         device = self.weight.device
         self.register_buffer("bitnet_segment", segment.to(device), persistent=False)
-        # fp64 sums: the partial sums of each rank add up to the same scale, whatever the TP (fp32 sums in another
-        # order can move the scale by an ulp and flip the rounding of weights sitting on a .5 boundary)
-        self.register_buffer("bitnet_row_weight", row_weight.to(device, torch.float64), persistent=False)
-        self.register_buffer("bitnet_numel", numel.to(device, torch.float64), persistent=False)
+        self.register_buffer("bitnet_row_copies", copies.to(device, torch.long), persistent=False)
+        self.register_buffer("bitnet_numel", numel.to(device, torch.long), persistent=False)
 
     def quantized_weight(self, weight: torch.Tensor) -> torch.Tensor:
         assert hasattr(self, "bitnet_segment"), \
             "BitNet linear without row segments: build the model with its provider's provide()"
         with torch.no_grad():
-            abs_rows = weight.double().abs().reshape(weight.shape[0], -1).sum(1) * self.bitnet_row_weight
-            sums = torch.zeros_like(self.bitnet_numel).index_add_(0, self.bitnet_segment, abs_rows)
+            # fp64 sums: the partial sums of each rank add up to the same scale, whatever the TP (fp32 sums in
+            # another order can move the scale by an ulp and flip the rounding of weights sitting on a .5 boundary)
+            abs_rows = weight.double().abs().reshape(weight.shape[0], -1).sum(1) / self.bitnet_row_copies
+            sums = torch.zeros(self.bitnet_numel.shape, dtype=torch.float64, device=weight.device)
+            sums.index_add_(0, self.bitnet_segment, abs_rows)
             mean = _all_reduce(sums, self.tp_group) / self.bitnet_numel
             scale = (1.0 / mean.clamp_min(ternary.EPS))[self.bitnet_segment].unsqueeze(1).float()
         return ternary.ste(weight, ternary.weight_fake_quant(weight, scale))
