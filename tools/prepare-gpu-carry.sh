@@ -5,6 +5,8 @@
 # Triton kernels; its CUDA extensions are not built). Run it here, where PyPI is reachable, after `make venv`.
 #   tools/prepare-gpu-carry.sh           the above
 #   tools/prepare-gpu-carry.sh --conv    also causal-conv1d's source, to compile on the GPU host (fused Mamba path)
+#   tools/prepare-gpu-carry.sh --profile also py-spy's wheel (a sampling profiler that follows --workers' children;
+#                                        installed as /tmp/site/bin/py-spy by the preamble below)
 # Then carry ".gpu" and start the GPU command with (docs/VALIDATION.md shows whole commands):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl \
 #     && cp -r .gpu/site/. /tmp/site/ && export PYTHONPATH=/tmp/site:$PWD
@@ -29,7 +31,10 @@ fi
 # mamba_ssm/__init__ imports Mamba-1's compiled selective scan, which Mamba-2 never calls
 echo '"""Mamba-1 selective-scan extension: not built (falcon-bridge uses Mamba-2 Triton kernels only)."""' \
   > .gpu/site/selective_scan_cuda.py
-if [ "${1:-}" = "--conv" ] && ! ls .gpu/src/causal_conv1d-*.tar.gz >/dev/null 2>&1; then
+if [[ " $* " == *" --profile "* ]]; then
+  "$py" -m pip download -q --no-deps "${wheel_platform[@]}" --platform manylinux1_x86_64 -d .gpu/whl py-spy==0.4.3
+fi
+if [[ " $* " == *" --conv "* ]] && ! ls .gpu/src/causal_conv1d-*.tar.gz >/dev/null 2>&1; then
   CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE "$py" -m pip download -q --no-deps \
     --no-binary=:all: --no-build-isolation -d .gpu/src causal-conv1d==1.7.0
 fi
