@@ -201,3 +201,162 @@ def train_and_save_as_bridge(rank: int, root: str, tp: int, batches: list[torch.
             torch.save(mg.train_state(iteration), Path(out) / mg.TRAIN_STATE_FILE)
     finally:
         shutdown_distributed()
+
+
+# ---- provider-first live bridge (tests/test_live_provider.py) ------------------------------------------------
+def own_process_groups(tp: int, pp: int):
+    """Process groups of our own (not megatron's global parallel state) for a TP × PP model on every tp · pp
+    consecutive ranks, each laid out as megatron lays TP × PP out (rank = pp_rank · tp + tp_rank): what a framework
+    that runs trainer and rollout in separate groups passes."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    rank, size = torch.distributed.get_rank(), tp * pp
+    bases = range(0, torch.distributed.get_world_size(), size)
+
+    def mine(rank_lists):  # every rank creates every group, in the same order
+        groups = [torch.distributed.new_group(ranks) for ranks in rank_lists]
+        return next(g for g, ranks in zip(groups, rank_lists) if rank in ranks)
+
+    pipelines = [list(range(b + t, b + size, tp)) for b in bases for t in range(tp)]
+    alone = mine([[r] for r in range(torch.distributed.get_world_size())])  # no CP, one data-parallel replica
+    tensors = [list(range(b + p * tp, b + (p + 1) * tp)) for b in bases for p in range(pp)]
+    return ProcessGroupCollection(tp=mine(tensors), pp=mine(pipelines),
+                                  embd=mine([sorted({r[0], r[-1]}) for r in pipelines]), cp=alone, dp=alone,
+                                  dp_cp=alone)
+
+
+def differing(reference: dict, other: dict) -> list[str]:
+    """Names of the tensors of `reference` that `other` lacks or holds with another dtype or other values."""
+    return [k for k, v in reference.items() if isinstance(v, torch.Tensor)
+            and not (k in other and v.dtype == other[k].dtype and torch.equal(v, other[k]))]
+
+
+def provider_first_checks(rank: int, hf_dir: str, imported: str, tp: int, pp: int) -> dict | None:
+    """A provider-first model (provider settings changed before building, our own process groups, megatron's
+    global parallel state re-initialized for another layout first) loaded from HF, against import-hf +
+    dist_checkpointing.load's model: names of tensors that differ on any rank, and the settings the built model
+    runs with."""
+    from megatron.core import parallel_state as ps
+
+    from falcon_bridge.converters.live import load_hf_weights, provider_from_hf
+
+    provider, it_dir = provider_from_checkpoint(imported, tp=tp, pp=pp)
+    init_distributed(rank, tp * pp, tp, pp)
+    try:
+        from_files = load_model(provider, it_dir, torch.device("cpu")).state_dict()
+        # the global state now describes another layout (every rank a whole model, data parallel): the model
+        # below must take its layout and ranks from its own groups (megatron-core's tied output layer still reads
+        # the global data-parallel rank for a replica id, so some global state must exist)
+        ps.destroy_model_parallel()
+        ps.initialize_model_parallel()
+        groups = own_process_groups(tp, pp)
+        live_provider = provider_from_hf(hf_dir, pg_collection=groups)
+        live_provider.seq_length = 64
+        live_provider.run_settings |= {"recompute_granularity": "full", "recompute_method": "uniform",
+                                       "recompute_num_layers": 1}
+        model = live_provider.provide(pg_collection=groups)
+        load_hf_weights(model, hf_dir)
+        differ = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(differ, differing(from_files, model.state_dict()))
+        settings = (model.config.recompute_granularity, model.config.tensor_model_parallel_size,
+                    model.config.pipeline_model_parallel_size)
+        return {"differ": sorted({k for d in differ for k in d}), "settings": settings} if rank == 0 else None
+    finally:
+        shutdown_distributed()
+
+
+def _global_layer_names(state: dict, offset: int) -> dict:
+    """A chunk's state dict under global layer indices (its layers are offset.. in the whole model)."""
+    import re
+
+    return {re.sub(r"(decoder\.layers\.)(\d+)", lambda m: f"{m[1]}{int(m[2]) + offset}", k): v
+            for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def virtual_pipeline_checks(rank: int, hf_dir: str, batches: list[torch.Tensor]) -> dict | None:
+    """PP = 2 with 2 virtual stages per rank, each chunk under megatron's DDP before the load, against the whole
+    model (PP = 1) each rank builds over process groups of its own: the weights (chunks' tensors under global
+    layer names) that differ, whether loading kept every parameter's storage (DDP's buffers), and both models'
+    logits of `batches` (the chunks run by megatron's interleaved schedule)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from falcon_bridge.converters.live import load_hf_weights, provider_from_hf
+
+    init_distributed(rank, 2, 1, 2)
+    try:
+        alone = own_process_groups(1, 1)  # each rank a model of its own
+        whole = provider_from_hf(hf_dir, pg_collection=alone).provide(pg_collection=alone).eval()
+        load_hf_weights(whole, hf_dir)
+
+        provider = provider_from_hf(hf_dir, vpp=2)
+        chunks = [provider.provide(vp_stage=v) for v in range(2)]
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+        wrapped = [DistributedDataParallel(c.config, ddp_config, c) for c in chunks]
+        storage = [p.data_ptr() for c in chunks for p in c.parameters()]
+        load_hf_weights(wrapped, hf_dir)
+        kept_storage = storage == [p.data_ptr() for c in chunks for p in c.parameters()]
+        mine = {}
+        for v, c in enumerate(chunks):
+            mine |= _global_layer_names(c.state_dict(), provider.layout.chunk(provider.arch.num_layers, rank, v)[1])
+        everyone = [None] * 2
+        torch.distributed.all_gather_object(everyone, mine)
+        merged = everyone[0] | everyone[1]
+        differ = differing(whole.state_dict(), merged)
+
+        def forward_step(data_iterator, model):
+            tokens = next(data_iterator)
+            positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+            return model(tokens, positions, None), lambda output, non_loss_data=False: output
+
+        for c in wrapped:
+            c.eval()
+        logits = get_forward_backward_func(pp_size=2, vp_size=2)(
+            forward_step_func=forward_step, data_iterator=[iter(batches) for _ in wrapped], model=wrapped,
+            num_microbatches=len(batches), seq_length=batches[0].shape[1], micro_batch_size=batches[0].shape[0],
+            forward_only=True, collect_non_loss_data=True)
+        chunk_logits = [None] * 2
+        torch.distributed.all_gather_object(chunk_logits, [t.detach() for t in logits] if logits else None)
+        with torch.no_grad():
+            whole_logits = [whole(t, torch.arange(t.shape[1]).expand_as(t), None) for t in batches]
+        return {"differ": differ, "compared": len(whole.state_dict()), "kept_storage": kept_storage,
+                "chunk_logits": chunk_logits[1], "whole_logits": whole_logits} if rank == 0 else None
+    finally:
+        shutdown_distributed()
+
+
+def live_provider_misuse(rank: int, hf_dir: str, llama_dir: str, other_dir: str) -> list[str]:
+    """What provider-first misuse raises at PP = 2 (rank 0's messages, one per misuse): a chunk asked for without
+    its virtual stage, a layout unlike the process groups', virtual stages that do not split the layers, chunks of
+    two providers, a source of another family or architecture, and another µP treatment than the model's."""
+    from dataclasses import replace
+
+    from falcon_bridge.converters.live import load_hf_weights, provider_from_hf
+    from falcon_bridge.errors import BadInput
+
+    init_distributed(rank, 2, 1, 2)
+    seen = []
+
+    def refused(action) -> None:
+        try:
+            action()
+        except BadInput as e:
+            seen.append(str(e))
+        else:
+            seen.append("accepted")
+
+    try:
+        provider = provider_from_hf(hf_dir, vpp=2)
+        refused(lambda: provider.provide())
+        chunks = [provider.provide(vp_stage=v) for v in range(2)]
+        unlike = provider_from_hf(hf_dir, vpp=2)
+        unlike.layout = replace(unlike.layout, tp=2, pp=1, vpp=1)
+        refused(lambda: unlike.provide())
+        refused(lambda: provider_from_hf(hf_dir, vpp=3))
+        refused(lambda: load_hf_weights([chunks[0], provider_from_hf(hf_dir, vpp=2).provide(vp_stage=1)], hf_dir))
+        refused(lambda: load_hf_weights(chunks, llama_dir))
+        refused(lambda: load_hf_weights(chunks, other_dir))
+        refused(lambda: load_hf_weights(chunks, hf_dir, mup="fold"))
+        return seen
+    finally:
+        shutdown_distributed()

@@ -21,6 +21,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from falcon_bridge.converters.output import atomic_output_dir
 from falcon_bridge.core.choices import EXPORT_MAX_SHARD_BYTES, ExportFormat, MupExport, MupMode
 from falcon_bridge.core.hf_export import HFExport
 from falcon_bridge.core.mapping import COPY, VOCAB, Ctx, entries
-from falcon_bridge.core.parallel import MegatronLayout, stored_as_hf
+from falcon_bridge.core.parallel import stored_as_hf
 from falcon_bridge.errors import BadInput
 from falcon_bridge.formats.hf import (
     HFCheckpoint,
@@ -75,57 +76,123 @@ def _owners(arch) -> tuple[Ctx, dict]:
 
 
 # ---- HF → live model ------------------------------------------------------------------------------------------
-def model_from_hf(source: str | Path, mup: MupMode = MupMode.PRESERVE, bitnet: bool = False,
-                  params_dtype: torch.dtype | None = None, parallel_output: bool = True,
-                  device: torch.device | str | None = None):
-    """Our Megatron model (of the checkpoint's family) for this rank's TP/PP position, its weights read from an HF
-    directory or Hub id.
+def provider_from_hf(source: str | Path | HFCheckpoint, mup: MupMode = MupMode.PRESERVE, bitnet: bool = False,
+                     params_dtype: torch.dtype | None = None, pg_collection=None, vpp: int = 1):
+    """Our provider (of the checkpoint's family) for an HF directory, Hub id or opened checkpoint: the model it
+    builds is the one `load_hf_weights` fills. A training framework changes its settings before building —
+    `run_settings` (TransformerConfig fields: sequence_parallel, recompute_*, …), `seq_length`, the layout
+    (`lay_out_over(pg_collection, vpp)`) — then builds each model chunk with `provide(pp_rank, vp_stage,
+    parallel_output, pg_collection)`.
 
     mup: "preserve" (the model applies the multipliers) or "fold" (folded into the weights); bitnet: BitNet b1.58
-    linears (implied by a packed source); params_dtype: default the checkpoint's. Each rank reads only the map
-    entries whose tensors its stage holds.
+    linears (implied by a packed source); params_dtype: default the checkpoint's. The layout: TP and PP of
+    `pg_collection`'s groups, or of megatron's global parallel state when it is initialized (else TP = PP = 1),
+    with `vpp` virtual pipeline stages per pipeline rank.
     """
     from megatron.core import parallel_state as ps
 
     from falcon_bridge.core import mup as mup_rules
     from falcon_bridge.megatron.provider import provider_class
 
-    ckpt = HFCheckpoint(resolve_source(str(source)))
+    ckpt = _opened(source)
     arch = ckpt.arch.validate_for_megatron()
-    layout = MegatronLayout(tp=ps.get_tensor_model_parallel_world_size(),
-                            pp=ps.get_pipeline_model_parallel_world_size()).validate(arch)
     bitnet, _, _ = import_options(ckpt, mup, bitnet)
-    check_tensors(ckpt)
     applied = None  # a family without µP applies none
     if arch.has_mup:
         applied = mup_rules.folded_arch(arch).multipliers if mup == MupMode.FOLD else arch.multipliers
-    provider = provider_class(arch)(arch, layout, params_dtype or ckpt.tensors["model.embed_tokens.weight"].dtype,
+    provider = provider_class(arch)(arch, params_dtype=params_dtype or ckpt.tensors["model.embed_tokens.weight"].dtype,
                                     multipliers=applied, bitnet=bitnet)
-    model = provider.provide(parallel_output=parallel_output)
+    if pg_collection is not None or ps.model_parallel_is_initialized():
+        provider.lay_out_over(pg_collection, vpp)
+    elif vpp != 1:
+        provider.layout = replace(provider.layout, vpp=vpp).validate(arch)  # refused: virtual stages need PP > 1
+    return provider
+
+
+def model_from_hf(source: str | Path, mup: MupMode = MupMode.PRESERVE, bitnet: bool = False,
+                  params_dtype: torch.dtype | None = None, parallel_output: bool = True,
+                  device: torch.device | str | None = None):
+    """Our Megatron model (of the checkpoint's family) for this rank's TP/PP position (megatron's global parallel
+    state), its weights read from an HF directory or Hub id: `provider_from_hf` + `provide` + `load_hf_weights`
+    in one call. Each rank reads only the map entries whose tensors its stage holds.
+    """
+    ckpt = _opened(source)
+    model = provider_from_hf(ckpt, mup, bitnet, params_dtype).provide(parallel_output=parallel_output)
     if device is not None:
         model = model.to(device)
     load_hf_weights(model, ckpt, mup)
     return model
 
 
+def _opened(source: str | Path | HFCheckpoint) -> HFCheckpoint:
+    return source if isinstance(source, HFCheckpoint) else HFCheckpoint(resolve_source(str(source)))
+
+
+def _unwrap_all(models) -> list:
+    """Our model chunks (any family's) of a module or a list of them (virtual pipeline stages), each possibly
+    inside DDP / Float16Module wrappers."""
+    from falcon_bridge.megatron.language_model import HFLanguageModel
+
+    chunks = []
+    for model in models if isinstance(models, (list, tuple)) else [models]:
+        inner = model
+        while not isinstance(inner, HFLanguageModel) and hasattr(inner, "module"):
+            inner = inner.module
+        if not isinstance(inner, HFLanguageModel) or not hasattr(inner, "provider"):
+            raise BadInput(f"{type(model).__name__}: not a model built by falcon-bridge's provider")
+        chunks.append(inner)
+    if not chunks or any(c.provider is not chunks[0].provider for c in chunks):
+        raise BadInput("load_hf_weights takes the chunks one provider built (one or more)")
+    return chunks
+
+
+def _check_source(ckpt: HFCheckpoint, provider, mup: MupMode) -> None:
+    """The source holds the model the provider built, with the µP and BitNet treatment it was built for."""
+    arch = ckpt.arch
+    if type(arch) is not type(provider.arch):
+        raise BadInput(f"{ckpt.path}: a {arch.family} checkpoint, but the model is {provider.arch.family}")
+    if arch != provider.arch:
+        field = next(f.name for f in fields(arch) if getattr(arch, f.name) != getattr(provider.arch, f.name))
+        raise BadInput(f"{ckpt.path}: not the model's architecture: {field} is {getattr(arch, field)!r}, the "
+                       f"model's {getattr(provider.arch, field)!r}")
+    if mup != provider.mup_mode:
+        raise BadInput(f"mup {mup}: the model was built for mup {provider.mup_mode}")
+    bitnet, _, _ = import_options(ckpt, mup, provider.bitnet)
+    if bitnet != provider.bitnet:
+        raise BadInput(f"{ckpt.path}: a BitNet (packed) checkpoint, but the model was built without BitNet linears")
+    check_tensors(ckpt)
+
+
 @torch.no_grad()
-def load_hf_weights(model, ckpt: HFCheckpoint, mup: MupMode = MupMode.PRESERVE) -> None:
-    """Fill a model built by our provider from an HF checkpoint, the way dist_checkpointing.load fills it from a
-    torch_dist checkpoint: every shard of the model's sharded_state_dict gets its slice of the global tensor the map
-    makes of the HF tensors; factories merge their pieces back; vocabulary padding is zero."""
+def load_hf_weights(models, source: str | Path | HFCheckpoint, mup: MupMode | None = None) -> None:
+    """Fill a model built by our provider — one module or the list of its virtual pipeline chunks, each possibly
+    wrapped (megatron DDP, Float16Module) — from an HF directory, Hub id or opened checkpoint, the way
+    dist_checkpointing.load fills it from a torch_dist checkpoint: every shard of each chunk's sharded_state_dict
+    gets its slice of the global tensor the map makes of the HF tensors; factories merge their pieces back;
+    vocabulary padding is zero. Parameters are copied into in place (wrappers' buffers stay valid); an optimizer
+    built already keeps its own fp32 copies until told to reload them (megatron's reload_model_params).
+
+    mup: how the source relates to the model (default: what the provider was built for; a different one is
+    refused). Each rank reads only the entries its chunks hold, and of a tensor a shard is a slice of, that slice.
+    """
     from megatron.core.dist_checkpointing import ShardedObject
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
     from megatron.core.dist_checkpointing.mapping import apply_factory_merges
     from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
 
-    arch = model.provider.arch
+    chunks = _unwrap_all(models)
+    provider, ckpt = chunks[0].provider, _opened(source)
+    mup = provider.mup_mode if mup is None else mup
+    _check_source(ckpt, provider, mup)
+    arch = provider.arch
     ctx, owner = _owners(arch)
-    sharded, _, factories = load_preprocess(model.sharded_state_dict())
+    prepared = [load_preprocess(_sharded_state_dict(chunk)) for chunk in chunks]
     shards: dict = {}
-    for sh in _sharded_tensors(sharded):
-        entry, suffix = owner[sh.key]
-        shards.setdefault(entry, []).append((suffix, sh))
-    for entry in entries(arch):  # forward order; an entry this rank holds nothing of is never read
+    for sharded, _, _ in prepared:
+        for sh in _sharded_tensors(sharded):
+            entry, suffix = owner[sh.key]
+            shards.setdefault(entry, []).append((suffix, sh))
+    for entry in entries(arch):  # forward order; an entry no chunk holds anything of is never read
         if entry not in shards:
             continue
         if entry.transform in (COPY, VOCAB):  # the shard is a slice of the HF tensor: read just that slice
@@ -140,8 +207,16 @@ def load_hf_weights(model, ckpt: HFCheckpoint, mup: MupMode = MupMode.PRESERVE) 
             region = _region(sh)
             _fill(sh, region, pieces[suffix][region])
         del hf, pieces
-    loaded = dict_list_map_inplace(lambda x: None if isinstance(x, ShardedObject) else x.data, sharded)
-    model.load_state_dict(apply_factory_merges(loaded, factories))
+    for chunk, (sharded, _, factories) in zip(chunks, prepared):
+        loaded = dict_list_map_inplace(lambda x: None if isinstance(x, ShardedObject) else x.data, sharded)
+        chunk.load_state_dict(apply_factory_merges(loaded, factories))
+
+
+def _sharded_state_dict(chunk) -> dict:
+    """A chunk's sharded_state_dict, over its own data-parallel group when its process groups name one (megatron
+    reads the global parallel state's otherwise, which a model built over a framework's groups may not have)."""
+    dp_cp = chunk.pg_collection.dp_cp
+    return chunk.sharded_state_dict(metadata=None if dp_cp is None else {"dp_cp_group": dp_cp})
 
 
 def _fill(sh, region: tuple[slice, ...], values: torch.Tensor) -> None:

@@ -24,6 +24,9 @@ class MegatronLayout:
     tp: int = 1
     pp: int = 1
     pp_layers: tuple[int, ...] | None = None  # layers per pipeline stage; None = even split
+    # Virtual pipeline stages per pipeline rank (megatron's interleaved schedule): each stage's layers split evenly
+    # into vpp model chunks, chunk vp_stage·pp + pp_rank holding the next run of layers (see `chunk`).
+    vpp: int = 1
     vocab_divisible_by: int = VOCAB_DIVISIBLE_BY
     allow_group_replication: bool = True
     # What a checkpoint file stores (read off its shapes, or stored_as_hf); None = what this TP runs with.
@@ -52,13 +55,22 @@ class MegatronLayout:
             return self.pp_layers
         return (num_layers // self.pp,) * self.pp
 
-    def stage_offset(self, num_layers: int, stage: int) -> int:
-        return sum(self.stage_layers(num_layers)[:stage])
+    def chunk(self, num_layers: int, pp_rank: int, vp_stage: int = 0) -> tuple[int, int]:
+        """(layers, global index of the first) of the model chunk at (pp_rank, vp_stage). Megatron interleaves
+        chunks: pipeline rank r runs chunks r, pp + r, 2·pp + r, …, so with vpp > 1 a rank's layers are not one run
+        (megatron-core's get_transformer_layer_offset numbers them so)."""
+        stages = self.stage_layers(num_layers)
+        layers = [stages[r] // self.vpp for _ in range(self.vpp) for r in range(self.pp)]
+        index = vp_stage * self.pp + pp_rank
+        return layers[index], sum(layers[:index])
 
     def validate(self, arch: Arch) -> MegatronLayout:
         tp, pp = self.tp, self.pp
-        if tp < 1 or pp < 1:
-            raise BadInput(f"--tp/--pp must be ≥ 1, got tp={tp} pp={pp}")
+        if tp < 1 or pp < 1 or self.vpp < 1:
+            raise BadInput(f"--tp/--pp and virtual pipeline stages must be ≥ 1, got tp={tp} pp={pp} vpp={self.vpp}")
+        if self.vpp > 1 and pp == 1:
+            raise BadInput(f"virtual pipeline stages (vpp={self.vpp}) need a pipeline (pp > 1), as megatron's "
+                           "interleaved schedule does")
         heads = [("num_attention_heads", arch.num_heads)]
         if arch.has_mamba:
             heads.append(("mamba_n_heads", arch.mamba_n_heads))
@@ -75,6 +87,11 @@ class MegatronLayout:
         elif arch.num_layers % pp:
             raise BadInput(f"--pp {pp} does not divide num_hidden_layers ({arch.num_layers}); "
                            "pass --pp-layers for an uneven split")
+        uneven = [n for n in self.stage_layers(arch.num_layers) if n % self.vpp]
+        if uneven:
+            raise BadInput(f"{self.vpp} virtual pipeline stages per rank: the layers of each pipeline stage "
+                           f"({', '.join(map(str, self.stage_layers(arch.num_layers)))} of num_hidden_layers "
+                           f"{arch.num_layers}) must split into {self.vpp} equal non-empty model chunks")
         groups = self.mamba_groups(arch)
         if arch.has_mamba and groups != arch.mamba_n_groups:
             if not self.allow_group_replication:

@@ -45,6 +45,8 @@ class SDPAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale  # None: 1/sqrt(head_dim), as HF's Falcon-H1
+        # megatron's sharded_state_dict asks a module without a tp_group for the global parallel state's
+        self.tp_group = pg_collection.tp if pg_collection is not None else None
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):

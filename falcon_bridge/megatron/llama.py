@@ -13,8 +13,31 @@ What GPTModel does not do as HF does comes from HFLanguageModel (language_model.
 from __future__ import annotations
 
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.enums import LayerType
+from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
 
 from falcon_bridge.megatron.language_model import HFLanguageModel
+
+
+class RankPipelineLayout(PipelineParallelLayerLayout):
+    """megatron-core's pipeline layout (chunks of layers in its interleaved order), answering for pipeline rank
+    `pp_rank` when asked without one. megatron-core asks its layout for a chunk's layer count and offset without
+    the rank, which it then reads off the global parallel state, and takes vp_stage as 0 unless that state has
+    virtual stages: a model built over its own process groups (a pg_collection) would number its layers as some
+    other rank's."""
+
+    def __init__(self, layout: list, pipeline_model_parallel_size: int, pp_rank: int):
+        super().__init__(layout, pipeline_model_parallel_size)
+        self.pp_rank = pp_rank
+
+    def get_num_layers_to_build(self, layer_type=LayerType.decoder, vp_stage=None, pp_rank=None):
+        return self.layout[self.pp_rank if pp_rank is None else pp_rank][vp_stage or 0].count(layer_type)
+
+    def get_layer_offset(self, layer_type=LayerType.decoder, vp_stage=None, pp_rank=None):
+        """The layers of `layer_type` in every chunk before (pp_rank, vp_stage) in the interleaved order."""
+        pp_rank, vp_stage = self.pp_rank if pp_rank is None else pp_rank, vp_stage or 0
+        return sum(self.layout[r][v].count(layer_type) for v in range(vp_stage + 1)
+                   for r in range(self.pipeline_model_parallel_size if v < vp_stage else pp_rank))
 
 
 class LlamaModel(HFLanguageModel, GPTModel):

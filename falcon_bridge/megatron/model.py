@@ -423,8 +423,9 @@ class FalconH1Model(HFLanguageModel, LanguageModule):
                  max_sequence_length: int, stage_layers: int, layer_offset: int, pre_process: bool = True,
                  post_process: bool = True, parallel_output: bool = True,
                  share_embeddings_and_output_weights: bool = False, rotary_base: float = 1e11,
-                 unpadded_vocab_size: int | None = None, pg_collection=None):
+                 unpadded_vocab_size: int | None = None, pg_collection=None, vp_stage: int | None = None):
         super().__init__(config=config, pg_collection=pg_collection)
+        self.vp_stage = vp_stage  # the virtual pipeline stage (None: none), before the tied embedding is set up
         self.pre_process, self.post_process = pre_process, post_process
         self.parallel_output = parallel_output
         self.share_embeddings_and_output_weights = share_embeddings_and_output_weights

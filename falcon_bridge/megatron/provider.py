@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -15,6 +15,7 @@ from falcon_bridge.core.choices import MupMode
 from falcon_bridge.core.config import Arch, FalconH1Arch, Multipliers
 from falcon_bridge.core.llama import LlamaArch
 from falcon_bridge.core.parallel import MegatronLayout
+from falcon_bridge.errors import BadInput
 
 
 def have_transformer_engine() -> bool:
@@ -24,6 +25,30 @@ def have_transformer_engine() -> bool:
 def have_causal_conv1d_cuda() -> bool:
     """mamba-ssm's fused training kernel needs causal-conv1d's compiled CUDA extension."""
     return importlib.util.find_spec("causal_conv1d_cuda") is not None
+
+
+def _groups(pg_collection):
+    """(process groups, TP group, PP group): megatron's global parallel state's when pg_collection is None."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    if pg_collection is None:
+        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    return pg_collection, pg_collection.tp, pg_collection.pp
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One model chunk to build: its process groups, pipeline rank, virtual stage (None without virtual stages, as
+    megatron-core takes it), its layers and the global index of the first, and whether it holds the embedding
+    (pre_process) and the output layer (post_process)."""
+
+    pg_collection: object
+    pp_rank: int
+    vp_stage: int | None
+    layers: int
+    layer_offset: int
+    pre_process: bool
+    post_process: bool
 
 
 @dataclass
@@ -71,6 +96,7 @@ class ModelProvider:
             persist_layer_norm=False,
             tensor_model_parallel_size=lay.tp,
             pipeline_model_parallel_size=lay.pp,
+            virtual_pipeline_model_parallel_size=lay.vpp if lay.vpp > 1 else None,
             pipeline_dtype=self.params_dtype,
             params_dtype=self.params_dtype,
             bf16=self.params_dtype == torch.bfloat16,
@@ -108,16 +134,35 @@ class ModelProvider:
 
         return HFRMSNorm, ColumnParallelLinear, RowParallelLinear, NormColumnParallelLinear, SDPAttention
 
-    def _stage(self, pp_rank: int | None, pg_collection):
-        """(pipeline rank, process groups): megatron's parallel state's unless given."""
-        from megatron.core import parallel_state
-        from megatron.core.process_groups_config import ProcessGroupCollection
+    def lay_out_over(self, pg_collection=None, vpp: int = 1) -> ModelProvider:
+        """Set the layout to the TP and PP sizes of `pg_collection`'s groups (megatron's global parallel state's
+        when None), with `vpp` virtual pipeline stages per pipeline rank; an uneven PP split (pp_layers) is kept
+        when the PP size stays. Returns the provider."""
+        tp, pp = (g.size() for g in _groups(pg_collection)[1:3])
+        pp_layers = self.layout.pp_layers if pp == self.layout.pp else None
+        self.layout = replace(self.layout, tp=tp, pp=pp, vpp=vpp, pp_layers=pp_layers).validate(self.arch)
+        return self
 
-        if pp_rank is None:
-            pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-        if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
-        return pp_rank, pg_collection
+    def _stage(self, pp_rank: int | None, vp_stage: int | None, pg_collection) -> Stage:
+        """The model chunk `provide` builds: pipeline rank (pg_collection's PP rank when None) and virtual stage of
+        the layout, over process groups that match it."""
+        pg_collection, tp, pp = _groups(pg_collection)
+        lay = self.layout
+        if (tp.size(), pp.size()) != (lay.tp, lay.pp):
+            raise BadInput(f"the provider is laid out for TP {lay.tp}, PP {lay.pp} but the process groups are TP "
+                           f"{tp.size()}, PP {pp.size()}: call provider.lay_out_over(pg_collection) first")
+        pp_rank = pp.rank() if pp_rank is None else pp_rank
+        if vp_stage is None and lay.vpp > 1:
+            raise BadInput(f"the layout has {lay.vpp} virtual pipeline stages: provide() builds one chunk per call, "
+                           "pass vp_stage")
+        vp_stage = vp_stage or 0
+        if not (0 <= pp_rank < lay.pp and 0 <= vp_stage < lay.vpp):
+            raise BadInput(f"pp_rank {pp_rank}, vp_stage {vp_stage}: outside the layout (PP {lay.pp}, "
+                           f"{lay.vpp} virtual stages)")
+        layers, offset = lay.chunk(self.arch.num_layers, pp_rank, vp_stage)
+        return Stage(pg_collection, pp_rank, vp_stage if lay.vpp > 1 else None, layers, offset,
+                     pre_process=pp_rank == 0 and vp_stage == 0,
+                     post_process=pp_rank == lay.pp - 1 and vp_stage == lay.vpp - 1)
 
     def _finish(self, model, pg_collection):
         """The built stage, told what it needs of the provider: BitNet's per-HF-tensor row segments (each linear
@@ -207,21 +252,23 @@ class FalconH1ModelProvider(ModelProvider):
         ))
 
     # ---- the model -------------------------------------------------------------------------------------------
-    def provide(self, pp_rank: int | None = None, parallel_output: bool = True, pg_collection=None):
-        """Build this process's pipeline stage (needs megatron's model-parallel state initialized)."""
+    def provide(self, pp_rank: int | None = None, vp_stage: int | None = None, parallel_output: bool = True,
+                pg_collection=None):
+        """Build the model chunk of pipeline rank `pp_rank` (this process's when None) and virtual stage
+        `vp_stage` (one call per chunk when the layout has virtual stages) over `pg_collection`'s process groups
+        (megatron's global parallel state's when None)."""
         from falcon_bridge.megatron.model import FalconH1Model
 
         a, lay = self.arch, self.layout
-        pp_rank, pg_collection = self._stage(pp_rank, pg_collection)
+        stage = self._stage(pp_rank, vp_stage, pg_collection)
         norm = self._backend()[0]
         model = FalconH1Model(
             self.transformer_config(), self.layer_spec(), norm, vocab_size=lay.padded_vocab(a),
-            max_sequence_length=self.seq_length, stage_layers=lay.stage_layers(a.num_layers)[pp_rank],
-            layer_offset=lay.stage_offset(a.num_layers, pp_rank), pre_process=pp_rank == 0,
-            post_process=pp_rank == lay.pp - 1, parallel_output=parallel_output,
+            max_sequence_length=self.seq_length, stage_layers=stage.layers, layer_offset=stage.layer_offset,
+            pre_process=stage.pre_process, post_process=stage.post_process, parallel_output=parallel_output,
             share_embeddings_and_output_weights=a.tie_word_embeddings, rotary_base=a.rope_theta,
-            unpadded_vocab_size=a.vocab_size, pg_collection=pg_collection)
-        return self._finish(model, pg_collection)
+            unpadded_vocab_size=a.vocab_size, pg_collection=stage.pg_collection, vp_stage=stage.vp_stage)
+        return self._finish(model, stage.pg_collection)
 
 
 @dataclass
@@ -236,17 +283,23 @@ class LlamaModelProvider(ModelProvider):
         """Llama has no µP multipliers: nothing is folded."""
         return MupMode.PRESERVE
 
-    def transformer_config(self):
+    def transformer_config(self, pp_rank: int = 0):
+        """The config of pipeline rank `pp_rank`'s chunks."""
         from megatron.core.transformer.transformer_config import TransformerConfig
 
+        from falcon_bridge.megatron.llama import RankPipelineLayout
+
         architecture = self._architecture_config()
-        if self.layout.pp > 1:
-            # megatron's TransformerBlock counts and numbers its stage's layers itself: the layout's split (even
-            # or --pp-layers), in its terms
-            stages = [["decoder"] * n for n in self.layout.stage_layers(self.arch.num_layers)]
-            stages[0].insert(0, "embedding")
-            stages[-1].append("loss")
-            architecture["pipeline_model_parallel_layout"] = stages
+        lay = self.layout
+        if lay.pp > 1:
+            # megatron's TransformerBlock numbers its chunk's layers itself: the layout's split (even or
+            # --pp-layers, each stage's layers split over its virtual stages), in its terms, chunk by chunk in its
+            # interleaved order
+            chunks = [["decoder"] * lay.chunk(self.arch.num_layers, r, v)[0] for v in range(lay.vpp)
+                      for r in range(lay.pp)]
+            chunks[0].insert(0, "embedding")
+            chunks[-1].append("loss")
+            architecture["pipeline_model_parallel_layout"] = RankPipelineLayout(chunks, lay.pp, pp_rank)
         return TransformerConfig(**(architecture | self.run_settings))
 
     def layer_spec(self):
@@ -268,24 +321,30 @@ class LlamaModelProvider(ModelProvider):
             mlp_bda=get_bias_dropout_add,
         ))
 
-    def provide(self, pp_rank: int | None = None, parallel_output: bool = True, pg_collection=None):
-        """Build this process's pipeline stage (needs megatron's model-parallel state initialized)."""
+    def provide(self, pp_rank: int | None = None, vp_stage: int | None = None, parallel_output: bool = True,
+                pg_collection=None):
+        """Build the model chunk of pipeline rank `pp_rank` (this process's when None) and virtual stage
+        `vp_stage` (one call per chunk when the layout has virtual stages) over `pg_collection`'s process groups
+        (megatron's global parallel state's when None)."""
         from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
         from falcon_bridge.megatron.llama import LlamaModel
 
         a, lay = self.arch, self.layout
-        pp_rank, pg_collection = self._stage(pp_rank, pg_collection)
-        # TransformerBlock builds the stage of its process group's pipeline rank
-        assert pp_rank == pg_collection.pp.rank(), "a Llama stage is built on its own pipeline rank"
-        block = TransformerBlockSubmodules(layer_specs=[self.layer_spec()] * lay.stage_layers(a.num_layers)[pp_rank],
+        stage = self._stage(pp_rank, vp_stage, pg_collection)
+        # TransformerBlock asks its PP group for the rank whose layers it numbers
+        if stage.pp_rank != stage.pg_collection.pp.rank():
+            raise BadInput(f"pp_rank {stage.pp_rank}: a Llama chunk is built on its own pipeline rank "
+                           f"({stage.pg_collection.pp.rank()})")
+        block = TransformerBlockSubmodules(layer_specs=[self.layer_spec()] * stage.layers,
                                            layer_norm=self._backend()[0])
         model = LlamaModel(
-            self.transformer_config(), block, vocab_size=lay.padded_vocab(a), max_sequence_length=self.seq_length,
-            pre_process=pp_rank == 0, post_process=pp_rank == lay.pp - 1, parallel_output=parallel_output,
-            share_embeddings_and_output_weights=a.tie_word_embeddings, position_embedding_type="rope",
-            rotary_base=a.rope_theta, pg_collection=pg_collection, unpadded_vocab_size=a.vocab_size)
-        return self._finish(model, pg_collection)
+            self.transformer_config(stage.pp_rank), block, vocab_size=lay.padded_vocab(a),
+            max_sequence_length=self.seq_length, pre_process=stage.pre_process, post_process=stage.post_process,
+            parallel_output=parallel_output, share_embeddings_and_output_weights=a.tie_word_embeddings,
+            position_embedding_type="rope", rotary_base=a.rope_theta, pg_collection=stage.pg_collection,
+            vp_stage=stage.vp_stage, unpadded_vocab_size=a.vocab_size)
+        return self._finish(model, stage.pg_collection)
 
 
 PROVIDERS: dict[str, type[ModelProvider]] = {FalconH1Arch.family: FalconH1ModelProvider,
