@@ -225,6 +225,40 @@ def test_autobitlinear_checkpoints_read_as_transformers_runs_them(tmp_path):
     assert all(torch.equal(c.get(k), d.get(k)) for k in c.tensors)
 
 
+def test_packed_autobitlinear_export_is_what_transformers_autobitlinear_offline_reads(tmp_path):
+    """`--format packed-autobitlinear`: the bytes `--format packed` writes, but weight_scale = mean|W| (what
+    AutoBitLinear offline multiplies by) and config.json naming that class; transformers builds AutoBitLinear layers
+    with the bitlinear export's logits, and the checkpoint survives import (TP=2) → export byte for byte."""
+    from transformers import AutoModelForCausalLM
+
+    # fp32: transformers 5.24 refuses to run a bf16 autobitlinear checkpoint loaded as fp32 (its unpacked weight
+    # stays bf16), and compares the two classes best at fp32 noise
+    create_random(CreateRandomOptions(load_card("tiny-llama"), tmp_path / "hf", seed=4, dtype=torch.float32))
+    import_hf(ImportOptions(str(tmp_path / "hf"), tmp_path / "mg", MegatronLayout(), bitnet=True))
+    for fmt in ("packed", "packed-autobitlinear"):
+        export_hf(ExportOptions(tmp_path / "mg", tmp_path / fmt, fmt=fmt))
+    quantization = json.loads((tmp_path / "packed-autobitlinear" / "config.json").read_text())["quantization_config"]
+    assert quantization["linear_class"] == "autobitlinear" and quantization["quantization_mode"] == "offline"
+    bitlinear, auto = hf_tensors(tmp_path / "packed"), hf_tensors(tmp_path / "packed-autobitlinear")
+    assert bitlinear.keys() == auto.keys()
+    for name in bitlinear:
+        if name.endswith("weight_scale"):  # reciprocals, each rounded once
+            assert torch.allclose(auto[name] * bitlinear[name], torch.ones(1), rtol=1e-6), name
+        else:
+            assert torch.equal(auto[name], bitlinear[name]), name
+    tokens = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for fmt in ("packed", "packed-autobitlinear"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / fmt, dtype=torch.float32)
+        logits[fmt] = model(tokens).logits.detach()
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "AutoBitLinear"
+    ok, report = bitnet_agree(logits["packed"], logits["packed-autobitlinear"])
+    assert ok, report
+    import_hf(ImportOptions(str(tmp_path / "packed-autobitlinear"), tmp_path / "mg2", MegatronLayout(tp=2)))
+    export_hf(ExportOptions(tmp_path / "mg2", tmp_path / "again", fmt="packed-autobitlinear"))
+    assert_bit_identical(tmp_path / "packed-autobitlinear", tmp_path / "again")
+
+
 def readme_falcon_e_example() -> list[str]:
     text = (Path(__file__).parents[1] / "README.md").read_text()
     return text.split("<!-- falcon-e-example", 1)[1].split("```", 2)[1].strip().splitlines()

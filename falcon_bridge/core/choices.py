@@ -25,8 +25,9 @@ class ExportFormat(StrEnum):
     """How export-hf writes a BitNet checkpoint's linears."""
 
     LATENT = "latent"  # the full-precision weights training updates
-    PACKED = "packed"  # transformers' bitnet format: uint8 ternary + weight_scale
+    PACKED = "packed"  # transformers' bitnet format: uint8 ternary + weight_scale (BitLinear: 1/mean|W|)
     DEQUANTIZED = "dequantized"  # ternary × scale in the checkpoint dtype
+    PACKED_AUTOBITLINEAR = "packed-autobitlinear"  # the same bytes for AutoBitLinear, offline: weight_scale = mean|W|
 
 
 class DType(StrEnum):

@@ -1,12 +1,12 @@
 """What an HF export writes for each HF tensor of the map: µP unfolded or kept folded, BitNet linears latent, packed
-(transformers' bitnet format: uint8 ternary + weight_scale) or dequantized, in the target dtype. Shared by the file
-path (export-hf) and the live path (a running model's weights), so both write the same bytes. Pure."""
+(transformers' bitnet format: uint8 ternary + weight_scale, for its BitLinear or its AutoBitLinear) or dequantized,
+in the target dtype. Shared by the file path (export-hf) and the live path (a running model's weights), so both write
+the same bytes. Pure."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -14,8 +14,12 @@ from falcon_bridge.core import mup, ternary
 from falcon_bridge.core.choices import ExportFormat, MupExport, MupMode, one_of
 from falcon_bridge.core.config import Arch
 from falcon_bridge.core.mapping import is_bitnet_linear
-from falcon_bridge.core.packed_ternary import DEFAULT_PACKED_FORMAT, BitLinearFormat
+from falcon_bridge.core.packed_ternary import DEFAULT_PACKED_FORMAT, PACKED_FORMATS, BitLinearFormat
 from falcon_bridge.errors import BadInput
+
+# the packed formats export-hf writes: transformers' default class, and AutoBitLinear offline
+PACKINGS = {ExportFormat.PACKED: DEFAULT_PACKED_FORMAT,
+            ExportFormat.PACKED_AUTOBITLINEAR: PACKED_FORMATS["autobitlinear"]}
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,6 @@ class HFExport:
     dtype_of: Callable[[str], torch.dtype]
     mup_export: MupExport = MupExport.UNFOLD
     fmt: ExportFormat = ExportFormat.LATENT
-    packing: ClassVar[BitLinearFormat] = DEFAULT_PACKED_FORMAT  # the format `--format packed` writes
 
     def __post_init__(self):
         for flag, value, choices in (("--mup", self.mup_export, MupExport), ("--format", self.fmt, ExportFormat)):
@@ -52,12 +55,17 @@ class HFExport:
         return mup.folded_arch(self.arch) if self.mup_mode == MupMode.FOLD and not self.unfolding else self.arch
 
     @property
+    def packing(self) -> BitLinearFormat | None:
+        """The packed format the BitNet linears are written in; None when they are not packed."""
+        return PACKINGS.get(self.fmt)
+
+    @property
     def config_extra(self) -> dict | None:
-        return {"quantization_config": self.packing.quantization_config} if self.fmt == ExportFormat.PACKED else None
+        return {"quantization_config": self.packing.quantization_config} if self.packing else None
 
     def layout(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """(name, shape, dtype) of what is written for one HF tensor."""
-        if self.fmt == ExportFormat.PACKED and is_bitnet_linear(self.arch, name):
+        if self.packing and is_bitnet_linear(self.arch, name):
             return self.packing.stored(name, shape, self.dtype_of(name))
         return [(name, shape, self.dtype_of(name))]
 
@@ -66,7 +74,7 @@ class HFExport:
         dtype = self.dtype_of(name)
         if self.unfolding:  # never with BitNet: import refuses --mup fold with --bitnet
             return [(name, mup.unfold(self.arch, name, tensor, dtype))]  # one rounding
-        if self.fmt == ExportFormat.PACKED and is_bitnet_linear(self.arch, name):
+        if self.packing and is_bitnet_linear(self.arch, name):
             return self.packing.pack(name, tensor, dtype)
         if self.fmt == ExportFormat.DEQUANTIZED and is_bitnet_linear(self.arch, name):
             return [(name, ternary.weight_fake_quant(tensor.float()).to(dtype))]
