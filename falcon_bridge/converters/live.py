@@ -8,20 +8,23 @@ the weights `import-hf` + `dist_checkpointing.load` give, and `hf_weights` the b
 `export-hf` give.
 
 Every rank of the model-parallel group calls these functions (megatron's parallel state initialized, as in
-training). `hf_weights` yields the same HF tensors on every rank, one map entry at a time: each global tensor is
-assembled by a sum-all-reduce of the ranks' main-replica shards (other ranks add zeros), so a rank holds at most one
-entry's global tensors beyond its own shards.
+training). Export goes through a transfer plan (`transfer_plan`: every HF tensor's name, shape, dtype, owning
+pipeline stage and bytes, and which rank holds the main copy of each shard; made once, reused across refit steps):
+`export_hf_weights` yields the same HF tensors on every rank, bucket by bucket — the main copies packed into one flat
+buffer, broadcast from the stage that holds them, all-gathered within the TP group — with the next bucket in flight
+while the current one is transformed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
-from dataclasses import fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -30,9 +33,9 @@ from falcon_bridge.converters.import_hf import check_tensors, folded_if, import_
 from falcon_bridge.converters.output import atomic_output_dir
 from falcon_bridge.core.choices import EXPORT_MAX_SHARD_BYTES, ExportFormat, MupExport, MupMode
 from falcon_bridge.core.hf_export import HFExport
-from falcon_bridge.core.mapping import COPY, VOCAB, Ctx, entries
+from falcon_bridge.core.mapping import COPY, VOCAB, Ctx, Entry, entries
 from falcon_bridge.core.parallel import stored_as_hf
-from falcon_bridge.errors import BadInput
+from falcon_bridge.errors import BadInput, shown
 from falcon_bridge.formats.hf import (
     HFCheckpoint,
     ShardedSafetensorsWriter,
@@ -226,16 +229,185 @@ def _fill(sh, region: tuple[slice, ...], values: torch.Tensor) -> None:
 
 
 # ---- live model → HF ------------------------------------------------------------------------------------------
-def _unwrap(model):
-    """Our model (any family's) inside DDP / Float16Module wrappers."""
-    from falcon_bridge.megatron.language_model import HFLanguageModel
+# Pieces start at multiples of this many bytes in a bucket's flat buffer, so any dtype can view its piece.
+_ALIGN = 16
+DEFAULT_BUCKET_BYTES = 256 * 2**20
 
-    inner = model
-    while not isinstance(inner, HFLanguageModel) and hasattr(inner, "module"):
-        inner = inner.module
-    if not isinstance(inner, HFLanguageModel) or not hasattr(inner, "provider"):
-        raise BadInput(f"{type(model).__name__}: not a model built by falcon-bridge's provider")
-    return inner
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One HF tensor an export yields: its name, shape and dtype, the pipeline rank (`stage`) whose model chunk
+    `chunk` (index in that rank's model list: its virtual pipeline stage) holds its main copy, and its bytes."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    stage: int
+    chunk: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One region of one of an entry's Megatron tensors (key suffix), sent by the TP rank of the owning stage that
+    holds its main copy."""
+
+    suffix: str
+    region: tuple[slice, ...]
+    tp_rank: int
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(r.stop - r.start for r in self.region)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True, eq=False)
+class _EntryPlan:
+    """One map entry: where its pieces come from, what this rank sends and holds copies of, what it yields."""
+
+    entry: Entry
+    stage: int
+    shapes: dict[str, tuple[int, ...]]  # key suffix → global (stored) shape
+    pieces: tuple[_Piece, ...]
+    sends: dict[int, torch.Tensor]  # piece index → this rank's main copy of it (a view of a parameter)
+    copies: tuple[tuple[int, torch.Tensor], ...]  # (piece index, another copy of it this rank holds)
+    copied: bool  # some rank of the group holds another copy: the entry's drift is reported
+    outputs: tuple[PlannedTensor, ...]  # what it yields (all, or a filter's selection)
+
+    def slot_bytes(self, tp: int) -> list[int]:
+        """Bytes each TP rank's slot of a bucket needs for this entry."""
+        sizes = [0] * tp
+        for p in self.pieces:
+            sizes[p.tp_rank] += _aligned(p.nbytes)
+        return sizes
+
+
+@dataclass(frozen=True, eq=False)
+class _Bucket:
+    """Consecutive entries of one owning stage sent in one flat byte buffer: TP rank t's pieces in slot t (bytes
+    [t·slot, (t+1)·slot)); `offsets[i][j]` is where entry i's piece j starts in the gathered buffer."""
+
+    stage: int
+    slot: int
+    entries: tuple[_EntryPlan, ...]
+    offsets: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True, eq=False)
+class TransferPlan:
+    """What an export of a live model yields (`tensors`: name, shape, dtype, owning pipeline rank and chunk, bytes;
+    map order) and how each rank takes part, computed once by `transfer_plan` and reused by `export_hf_weights`
+    across refit steps. It holds views of the model's parameters (the shards of its sharded_state_dict), so it is
+    valid while the parameters keep their storage: training steps update them in place and need no new plan; a
+    model whose parameters were reallocated (moved to another device, offloaded and reloaded, wrapped in megatron
+    DDP after planning) needs a new plan, and export refuses the stale one. `fingerprint`: architecture, layout and
+    export policy."""
+
+    tensors: tuple[PlannedTensor, ...]
+    fingerprint: str
+    _model: str
+    _policy: HFExport
+    _ctx: Ctx
+    _entries: tuple[_EntryPlan, ...]
+    _storage: tuple[int, ...]  # the parameters' data pointers when planned
+    _tp: int
+    _buckets: dict = field(default_factory=dict, repr=False)  # bucket_bytes → buckets, made on first use
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def filter(self, select: Iterable[str] | Callable[[str], bool]) -> TransferPlan:
+        """The plan for some of the tensors: HF names (each must be in the plan) or a predicate on names. Every
+        rank must select the same tensors."""
+        if callable(select):
+            chosen = {t.name for t in self.tensors if select(t.name)}
+        else:
+            chosen = set(select)
+            unknown = chosen - {t.name for t in self.tensors}
+            if unknown:
+                raise BadInput(f"not in the transfer plan: {shown(sorted(unknown))}")
+        kept = []
+        for ep in self._entries:
+            outputs = tuple(t for t in ep.outputs if t.name in chosen)
+            if outputs:
+                kept.append(replace(ep, outputs=outputs))
+        return replace(self, tensors=tuple(t for ep in kept for t in ep.outputs), _entries=tuple(kept),
+                       _buckets={})
+
+    @property
+    def min_bucket_bytes(self) -> int:
+        """The smallest bucket_bytes export takes: what the largest map entry takes in a bucket (its TP ranks'
+        shares, each padded to the largest)."""
+        return max((self._tp * max(ep.slot_bytes(self._tp)) for ep in self._entries), default=0)
+
+    def buckets(self, bucket_bytes: int) -> list[_Bucket]:
+        """The entries cut into buckets of at most `bucket_bytes` gathered bytes, each from one pipeline stage."""
+        if bucket_bytes not in self._buckets:
+            self._buckets[bucket_bytes] = self._cut(bucket_bytes)
+        return self._buckets[bucket_bytes]
+
+    def _cut(self, bucket_bytes: int) -> list[_Bucket]:
+        tp = self._tp
+        if self.min_bucket_bytes > bucket_bytes:
+            largest = max(self._entries, key=lambda ep: max(ep.slot_bytes(tp)))
+            raise BadInput(f"bucket_bytes {bucket_bytes}: below the {self.min_bucket_bytes} bytes that "
+                           f"{largest.entry.hf[0]}, the largest tensor, takes in a bucket")
+        groups: list[list[_EntryPlan]] = []
+        for ep in self._entries:
+            if groups and groups[-1][0].stage == ep.stage and tp * max(map(sum, zip(
+                    *(e.slot_bytes(tp) for e in groups[-1]), ep.slot_bytes(tp)))) <= bucket_bytes:
+                groups[-1].append(ep)
+            else:
+                groups.append([ep])
+        buckets = []
+        for group in groups:
+            used = [0] * tp
+            offsets = []
+            for ep in group:
+                starts = []
+                for p in ep.pieces:
+                    starts.append(used[p.tp_rank])
+                    used[p.tp_rank] += _aligned(p.nbytes)
+                offsets.append(starts)
+            slot = max(used)
+            buckets.append(_Bucket(group[0].stage, slot, tuple(group), tuple(
+                tuple(p.tp_rank * slot + start for p, start in zip(ep.pieces, starts))
+                for ep, starts in zip(group, offsets))))
+        return buckets
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _groups(chunk):
+    """The model's TP, PP and model-parallel (TP × PP) process groups."""
+    pg = chunk.pg_collection
+    if getattr(pg, "mp", None) is None:
+        raise BadInput("the model's pg_collection has no model-parallel group (mp): the export needs one")
+    return pg.tp, pg.pp, pg.mp
+
+
+def _model_identity(provider) -> str:
+    return json.dumps([provider.arch.to_hf(), str(provider.layout), provider.mup_mode, provider.bitnet,
+                       str(provider.params_dtype)], default=str)
+
+
+def _storage(chunks) -> tuple[int, ...]:
+    return tuple(p.data_ptr() for chunk in chunks for p in chunk.parameters())
+
+
+def _main_in_group(replica_id) -> bool:
+    """Whether a shard is the main copy within its model-parallel group: megatron's replica ids are (pipeline copy,
+    tensor-parallel copy, data-parallel rank) or one int; the data-parallel rank does not count here."""
+    ids = replica_id if isinstance(replica_id, tuple) else (replica_id,)
+    return not any(ids[:2])
 
 
 def _agree(group, what: str, value) -> None:
@@ -247,77 +419,261 @@ def _agree(group, what: str, value) -> None:
                                                                    if v != values[0])[:400])
 
 
+@torch.no_grad()
+def transfer_plan(models, dtype: torch.dtype | None = None, mup: MupExport = MupExport.UNFOLD,
+                  fmt: ExportFormat = ExportFormat.LATENT) -> TransferPlan:
+    """The transfer plan of a live model — one module or the list of its virtual pipeline chunks, each possibly
+    wrapped (megatron DDP, Float16Module) — for HF tensors in `dtype` (default: the model's), µP unfolded or kept
+    folded (`mup`), BitNet linears in format `fmt` (see `hf_weights`). Every rank of the model-parallel group calls
+    it (two object all-gathers: the ranks' models must agree, and each rank learns which rank holds the main copy
+    of every shard)."""
+    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+
+    chunks = _unwrap_all(models)
+    provider = chunks[0].provider
+    arch = provider.arch
+    tp, pp, mp = _groups(chunks[0])
+    model = _model_identity(provider)
+    _agree(mp, "the model (architecture, layout, µP, BitNet, dtype)", model)
+    policy = _export_policy(provider, dtype, mup, fmt)
+    ctx = Ctx(arch, stored_as_hf(arch))
+
+    held = {}  # (key, bounds) → this rank's shard of that region
+    for chunk_index, chunk in enumerate(chunks):
+        for sh in _sharded_tensors(save_preprocess(chunk.sharded_state_dict())[0]):
+            held.setdefault((sh.key, tuple((r.start, r.stop) for r in _region(sh))), (chunk_index, sh))
+    everyone = [None] * mp.size()
+    torch.distributed.all_gather_object(everyone, (tp.rank(), pp.rank(), [
+        (key, bounds, sh.replica_id, str(sh.data.dtype).removeprefix("torch."), chunk_index)
+        for (key, bounds), (chunk_index, sh) in held.items()]), group=mp)
+    holders: dict[str, dict] = {}  # key → bounds → [(group rank, tp rank, pp rank, main, dtype, chunk)]
+    for rank, (tp_rank, pp_rank, shards) in enumerate(everyone):
+        for key, bounds, replica_id, dtype_name, chunk_index in shards:
+            holders.setdefault(key, {}).setdefault(bounds, []).append(
+                (rank, tp_rank, pp_rank, _main_in_group(replica_id), getattr(torch, dtype_name), chunk_index))
+    real_vocab_ranks = -(-arch.vocab_size // (provider.layout.padded_vocab(arch) // tp.size()))
+
+    planned = []
+    for e in entries(arch):
+        shapes, pieces, sends, copies, copied, owners = {}, [], {}, [], False, set()
+        for key, shape in e.megatron_keys(ctx).items():
+            suffix = key[len(e.megatron):]
+            shapes[suffix] = tuple(shape)
+            covered = 0
+            for bounds, holding in sorted(holders.get(key, {}).items()):
+                main = min((h for h in holding if h[3]), key=lambda h: (h[2], h[1]), default=None)
+                if main is None:  # a padding-only vocabulary placeholder: a copy of nothing
+                    continue
+                rank, tp_rank, pp_rank, _, dtype_, chunk_index = main
+                region = tuple(slice(a, b) for a, b in bounds)
+                index = len(pieces)
+                pieces.append(_Piece(suffix, region, tp_rank, dtype_))
+                covered += math.prod(b - a for a, b in bounds)
+                owners.add((pp_rank, chunk_index))
+                # other real copies of the region (a padding-only vocabulary shard holds none of it)
+                others = [h for h in holding if h is not main
+                          and not (e.transform is VOCAB and h[1] >= real_vocab_ranks)]
+                copied = copied or bool(others)
+                if rank == mp.rank():
+                    sends[index] = _local_view(held[key, bounds][1], region)
+                elif any(h[0] == mp.rank() for h in others):
+                    copies.append((index, _local_view(held[key, bounds][1], region)))
+            if covered != math.prod(shape):
+                raise AssertionError(f"{key}: the main copies of the model-parallel group hold {covered} of its "
+                                     f"{math.prod(shape)} elements")
+        assert len({stage for stage, _ in owners}) == 1, f"{e.megatron}: main copies on several pipeline stages"
+        stage, chunk_index = min(owners)
+        outputs = tuple(PlannedTensor(n, tuple(s), d, stage, chunk_index, math.prod(s) * d.itemsize)
+                        for name, shape in zip(e.hf, e.hf_shapes) for n, s, d in policy.layout(name, shape))
+        planned.append(_EntryPlan(e, stage, shapes, tuple(pieces), sends, tuple(copies), copied, outputs))
+    fingerprint = hashlib.sha256(json.dumps([model, policy.mup_export, policy.fmt,
+                                             str(policy.dtype_of("model.embed_tokens.weight"))]).encode()).hexdigest()[:16]
+    return TransferPlan(tuple(t for ep in planned for t in ep.outputs), fingerprint, model, policy, ctx,
+                        tuple(planned), _storage(chunks), tp.size())
+
+
+def _local_view(sh, region: tuple[slice, ...]) -> torch.Tensor:
+    return sh.data[_local(region)]
+
+
+def _start_export(chunks, plan: TransferPlan, bucket_bytes: int, mp) -> None:
+    """One all-gather: every rank's plan fits its model, and the ranks run the same plan and buckets; else every
+    rank raises the same error."""
+    if _model_identity(chunks[0].provider) != plan._model:
+        problem = "the transfer plan was built for another model or layout: build it from this model"
+    elif _storage(chunks) != plan._storage:
+        problem = ("the transfer plan was built for other parameters (another model, or this one's parameters "
+                   "were reallocated since: moved, offloaded, wrapped): build it again")
+    else:
+        problem = None
+    selection = hashlib.sha256("\n".join(t.name for t in plan.tensors).encode()).hexdigest()[:16]
+    values = [None] * mp.size()
+    torch.distributed.all_gather_object(values, (problem, plan.fingerprint, selection, bucket_bytes), group=mp)
+    refused = [(rank, v[0]) for rank, v in enumerate(values) if v[0] is not None]
+    if refused:
+        raise BadInput(f"rank {refused[0][0]}: {refused[0][1]}")
+    if any(v != values[0] for v in values):
+        raise BadInput("the ranks disagree on the transfer plan (model, layout, export policy, selected tensors, "
+                       "bucket_bytes): " + "; ".join(f"rank {rank}: plan {v[1]}, selection {v[2]}, bucket_bytes "
+                                                     f"{v[3]}" for rank, v in enumerate(values))[:400])
+
+
+def _send(bucket: _Bucket, tp, pp, device) -> tuple[torch.Tensor, list]:
+    """Start one bucket's transfer: the owning stage's TP ranks pack their pieces into their slots, each slot is
+    broadcast down its pipeline group, then every stage all-gathers the slots of its TP group — 1/TP of the bucket
+    crosses stages per pipeline group, and no rank sends zeros. Returns the buffer and the pending work."""
+    full = torch.empty(tp.size() * bucket.slot, dtype=torch.uint8, device=device)
+    slot = full[tp.rank() * bucket.slot:(tp.rank() + 1) * bucket.slot]
+    if pp.rank() == bucket.stage:
+        for ep, offsets in zip(bucket.entries, bucket.offsets):
+            for index, data in ep.sends.items():
+                _piece_view(full, offsets[index], ep.pieces[index]).copy_(data)
+    work = []
+    if pp.size() > 1:
+        work.append(torch.distributed.broadcast(slot, torch.distributed.get_global_rank(pp, bucket.stage),
+                                                group=pp, async_op=True))
+    if tp.size() > 1:
+        for w in work:  # on NCCL: the gather's stream waits for the broadcast, the host does not
+            w.wait()
+        work = [_all_gather(full, slot, tp)]
+    return full, work
+
+
+def _all_gather(full: torch.Tensor, slot: torch.Tensor, group):
+    if torch.distributed.get_backend(group) == "nccl":  # in place, no staging copy
+        return torch.distributed.all_gather_into_tensor(full, slot, group=group, async_op=True)
+    return torch.distributed.all_gather(list(full.chunk(group.size())), slot, group=group, async_op=True)
+
+
+def _piece_view(full: torch.Tensor, offset: int, piece: _Piece) -> torch.Tensor:
+    return full[offset:offset + piece.nbytes].view(piece.dtype).view(piece.shape)
+
+
+def _received(bucket: _Bucket, full: torch.Tensor, plan: TransferPlan, drift: torch.Tensor,
+              device) -> list[tuple[str, torch.Tensor]]:
+    """A gathered bucket's HF tensors (the selected ones); `drift[i]` gets how far this rank's copies of the i-th
+    copied entry differ from the main copy (0 when equal)."""
+    out = []
+    copied = 0
+    for ep, offsets in zip(bucket.entries, bucket.offsets):
+        views = [_piece_view(full, offset, p) for p, offset in zip(ep.pieces, offsets)]
+        if ep.copied:
+            for index, mine in ep.copies:
+                if mine.numel():
+                    drift[copied] = torch.maximum(drift[copied], (mine - views[index]).abs().amax().float())
+            copied += 1
+        pieces = {}
+        for suffix, shape in ep.shapes.items():
+            parts = [(p, v) for p, v in zip(ep.pieces, views) if p.suffix == suffix]
+            if len(parts) == 1:  # the whole tensor (the plan checked the pieces cover it)
+                pieces[suffix] = parts[0][1]
+                continue
+            pieces[suffix] = torch.empty(shape, dtype=parts[0][0].dtype, device=full.device)
+            for p, v in parts:
+                pieces[suffix][p.region] = v
+        selected = {t.name for t in ep.outputs}
+        for name, tensor in zip(ep.entry.hf, ep.entry.transform.to_hf_reporting(plan._ctx, pieces)[0]):
+            out += [(n, t.to(device)) for n, t in plan._policy.tensors(name, tensor) if n in selected]
+    return out
+
+
+@torch.no_grad()
+def export_hf_buckets(models, plan: TransferPlan, device: torch.device | str | None = None,
+                      bucket_bytes: int | None = None,
+                      divergence: dict | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """`export_hf_weights` one bucket at a time: a list of (HF name, tensor) per bucket."""
+    chunks = _unwrap_all(models)
+    tp, pp, mp = _groups(chunks[0])
+    if bucket_bytes is None:
+        bucket_bytes = max(DEFAULT_BUCKET_BYTES, plan.min_bucket_bytes)
+    _start_export(chunks, plan, bucket_bytes, mp)
+    buckets = plan.buckets(bucket_bytes)
+    compute = next(chunks[0].parameters()).device
+    device = compute if device is None else device
+    # The per-bucket check that nobody stopped carries the drift of the bucket processed before it: [stopped,
+    # drift of each copied entry]. Every rank makes the same checks in the same order, a rank that stops makes one
+    # more (with stopped = 1) in place of its next, and the others raise there.
+    reported: list[tuple[_EntryPlan, ...] | torch.Tensor] = [(), torch.zeros(0, device=compute)]
+
+    finished = False  # set once this rank has made its last check (or learnt that another rank stopped)
+
+    def check(stopping: bool = False) -> None:
+        nonlocal finished
+        entries_, drift = reported
+        flags = torch.cat([torch.full((1,), float(stopping), device=compute), drift])
+        torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX, group=mp)
+        values = flags.tolist()
+        for ep, value in zip(entries_, values[1:]):
+            if value != 0:
+                warnings.warn(f"{ep.entry.hf[0]}: copies that should be identical differ (max |Δ| {value:.3e}); "
+                              "the main copy was used", stacklevel=3)
+                if divergence is not None:
+                    divergence[ep.entry.hf[0]] = value
+        reported[:] = [(), torch.zeros(0, device=compute)]
+        if values[0] and not stopping:
+            finished = True  # nothing more to tell the others
+            raise BadInput("another rank stopped reading the export early: every rank of the model-parallel "
+                           "group must iterate it to the end")
+
+    def process(bucket: _Bucket, full: torch.Tensor, work: list) -> list[tuple[str, torch.Tensor]]:
+        for w in work:
+            w.wait()
+        copied = tuple(ep for ep in bucket.entries if ep.copied)
+        reported[:] = [copied, torch.zeros(len(copied), device=compute)]
+        return _received(bucket, full, plan, reported[1], device)
+
+    try:
+        in_flight = None
+        for bucket in buckets:
+            check()
+            full, work = _send(bucket, tp, pp, compute)  # the next bucket travels while this one is transformed
+            if in_flight is not None:
+                yield process(*in_flight)
+            in_flight = (bucket, full, work)
+        if in_flight is not None:
+            yield process(*in_flight)
+        check()
+        finished = True
+    finally:
+        if not finished:  # abandoned (or failed) here: tell the others at their next check
+            check(stopping=True)
+
+
+def export_hf_weights(models, plan: TransferPlan, device: torch.device | str | None = None,
+                      bucket_bytes: int | None = None,
+                      divergence: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for every tensor of `plan` (map order), on every rank of the model-parallel group, which
+    must all iterate it to the end together; what export-hf writes for the same weights, bit for bit.
+
+    models: the model (or chunk list) the plan was built from; device: where the tensors are yielded (default: the
+    model's); bucket_bytes: the most bytes gathered in one bucket (default: 256 MiB, or the largest tensor's
+    share if more); a bucket_bytes below what the largest tensor takes is refused. Each bucket is one broadcast
+    from the stage holding it (PP > 1) and one all-gather within the TP group (TP > 1), started before the previous
+    bucket is transformed and yielded, so a rank holds at most two gathered buckets and one bucket's HF tensors
+    beyond its parameters. Yielded tensors do not share memory with the model. Copies that should be identical
+    (replicated Mamba B/C groups, TP-replicated norms, tied embeddings across stages) are compared where they are
+    held: a warning names a tensor whose copies differ, and `divergence` (when given) records HF name → max |Δ|.
+    A rank that stops iterating early (or fails) makes the others raise at their next bucket instead of hanging.
+    """
+    buckets = export_hf_buckets(models, plan, device, bucket_bytes, divergence)
+    try:
+        for bucket in buckets:
+            yield from bucket
+    finally:
+        buckets.close()  # an abandoned stream tells the other ranks now, not when it is garbage-collected
+
+
 def hf_weights(model, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                mup: MupExport = MupExport.UNFOLD, fmt: ExportFormat = ExportFormat.LATENT,
                divergence: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) for every HF tensor of a live model (any TP/PP, trained or not), in HF layout and map
-    order, on every rank of the model-parallel group, which must all iterate it to the end together.
+    """(HF name, tensor) for every HF tensor of a live model (any TP/PP, trained or not; one module or its chunk
+    list), in HF layout and map order: `export_hf_weights` with a plan made for this call. A loop that exports
+    repeatedly makes the plan once (`transfer_plan`).
 
     dtype: of every tensor (default: the model's); mup (µP-folded models): "unfold" or "keep-folded"; fmt (BitNet
-    models): "latent", "packed" (transformers' bitnet format) or "dequantized". Copies that should be identical
-    (replicated Mamba B/C groups, tied embeddings across stages) yield one copy; if they differ, a warning names the
-    tensor and `divergence` (when given) records HF name → max |Δ|. A rank that stops iterating early makes the
-    other ranks raise at their next tensor instead of hanging.
+    models): "latent", "packed" (transformers' bitnet format) or "dequantized".
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import is_main_replica
-    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
-
-    inner = _unwrap(model)
-    provider = inner.provider
-    arch = provider.arch
-    group = ps.get_model_parallel_group()
-    _agree(group, "the model (architecture, TP, PP, µP, BitNet, dtype)",
-           json.dumps([arch.to_hf(), provider.layout.tp, provider.layout.pp, provider.mup_mode, provider.bitnet,
-                       str(provider.params_dtype)]))
-    policy = _export_policy(provider, dtype, mup, fmt)
-    ctx = Ctx(arch, stored_as_hf(arch))
-    sharded, _ = save_preprocess(inner.sharded_state_dict())
-    local: dict = {}
-    for sh in _sharded_tensors(sharded):
-        local.setdefault(sh.key, []).append(sh)
-    compute = next(inner.parameters()).device
-    keep_going = torch.ones(1, device=compute)
-    finished = False
-    try:
-        for entry in entries(arch):
-            torch.distributed.all_reduce(keep_going, torch.distributed.ReduceOp.MIN, group=group)
-            if keep_going.item() == 0:
-                finished = True  # another rank stopped; nothing more to tell it
-                raise BadInput("another rank stopped reading hf_weights early: every rank of the model-parallel "
-                               "group must iterate it to the end")
-            pieces, drift = {}, torch.zeros(1, device=compute)
-            for key, shape in entry.megatron_keys(ctx).items():
-                shards = local.get(key, [])
-                full = torch.zeros(shape, dtype=provider.params_dtype, device=compute)
-                for sh in shards:
-                    if is_main_replica(sh.replica_id):
-                        region = _region(sh)
-                        full[region] = sh.data[_local(region)]
-                torch.distributed.all_reduce(full, group=group)
-                for sh in shards:  # every copy, main or not, against the assembled tensor
-                    region = _region(sh)
-                    mine = sh.data[_local(region)]
-                    if mine.numel() and not torch.equal(mine, full[region]):  # fp32 copies only when they differ
-                        drift = torch.maximum(drift, (mine.float() - full[region].float()).abs().max().reshape(1))
-                pieces[key[len(entry.megatron):]] = full
-            torch.distributed.all_reduce(drift, torch.distributed.ReduceOp.MAX, group=group)
-            if drift.item() > 0:
-                warnings.warn(f"{entry.hf[0]}: copies that should be identical differ (max |Δ| {drift.item():.3e}); "
-                              "the first copy was used", stacklevel=2)
-                if divergence is not None:
-                    divergence[entry.hf[0]] = drift.item()
-            for name, tensor in zip(entry.hf, entry.transform.to_hf_reporting(ctx, pieces)[0]):
-                for item in policy.tensors(name, tensor):
-                    yield item[0], item[1].to(device)
-            del pieces
-        torch.distributed.all_reduce(keep_going, torch.distributed.ReduceOp.MIN, group=group)
-        finished = True
-        if keep_going.item() == 0:
-            raise BadInput("another rank stopped reading hf_weights early")
-    finally:
-        if not finished:  # abandoned (or failed) here: tell the others at their next step
-            torch.distributed.all_reduce(torch.zeros(1, device=compute), torch.distributed.ReduceOp.MIN, group=group)
+    yield from export_hf_weights(model, transfer_plan(model, dtype, mup, fmt), device, divergence=divergence)
 
 
 def save_hf_pretrained(model, out: Path, dtype: torch.dtype | None = None, mup: MupExport = MupExport.UNFOLD,
@@ -329,12 +685,9 @@ def save_hf_pretrained(model, out: Path, dtype: torch.dtype | None = None, mup: 
     it; global rank 0 writes and returns the summary, the others return None. A refusal on rank 0 (OUT exists, no
     space) is raised on every rank."""
     t0 = time.perf_counter()
-    inner = _unwrap(model)
-    provider, arch = inner.provider, inner.provider.arch
+    plan = transfer_plan(model, dtype, mup, fmt)
     writes = torch.distributed.get_rank() == 0
-    policy = _export_policy(provider, dtype, mup, fmt)
-    layout = [item for e in entries(arch) for name, shape in zip(e.hf, e.hf_shapes)
-              for item in policy.layout(name, shape)]
+    layout = [(t.name, t.shape, t.dtype) for t in plan.tensors]
     divergence: dict = {}
     with ExitStack() as stack:
         refusal = None
@@ -342,7 +695,7 @@ def save_hf_pretrained(model, out: Path, dtype: torch.dtype | None = None, mup: 
             try:
                 tokenizer = existing_tokenizer_files(Path(tokenizer_from)) if tokenizer_from else []
                 tmp = stack.enter_context(atomic_output_dir(
-                    Path(out), overwrite, sum(math.prod(s) * d.itemsize for _, s, d in layout),
+                    Path(out), overwrite, plan.nbytes,
                     {"name": "save_hf_pretrained", "options": {"mup": mup, "format": fmt, "dtype": str(dtype)}},
                     inputs=[Path(tokenizer_from)] if tokenizer_from else []))
             except BadInput as e:
@@ -351,7 +704,7 @@ def save_hf_pretrained(model, out: Path, dtype: torch.dtype | None = None, mup: 
         torch.distributed.all_gather_object(refusals, refusal)
         if refusals[0] is not None:
             raise BadInput(refusals[0])
-        stream = hf_weights(model, dtype, "cpu", mup, fmt, divergence)
+        stream = export_hf_weights(model, plan, "cpu", divergence=divergence)
         try:
             if not writes:
                 for _ in stream:
@@ -363,7 +716,8 @@ def save_hf_pretrained(model, out: Path, dtype: torch.dtype | None = None, mup: 
             writer.close()
         finally:
             stream.close()  # a failure here must reach the other ranks now, not when the traceback is freed
-        write_config(tmp, policy.config_arch, policy.dtype_of("model.embed_tokens.weight"), policy.config_extra)
+        write_config(tmp, plan._policy.config_arch, plan._policy.dtype_of("model.embed_tokens.weight"),
+                     plan._policy.config_extra)
         copy_tokenizer(tokenizer, tmp)
     return {"command": "save_hf_pretrained", "output": str(out), "files": writer.file_names, "tensors": len(layout),
             "diverged_copies": divergence, "seconds": round(time.perf_counter() - t0, 2)}
