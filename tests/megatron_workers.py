@@ -360,3 +360,122 @@ def live_provider_misuse(rank: int, hf_dir: str, llama_dir: str, other_dir: str)
         return seen
     finally:
         shutdown_distributed()
+
+
+# ---- transfer plan and bucketed export (tests/test_live_transfer.py) ----------------------------------------
+def _streamed(stream) -> tuple[dict, str]:
+    """A stream's tensors and a digest of their names, dtypes and bytes (to compare ranks without sending them)."""
+    import hashlib
+
+    tensors, digest = {}, hashlib.sha256()
+    for name, tensor in stream:
+        assert name not in tensors, f"{name} streamed twice"
+        tensors[name] = tensor
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return tensors, digest.hexdigest()
+
+
+def live_transfer_checks(rank: int, hf_dir: str, tp: int, pp: int, vpp: int, wrap: bool) -> dict | None:
+    """One model (a chunk list with virtual stages when vpp > 1; under megatron's DDP when `wrap`) exported through
+    one transfer plan at several bucket sizes, filtered, and one selected tensor per bucket; then a replicated copy
+    changed on the last rank. Returns rank 0's tensors and plan, and every rank's digests and divergences."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from falcon_bridge.converters.live import (
+        export_hf_buckets,
+        export_hf_weights,
+        load_hf_weights,
+        provider_from_hf,
+        transfer_plan,
+    )
+
+    device = init_distributed(rank, tp * pp, tp, pp)
+    try:
+        provider = provider_from_hf(hf_dir, vpp=vpp)
+        chunks = [provider.provide(vp_stage=v if vpp > 1 else None).to(device) for v in range(vpp)]
+        models = [DistributedDataParallel(c.config, DistributedDataParallelConfig(), c) for c in chunks] if wrap \
+            else chunks
+        load_hf_weights(models, hf_dir)
+        plan = transfer_plan(models if vpp > 1 else models[0])
+        sizes = {"default": None, "3x-smallest": 3 * plan.min_bucket_bytes, "smallest": plan.min_bucket_bytes}
+        streams, digests, divergences, buckets = {}, {}, {}, {}
+        for label, size in sizes.items():
+            divergences[label] = {}
+            streams[label], digests[label] = _streamed(export_hf_weights(models, plan, bucket_bytes=size,
+                                                                         divergence=divergences[label]))
+            buckets[label] = sum(1 for _ in export_hf_buckets(models, plan, bucket_bytes=size))
+        subset = plan.filter(lambda name: name.endswith(("q_proj.weight", "norm.weight")))
+        streams["filtered"], digests["filtered"] = _streamed(export_hf_weights(models, subset))
+        q_proj = plan.filter(lambda name: name.endswith("q_proj.weight"))
+        one_each = [[name for name, _ in b] for b in export_hf_buckets(models, q_proj,
+                                                                          bucket_bytes=q_proj.min_bucket_bytes)]
+        changed = None
+        if tp > 1 and pp == 1 and provider.arch.has_mamba:  # the last TP rank's copy of layer 0's B group drifts
+            if rank == tp - 1:
+                mixer = next(m for m in chunks[0].modules() if hasattr(m, "_group_rows"))
+                param, (b_row, _) = next(iter(mixer._group_rows()))
+                with torch.no_grad():
+                    param[b_row] += 1.0
+            divergences["changed"] = {}
+            changed, digests["changed"] = _streamed(export_hf_weights(models, plan, divergence=divergences["changed"]))
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, (digests, divergences))
+        if rank != 0:
+            return None
+        return {"streams": streams, "changed": changed, "buckets": buckets, "one_each": one_each,
+                "plan": [(t.name, t.shape, t.dtype, t.stage, t.chunk, t.nbytes) for t in plan.tensors],
+                "subset": [t.name for t in subset.tensors], "digests": [d for d, _ in everyone],
+                "divergences": [v for _, v in everyone]}
+    finally:
+        shutdown_distributed()
+
+
+def live_transfer_misuse(rank: int, hf_dir: str, other_hf_dir: str) -> list[list[str]]:
+    """What each of 2 ranks (TP = 2) sees when the export is misused: a plan used with another model, a plan whose
+    parameters were reallocated, bucket_bytes below the largest tensor, ranks with different selections or bucket
+    sizes, a rank that stops after one tensor and one that fails half-way; then a collective, to show nobody
+    hangs."""
+    from contextlib import closing
+
+    from falcon_bridge.converters.live import export_hf_weights, model_from_hf, transfer_plan
+    from falcon_bridge.errors import BadInput
+
+    device = init_distributed(rank, 2, 2, 1)
+    seen = []
+
+    def attempt(label: str, stream, stop_after: int | None = None, fail_after: int | None = None):
+        try:
+            with closing(stream):
+                for i, _ in enumerate(stream):
+                    if i == stop_after:
+                        break
+                    if i == fail_after:
+                        raise RuntimeError("the consumer failed")
+            seen.append(f"{label}: done")
+        except (BadInput, RuntimeError) as e:
+            seen.append(f"{label}: {e}")
+
+    try:
+        model = model_from_hf(hf_dir, device=device)
+        plan = transfer_plan(model)
+        attempt("other model", export_hf_weights(model_from_hf(other_hf_dir, device=device), plan))
+        attempt("too small", export_hf_weights(model, plan, bucket_bytes=plan.min_bucket_bytes - 1))
+        mine = plan.filter(lambda name: "layers.0." in name) if rank == 1 else plan
+        attempt("selection", export_hf_weights(model, mine))
+        attempt("bucket sizes", export_hf_weights(model, plan, bucket_bytes=plan.min_bucket_bytes * (1 + rank)))
+        small = plan.min_bucket_bytes  # several buckets, one in flight when rank 0 stops
+        attempt("stopped", export_hf_weights(model, plan, bucket_bytes=small), stop_after=1 if rank == 0 else None)
+        attempt("failed", export_hf_weights(model, plan, bucket_bytes=small), fail_after=3 if rank == 1 else None)
+        attempt("after", export_hf_weights(model, plan, bucket_bytes=small))
+        for p in model.parameters():  # as an offload to CPU and back would
+            p.data = p.data.clone()
+        attempt("reallocated", export_hf_weights(model, plan))
+        flag = torch.ones(1)
+        torch.distributed.all_reduce(flag)
+        seen.append(f"collective after: {int(flag.item())}")
+        everyone = [None] * 2
+        torch.distributed.all_gather_object(everyone, seen)
+        return everyone
+    finally:
+        shutdown_distributed()
