@@ -1,18 +1,25 @@
 """Provider-first live bridge (converters/live.py) in gloo processes on CPU: a provider from HF whose settings and
 process groups are the framework's, its model (one module, or virtual pipeline chunks under megatron's DDP) loaded
 from HF, gives the weights import-hf + dist_checkpointing.load give and the logits of the whole model; bad input
-is refused with one message."""
+is refused with one message; examples/rl_refit.py refits a transformers model from a trained one."""
 
+import ast
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from megatron_workers import live_provider_misuse, provider_first_checks, virtual_pipeline_checks
+from safetensors import safe_open
 
 from falcon_bridge.converters.import_hf import ImportOptions, import_hf
 from falcon_bridge.converters.verify import sample_tokens
 from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.megatron.distributed import launch
+
+REPO = Path(__file__).resolve().parents[1]
 
 # (card, TP, PP)
 CASES = {
@@ -85,3 +92,15 @@ def test_provider_first_misuse_is_refused_with_one_message(tiny_hf):
     assert len(seen) == len(expected)
     for message, start in zip(seen, expected):
         assert message.startswith(start), (message, start)
+
+
+def test_the_rl_refit_example_runs(tiny_hf):
+    hf = tiny_hf["tiny-one-group"]
+    proc = subprocess.run([sys.executable, "examples/rl_refit.py", str(hf)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    with safe_open(str(hf / "model.safetensors"), "pt") as f:
+        assert result["streamed_tensors"] == len(list(f.keys())) and result["not_streamed"] == []
+    # the engine, started from other weights, now computes the trained model's logits (two implementations: fp32
+    # rounding apart)
+    assert result["max_abs_logit_difference"] < 1e-6 < result["logit_scale"]

@@ -416,8 +416,9 @@ class FalconH1Stack(MegatronModule):
 
 
 class FalconH1Model(HFLanguageModel, LanguageModule):
-    """Embedding → FalconH1Stack → output layer, for one pipeline stage (HFLanguageModel: vocabulary padding,
-    pad row and provider as HF's model has them)."""
+    """Embedding → FalconH1Stack → output layer, for one pipeline stage or virtual pipeline chunk (the embedding on
+    the first, the output layer on the last; HFLanguageModel: vocabulary padding, pad row and provider as HF's model
+    has them)."""
 
     def __init__(self, config: FalconH1TransformerConfig, layer_spec: ModuleSpec, norm_spec, vocab_size: int,
                  max_sequence_length: int, stage_layers: int, layer_offset: int, pre_process: bool = True,
