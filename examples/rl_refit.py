@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from falcon_bridge.converters.live import hf_weights, load_hf_weights, provider_from_hf
+from falcon_bridge.converters.live import export_hf_weights, load_hf_weights, provider_from_hf, transfer_plan
 from falcon_bridge.megatron.distributed import init_distributed, launch, shutdown_distributed
 from falcon_bridge.megatron.training import next_token_loss, wrap_for_training
 
@@ -41,6 +41,7 @@ def worker(rank: int, hf_dir: str, tp: int) -> dict | None:
         trainer, optimizer = wrap_for_training(model)
         load_hf_weights(trainer, hf_dir)  # each rank reads only its slices, into DDP's parameters in place
         optimizer.reload_model_params()  # an optimizer built before the load refreshes its copies
+        plan = transfer_plan(trainer)  # made once, after wrapping: every refit step reuses it
 
         generator = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, provider.arch.vocab_size, (2, SEQUENCE), generator=generator).to(device)
@@ -58,7 +59,7 @@ def worker(rank: int, hf_dir: str, tp: int) -> dict | None:
             engine = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_dir),
                                                       dtype=provider.params_dtype).to(device).eval()
         received = set()
-        for name, tensor in hf_weights(trainer, device=device):  # every rank iterates the stream to the end
+        for name, tensor in export_hf_weights(trainer, plan, device=device):  # every rank, to the end
             if engine is not None:
                 with torch.no_grad():
                     engine.get_parameter(name).copy_(tensor)
