@@ -278,7 +278,7 @@ def virtual_pipeline_checks(rank: int, hf_dir: str, batches: list[torch.Tensor])
     model (PP = 1) each rank builds over process groups of its own: the weights (chunks' tensors under global
     layer names) that differ, whether loading kept every parameter's storage (DDP's buffers), and both models'
     logits of `batches` (the chunks run by megatron's interleaved schedule)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from falcon_bridge.converters.live import load_hf_weights, provider_from_hf
@@ -319,8 +319,40 @@ def virtual_pipeline_checks(rank: int, hf_dir: str, batches: list[torch.Tensor])
         torch.distributed.all_gather_object(chunk_logits, [t.detach() for t in logits] if logits else None)
         with torch.no_grad():
             whole_logits = [whole(t, torch.arange(t.shape[1]).expand_as(t), None) for t in batches]
+
+        # one training step's gradients: into DDP's buffers through the interleaved schedule, against autograd's
+        # in the whole model (the same summed next-token loss, averaged over the microbatches as the schedule does)
+        def loss_step(data_iterator, model):
+            tokens = next(data_iterator)
+            positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+            labels = torch.roll(tokens, -1, dims=1) if model.module.post_process else None
+            return model(tokens, positions, None, labels=labels), lambda t: (t[:, :-1].sum(), {})
+
+        for c in wrapped:
+            c.train()
+            c.zero_grad_buffer()
+        config = chunks[0].config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = [c.no_sync for c in wrapped]
+        get_forward_backward_func(pp_size=2, vp_size=2)(
+            forward_step_func=loss_step, data_iterator=[iter(batches) for _ in wrapped], model=wrapped,
+            num_microbatches=len(batches), seq_length=batches[0].shape[1], micro_batch_size=batches[0].shape[0])
+        grads = {}
+        for v, c in enumerate(chunks):
+            offset = provider.layout.chunk(provider.arch.num_layers, rank, v)[1]
+            grads |= _global_layer_names({n: p.main_grad for n, p in c.named_parameters()}, offset)
+        everyone = [None] * 2
+        torch.distributed.all_gather_object(everyone, grads)
+        whole.train()
+        loss = sum(whole(t, torch.arange(t.shape[1]).expand_as(t), None, labels=torch.roll(t, -1, dims=1))[:, :-1]
+                   .sum() for t in batches) / len(batches)
+        loss.backward()
+        chunk_grads = everyone[1] | everyone[0]  # rank 0's embedding gradient is the tied weight's, summed
+        gradient_error = max((chunk_grads[n] - p.grad).abs().max().item() / p.grad.abs().max().item()
+                             for n, p in whole.named_parameters())
         return {"differ": differ, "compared": len(whole.state_dict()), "kept_storage": kept_storage,
-                "chunk_logits": chunk_logits[1], "whole_logits": whole_logits} if rank == 0 else None
+                "chunk_logits": chunk_logits[1], "whole_logits": whole_logits,
+                "gradient_error": gradient_error} if rank == 0 else None
     finally:
         shutdown_distributed()
 
