@@ -358,27 +358,29 @@ class TransferPlan:
             largest = max(self._entries, key=lambda ep: max(ep.slot_bytes(tp)))
             raise BadInput(f"bucket_bytes {bucket_bytes}: below the {self.min_bucket_bytes} bytes that "
                            f"{largest.entry.hf[0]}, the largest tensor, takes in a bucket")
-        groups: list[list[_EntryPlan]] = []
-        for ep in self._entries:
-            if groups and groups[-1][0].stage == ep.stage and tp * max(map(sum, zip(
-                    *(e.slot_bytes(tp) for e in groups[-1]), ep.slot_bytes(tp)))) <= bucket_bytes:
-                groups[-1].append(ep)
-            else:
-                groups.append([ep])
-        buckets = []
-        for group in groups:
-            used = [0] * tp
-            offsets = []
-            for ep in group:
-                starts = []
-                for p in ep.pieces:
-                    starts.append(used[p.tp_rank])
-                    used[p.tp_rank] += _aligned(p.nbytes)
-                offsets.append(starts)
+        buckets: list[_Bucket] = []
+        group: list[_EntryPlan] = []
+        starts: list[list[int]] = []  # per entry of the group: where each piece starts in its TP rank's slot
+        used = [0] * tp
+
+        def close() -> None:
             slot = max(used)
             buckets.append(_Bucket(group[0].stage, slot, tuple(group), tuple(
-                tuple(p.tp_rank * slot + start for p, start in zip(ep.pieces, starts))
-                for ep, starts in zip(group, offsets))))
+                tuple(p.tp_rank * slot + start for p, start in zip(ep.pieces, entry_starts))
+                for ep, entry_starts in zip(group, starts))))
+
+        for ep in self._entries:
+            if group and (group[0].stage != ep.stage or tp * max(
+                    u + n for u, n in zip(used, ep.slot_bytes(tp))) > bucket_bytes):
+                close()
+                group, starts, used = [], [], [0] * tp
+            group.append(ep)
+            starts.append([])
+            for p in ep.pieces:
+                starts[-1].append(used[p.tp_rank])
+                used[p.tp_rank] += _aligned(p.nbytes)
+        if group:
+            close()
         return buckets
 
 
