@@ -117,14 +117,15 @@ def test_every_bitnet_gradient_equals_transformers_autobitlinear_at_tp2(tiny_hf,
     the plain test. The straight-through estimator makes each gradient a continuous function of the forward's
     values, so the fp32 bar holds as long as no quantization code differs between the two forwards: a weight or
     activation code that flipped would move a branch's output by ~1/127 of its scale; verify on this very batch shows
-    every branch agreeing to < 1e-5, so none did. transformers' quantizers run eagerly (the same ops, not compiled by
-    inductor: 25 s per test on CPU)."""
+    every branch agreeing to < 1e-5, so none did. transformers' quantizers run eagerly (the same ops; inductor's
+    compile of them would add 25 s on CPU)."""
     online = edited_config(tiny_hf[card], tmp_path / "online", quantization_config=ONLINE_BITNET)
     assert import_hf(ImportOptions(str(online), tmp_path / "mg", MegatronLayout(tp=2))).bitnet  # from its config
     tokens = hf_tokens(card)
     (tmp_path / "tokens.json").write_text(json.dumps(tokens.tolist()))
     with torch.compiler.set_stance("force_eager"):
-        assert type(hf_model(online, torch.float32, "cpu").model.layers[0].mlp.down_proj).__name__ == "AutoBitLinear"
+        linear = hf_model(online, torch.float32, "cpu").model.layers[0].mlp.down_proj
+        assert type(linear).__name__ == "AutoBitLinear" and linear.online_quant and linear.weight.requires_grad
         report = verify(VerifyOptions(online, tmp_path / "mg", tp=2, dtype=torch.float32,
                                       tokens_file=tmp_path / "tokens.json"))
         reference = hf_loss_and_gradients(online, tokens)
