@@ -227,7 +227,9 @@ def export_hf(
                                                 "multipliers) or keep-folded (multipliers 1.0)")
                    ] = MupExport.UNFOLD,
     fmt: Annotated[ExportFormat, typer.Option("--format", help="BitNet checkpoints: latent (full-precision weights) "
-                                                               "| packed (transformers bitnet) | dequantized")
+                                                               "| packed (transformers BitLinear) | "
+                                                               "packed-autobitlinear (AutoBitLinear, offline) "
+                                                               "| dequantized")
                    ] = ExportFormat.LATENT,
     workers: Workers = None,
     overwrite: bool = False,
