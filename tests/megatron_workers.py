@@ -231,11 +231,12 @@ def differing(reference: dict, other: dict) -> list[str]:
             and not (k in other and v.dtype == other[k].dtype and torch.equal(v, other[k]))]
 
 
-def provider_first_checks(rank: int, hf_dir: str, imported: str, tp: int, pp: int) -> dict | None:
+def provider_first_checks(rank: int, hf_dir: str, imported: str, tp: int, pp: int,
+                          float16_module: bool = False) -> dict | None:
     """A provider-first model (provider settings changed before building, our own process groups, megatron's
-    global parallel state re-initialized for another layout first) loaded from HF, against import-hf +
-    dist_checkpointing.load's model: names of tensors that differ on any rank, and the settings the built model
-    runs with."""
+    global parallel state re-initialized for another layout first; float16_module: in the imported checkpoint's
+    dtype, under megatron's Float16Module when loaded) loaded from HF, against import-hf + dist_checkpointing.load's
+    model: names of tensors that differ on any rank, and the settings the built model runs with."""
     from megatron.core import parallel_state as ps
 
     from falcon_bridge.converters.live import load_hf_weights, provider_from_hf
@@ -243,19 +244,27 @@ def provider_first_checks(rank: int, hf_dir: str, imported: str, tp: int, pp: in
     provider, it_dir = provider_from_checkpoint(imported, tp=tp, pp=pp)
     init_distributed(rank, tp * pp, tp, pp)
     try:
-        from_files = load_model(provider, it_dir, torch.device("cpu")).state_dict()
+        from_files = load_model(provider, it_dir, torch.device("cpu"))
+        if float16_module:  # as Megatron-LM runs a bf16 model: wrapped, which casts every parameter (Mamba's A, D)
+            from megatron.core.transformer.module import Float16Module
+
+            from_files = Float16Module(from_files.config, from_files).module
+        from_files = from_files.state_dict()
         # the global state now describes another layout (every rank a whole model, data parallel): the model
         # below must take its layout and ranks from its own groups (megatron-core's tied output layer still reads
         # the global data-parallel rank for a replica id, so some global state must exist)
         ps.destroy_model_parallel()
         ps.initialize_model_parallel()
         groups = own_process_groups(tp, pp)
-        live_provider = provider_from_hf(hf_dir, pg_collection=groups)
+        live_provider = provider_from_hf(hf_dir, params_dtype=provider.params_dtype, pg_collection=groups)
         live_provider.seq_length = 64
         live_provider.run_settings |= {"recompute_granularity": "full", "recompute_method": "uniform",
                                        "recompute_num_layers": 1}
         model = live_provider.provide(pg_collection=groups)
-        load_hf_weights(model, hf_dir)
+        if float16_module:
+            load_hf_weights(Float16Module(model.config, model), hf_dir)
+        else:
+            load_hf_weights(model, hf_dir)
         differ = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(differ, differing(from_files, model.state_dict()))
         settings = (model.config.recompute_granularity, model.config.tensor_model_parallel_size,

@@ -21,22 +21,23 @@ from falcon_bridge.megatron.distributed import launch
 
 REPO = Path(__file__).resolve().parents[1]
 
-# (card, TP, PP)
+# (card, TP, PP, dtype, under Float16Module)
 CASES = {
-    "falcon-tp1": ("tiny-one-group", 1, 1),
-    "falcon-tp2": ("tiny-one-group", 2, 1),
-    "falcon-tp4-replicated-groups": ("tiny-one-group-gated-norm", 4, 1),
-    "falcon-pp2-tied": ("tiny-tied", 1, 2),
-    "llama-tp2-tied": ("tiny-llama-tied", 2, 1),
-    "llama-pp2-tied": ("tiny-llama-tied", 1, 2),
+    "falcon-tp1": ("tiny-one-group", 1, 1, None, False),
+    "falcon-tp2-bf16-float16module": ("tiny-one-group", 2, 1, torch.bfloat16, True),
+    "falcon-tp4-replicated-groups": ("tiny-one-group-gated-norm", 4, 1, None, False),
+    "falcon-pp2-tied": ("tiny-tied", 1, 2, None, False),
+    "llama-tp2-tied": ("tiny-llama-tied", 2, 1, None, False),
+    "llama-pp2-tied": ("tiny-llama-tied", 1, 2, None, False),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_provider_first_model_equals_the_file_path(case, tiny_hf, tmp_path):
-    card, tp, pp = CASES[case]
-    import_hf(ImportOptions(str(tiny_hf[card]), tmp_path / "mg", MegatronLayout()))
-    result = launch(provider_first_checks, tp * pp, str(tiny_hf[card]), str(tmp_path / "mg"), tp, pp)
+    card, tp, pp, dtype, float16_module = CASES[case]
+    import_hf(ImportOptions(str(tiny_hf[card]), tmp_path / "mg", MegatronLayout(), dtype=dtype))
+    result = launch(provider_first_checks, tp * pp, str(tiny_hf[card]), str(tmp_path / "mg"), tp, pp,
+                    float16_module)
     assert result["differ"] == []
     assert result["settings"] == ("full", tp, pp)  # the settings changed on the provider are the model's
 
