@@ -15,6 +15,7 @@ CPU (gloo) smoke test:  python bench/gpu_live.py --device cpu --card tiny-one-gr
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -61,31 +62,40 @@ def consume(stream) -> int:
     return sum(tensor.numel() for _, tensor in stream)
 
 
+def say(rank: int, what: str) -> None:
+    """Progress on rank 0's stderr (a run that stalls shows where)."""
+    if rank == 0:
+        print(f"[gpu_live {time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
+
+
 def worker(rank: int, root: str, tp: int, pp: int, bucket_mib: list[float], repeats: int,
            save_dir: str) -> dict | None:
     provider, it_dir = provider_from_checkpoint(root, tp=tp, pp=pp)
     device = init_distributed(rank, tp * pp, tp, pp)
     try:
         model = load_model(provider, it_dir, device)
+        say(rank, "model loaded; copying the parameters once")
         out = {}
         params = list(model.parameters())
-        flat = torch.empty(sum(p.numel() * p.element_size() for p in params), dtype=torch.uint8, device=device)
+        sizes = [-(-p.numel() * p.element_size() // 16) * 16 for p in params]  # each view aligned for its dtype
+        flat = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
         copies = []
         for _ in range(repeats):
             with Timer(device) as t:
                 offset = 0
-                for p in params:
-                    n = p.numel() * p.element_size()
-                    flat[offset:offset + n].view(p.dtype).view(p.shape).copy_(p.data)
+                for p, n in zip(params, sizes):
+                    flat[offset:offset + p.numel() * p.element_size()].view(p.dtype).view(p.shape).copy_(p.data)
                     offset += n
             copies.append(t.seconds)
         out["copy_params_once_s"], out["param_bytes_rank0"] = min(copies), flat.numel()
         del flat
+        say(rank, "planning")
         with Timer(device) as t:
             plan = transfer_plan(model, dtype=torch.bfloat16)
         out["plan_s"], out["hf_bytes"] = t.seconds, plan.nbytes
         for mib in bucket_mib:
             size = max(int(mib * 2**20), plan.min_bucket_bytes)
+            say(rank, f"refit at {size:,} bytes per bucket")
             runs = []
             for _ in range(repeats):
                 with Timer(device) as t:
@@ -96,9 +106,11 @@ def worker(rank: int, root: str, tp: int, pp: int, bucket_mib: list[float], repe
             out[f"refit_{mib:g}MiB_peak_extra_gib"] = max(r.peak_gib for r in runs)
         for target in [device, "cpu"] if device.type == "cuda" else ["cpu"]:
             label = "device" if target is device else "cpu"
+            say(rank, f"hf_weights to {label}")
             with Timer(device) as t:
                 consume(hf_weights(model, dtype=torch.bfloat16, device=target))
             out[f"hf_weights_to_{label}_s"], out[f"hf_weights_to_{label}_peak_extra_gib"] = t.seconds, t.peak_gib
+        say(rank, "dist_checkpointing.save")
         with Timer(device) as t:
             save_checkpoint(model, Path(save_dir), it_dir)
         out["dist_checkpointing_save_s"] = t.seconds
@@ -112,7 +124,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--card", default="falcon-h1-0.5b")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    # not torch.cuda.is_available(): CUDA initialized here breaks import-hf's forked workers
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--bucket-mib", type=float, nargs="+", default=[64, 256, 1024],
                     help="bucket sizes to time refit at (raised to the plan's smallest where below it)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -122,10 +135,12 @@ def main(argv=None) -> dict:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the ranks (spawned) run on CPU over gloo
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        say(0, f"random {args.card} weights, import-hf")
         create_random(CreateRandomOptions(load_card(args.card), work / "hf", dtype=torch.bfloat16))
         import_hf(ImportOptions(str(work / "hf"), work / "mg", MegatronLayout()))
         row = launch(worker, args.tp * args.pp, str(work / "mg"), args.tp, args.pp, args.bucket_mib, args.repeats,
                      str(work / "saved"))
+        say(0, "export-hf")
         t0 = time.perf_counter()
         export_hf(ExportOptions(work / "saved", work / "exported"))
         row["export_hf_s"] = time.perf_counter() - t0
