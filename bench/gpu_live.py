@@ -15,6 +15,7 @@ CPU (gloo) smoke test:  python bench/gpu_live.py --device cpu --card tiny-one-gr
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,12 +23,8 @@ from pathlib import Path
 
 import torch
 
-from falcon_bridge.cards import load_card
-from falcon_bridge.converters.create_random import CreateRandomOptions, create_random
 from falcon_bridge.converters.export_hf import ExportOptions, export_hf
-from falcon_bridge.converters.import_hf import ImportOptions, import_hf
 from falcon_bridge.converters.live import export_hf_weights, hf_weights, transfer_plan
-from falcon_bridge.core.parallel import MegatronLayout
 from falcon_bridge.megatron.checkpoint import load_model, provider_from_checkpoint, save_checkpoint
 from falcon_bridge.megatron.distributed import init_distributed, launch, shutdown_distributed
 
@@ -136,8 +133,12 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         say(0, f"random {args.card} weights, import-hf")
-        create_random(CreateRandomOptions(load_card(args.card), work / "hf", dtype=torch.bfloat16))
-        import_hf(ImportOptions(str(work / "hf"), work / "mg", MegatronLayout()))
+        # in CLI processes of their own: torch ops here would start OpenMP's thread pool, which the forked workers
+        # of an in-process import-hf inherit broken (a child hangs in its first parallel fill)
+        for command in (["create-random", args.card, work / "hf", "--dtype", "bf16"],
+                        ["import-hf", work / "hf", work / "mg"]):
+            subprocess.run([sys.executable, "-m", "falcon_bridge.cli.app", *map(str, command)], check=True,
+                           stdout=subprocess.DEVNULL)
         row = launch(worker, args.tp * args.pp, str(work / "mg"), args.tp, args.pp, args.bucket_mib, args.repeats,
                      str(work / "saved"))
         say(0, "export-hf")
