@@ -87,8 +87,7 @@ class MegatronLayout:
         elif arch.num_layers % pp:
             raise BadInput(f"--pp {pp} does not divide num_hidden_layers ({arch.num_layers}); "
                            "pass --pp-layers for an uneven split")
-        uneven = [n for n in self.stage_layers(arch.num_layers) if n % self.vpp]
-        if uneven:
+        if any(n % self.vpp for n in self.stage_layers(arch.num_layers)):
             raise BadInput(f"{self.vpp} virtual pipeline stages per rank: the layers of each pipeline stage "
                            f"({', '.join(map(str, self.stage_layers(arch.num_layers)))} of num_hidden_layers "
                            f"{arch.num_layers}) must split into {self.vpp} equal non-empty model chunks")
