@@ -93,9 +93,9 @@ HONOURED_ELSEWHERE = {
 REFUSED_ARGS = {
     "context_parallel_size": ("> 1", lambda v: v > 1, "the Mamba mixer of our layer has no context parallelism"),
     "virtual_pipeline_model_parallel_size": ("set", lambda v: v is not None,
-                                             "our model builds one pipeline stage per rank"),
+                                             "train builds one pipeline stage per rank (virtual: the live API only)"),
     "num_layers_per_virtual_pipeline_stage": ("set", lambda v: v is not None,
-                                              "our model builds one pipeline stage per rank"),
+                                              "train builds one pipeline stage per rank (virtual: the live API only)"),
     "expert_model_parallel_size": ("> 1", lambda v: v > 1, "Falcon-H1 has no experts"),
     "num_experts": ("set", lambda v: v is not None, "Falcon-H1 has no experts"),
     "use_torch_fsdp2": ("set", bool, "use --use-distributed-optimizer (FSDP is not tried with our model)"),
