@@ -475,8 +475,8 @@ def live_transfer_checks(rank: int, hf_dir: str, tp: int, pp: int, vpp: int, wra
 def live_transfer_misuse(rank: int, hf_dir: str, other_hf_dir: str) -> list[list[str]]:
     """What each of 2 ranks (TP = 2) sees when the export is misused: a plan used with another model, a plan whose
     parameters were reallocated, bucket_bytes below the largest tensor, ranks with different selections or bucket
-    sizes, a rank that stops after one tensor and one that fails half-way; then a collective, to show nobody
-    hangs."""
+    sizes, a rank that stops after one tensor and one that fails half-way, a filter naming a tensor the plan lacks;
+    then a collective, to show nobody hangs."""
     from contextlib import closing
 
     from falcon_bridge.converters.live import export_hf_weights, model_from_hf, transfer_plan
@@ -500,6 +500,10 @@ def live_transfer_misuse(rank: int, hf_dir: str, other_hf_dir: str) -> list[list
     try:
         model = model_from_hf(hf_dir, device=device)
         plan = transfer_plan(model)
+        try:
+            plan.filter(["model.layers.0.mamba.in_proj.weight", "model.nope"])
+        except BadInput as e:
+            seen.append(f"unknown name: {e}")
         attempt("other model", export_hf_weights(model_from_hf(other_hf_dir, device=device), plan))
         attempt("too small", export_hf_weights(model, plan, bucket_bytes=plan.min_bucket_bytes - 1))
         mine = plan.filter(lambda name: "layers.0." in name) if rank == 1 else plan

@@ -79,6 +79,7 @@ def test_misuse_fails_on_every_rank_without_a_hang(tiny_hf):
                   str(tiny_hf["tiny-one-group-gated-norm"]))
     said = [dict(line.split(": ", 1) for line in lines) for lines in seen]
     for rank in (0, 1):
+        assert said[rank]["unknown name"] == "not in the transfer plan: ['model.nope']"
         assert said[rank]["other model"].startswith("rank 0: the transfer plan was built for another model or layout")
         assert said[rank]["too small"].startswith("bucket_bytes ") and "the largest tensor" in said[rank]["too small"]
         assert said[rank]["selection"].startswith("the ranks disagree on the transfer plan")
