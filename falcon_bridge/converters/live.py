@@ -442,7 +442,7 @@ def transfer_plan(models, dtype: torch.dtype | None = None, mup: MupExport = Mup
 
     held = {}  # (key, bounds) → this rank's shard of that region
     for chunk_index, chunk in enumerate(chunks):
-        for sh in _sharded_tensors(save_preprocess(chunk.sharded_state_dict())[0]):
+        for sh in _sharded_tensors(save_preprocess(_sharded_state_dict(chunk))[0]):
             held.setdefault((sh.key, tuple((r.start, r.stop) for r in _region(sh))), (chunk_index, sh))
     everyone = [None] * mp.size()
     torch.distributed.all_gather_object(everyone, (tp.rank(), pp.rank(), [
