@@ -247,3 +247,27 @@ def test_default_workers_follow_cores_memory_and_work(monkeypatch):
     assert default_workers(15 * gib, 4 * gib) == 7  # memory: 64 GiB / (2 × 4 + 1) GiB
     assert default_workers(gib, gib // 8) == 4  # work: 256 MiB each at least
     assert default_workers(10**6, 10**5) == 1  # a tiny checkpoint: one process, nothing forked
+
+
+
+LIBRARY_CALLER = """
+import sys, torch
+from pathlib import Path
+from falcon_bridge.cards import load_card
+from falcon_bridge.converters.create_random import CreateRandomOptions, create_random
+from falcon_bridge.converters.import_hf import ImportOptions, import_hf
+from falcon_bridge.core.parallel import MegatronLayout
+out = Path(sys.argv[1])
+create_random(CreateRandomOptions(load_card("falcon-h1-0.5b"), out / "hf", dtype=torch.bfloat16))  # torch work first
+summary = import_hf(ImportOptions(str(out / "hf"), out / "mg", MegatronLayout(), workers=2))
+print("converted by", summary.workers, "workers")
+"""
+
+
+def test_a_library_caller_that_ran_torch_ops_first_converts_with_forked_workers(tmp_path):
+    """import_hf called from Python after the caller's own torch ops (an RL or eval script; here create_random of
+    the 0.5B card): the forked workers compute on one thread each, since a child entering an OpenMP parallel region
+    with the pool its parent left behind hangs (it did, in the children's first fill after their share)."""
+    done = subprocess.run([sys.executable, "-c", LIBRARY_CALLER, str(tmp_path)], capture_output=True, text=True,
+                          timeout=180)  # a hung child would hold the run for ever
+    assert done.returncode == 0 and "converted by 2 workers" in done.stdout, done.stderr[-3000:]

@@ -180,6 +180,9 @@ class Team:
                 raise BadInput(f"--workers {self.size}: cannot start worker {rank} ({e.strerror})") from None
             if pid == 0:
                 self.rank, self._children = rank, {}
+                # OpenMP is not fork-safe: a caller that ran torch ops before converting left the intra-op thread
+                # pool in a state a child's first parallel region hangs on. Forked children compute on one thread.
+                torch.set_num_threads(1)
                 for signum in (signal.SIGINT, signal.SIGTERM):  # a child stops at once; the leader cleans up
                     signal.signal(signum, signal.SIG_DFL)
                 ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the child dies with the leader
@@ -274,8 +277,11 @@ class Team:
         at once (the leader then kills the children and removes the partial output)."""
         threads = torch.get_num_threads()
         # torch's intra-op pool defaults to every core in each process: N ranks of it would oversubscribe the cores
-        # N-fold (its threads spin while they wait); the ranks on one host share the cores instead
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // self.local_size))
+        # N-fold (its threads spin while they wait); the ranks on one host share the cores instead (a forked child
+        # keeps its one thread)
+        torch.set_num_threads(min(threads, max(1, len(os.sched_getaffinity(0)) // self.local_size))
+                              if self.forked and not self.leader
+                              else max(1, len(os.sched_getaffinity(0)) // self.local_size))
         try:
             result = share(self.rank, tmp, self._step(run, total_items))
             return {"rank": self.rank, "peak_rss": peak_rss(), "error": None, "result": result}
