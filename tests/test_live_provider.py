@@ -89,7 +89,7 @@ def test_provider_first_misuse_is_refused_with_one_message(tiny_hf):
                 "provider.lay_out_over(pg_collection) first",
                 "3 virtual pipeline stages per rank: the layers of each pipeline stage (2, 2 of num_hidden_layers 4) "
                 "must split into 3 equal non-empty model chunks",
-                "load_hf_weights takes the chunks one provider built (one or more)",
+                "the live bridge takes one model: one module or the chunks one provider built",
                 f"{tiny_hf['tiny-llama']}: a llama checkpoint, but the model is falcon_h1",
                 f"{tiny_hf['tiny-groups-gated-norm']}: not the model's architecture: ",
                 "mup fold: the model was built for mup preserve"]

@@ -145,7 +145,7 @@ def _unwrap_all(models) -> list:
             raise BadInput(f"{type(model).__name__}: not a model built by falcon-bridge's provider")
         chunks.append(inner)
     if not chunks or any(c.provider is not chunks[0].provider for c in chunks):
-        raise BadInput("load_hf_weights takes the chunks one provider built (one or more)")
+        raise BadInput("the live bridge takes one model: one module or the chunks one provider built")
     return chunks
 
 
