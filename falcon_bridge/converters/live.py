@@ -388,7 +388,7 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-def _groups(chunk):
+def _model_parallel_groups(chunk):
     """The model's TP, PP and model-parallel (TP × PP) process groups."""
     pg = chunk.pg_collection
     if getattr(pg, "mp", None) is None:
@@ -434,7 +434,7 @@ def transfer_plan(models, dtype: torch.dtype | None = None, mup: MupExport = Mup
     chunks = _unwrap_all(models)
     provider = chunks[0].provider
     arch = provider.arch
-    tp, pp, mp = _groups(chunks[0])
+    tp, pp, mp = _model_parallel_groups(chunks[0])
     model = _model_identity(provider)
     _agree(mp, "the model (architecture, layout, µP, BitNet, dtype)", model)
     policy = _export_policy(provider, dtype, mup, fmt)
@@ -585,7 +585,7 @@ def export_hf_buckets(models, plan: TransferPlan, device: torch.device | str | N
                       divergence: dict | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """`export_hf_weights` one bucket at a time: a list of (HF name, tensor) per bucket."""
     chunks = _unwrap_all(models)
-    tp, pp, mp = _groups(chunks[0])
+    tp, pp, mp = _model_parallel_groups(chunks[0])
     if bucket_bytes is None:
         bucket_bytes = max(DEFAULT_BUCKET_BYTES, plan.min_bucket_bytes)
     _start_export(chunks, plan, bucket_bytes, mp)
