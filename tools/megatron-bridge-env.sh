@@ -19,7 +19,8 @@ MAIN_PY=.venv/bin/python
 PINS=(
   megatron-bridge==0.6.2
   # the transformers it accepts, and what that transformers needs that the project's .venv holds in other versions
-  transformers==5.12.1 huggingface-hub==1.33.0 tokenizers==0.22.2 httpx==0.29.0 httpcore==1.0.9
+  # (kernels: transformers >= 5.2x requires it, and 5.12.1 calls an API that kernels 0.19 refuses; 5.12.1 declares <0.13)
+  transformers==5.12.1 huggingface-hub==1.33.0 tokenizers==0.22.2 httpx==0.29.0 httpcore==1.0.9 kernels==0.12.3
   certifi==2026.10.19.post1
   # imported by `import megatron.bridge` and its training.checkpointing / model_load_save modules on CPU
   omegaconf==2.3.1 hydra-core==1.3.8 antlr4-python3-runtime==4.9.3
