@@ -271,3 +271,57 @@ def test_a_library_caller_that_ran_torch_ops_first_converts_with_forked_workers(
     done = subprocess.run([sys.executable, "-c", LIBRARY_CALLER, str(tmp_path)], capture_output=True, text=True,
                           timeout=180)  # a hung child would hold the run for ever
     assert done.returncode == 0 and "converted by 2 workers" in done.stdout, done.stderr[-3000:]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 40), st.sampled_from([torch.uint8, torch.bfloat16, torch.float32])),
+                min_size=1, max_size=12),
+       st.integers(1, 200), st.integers(1, 3), st.randoms(use_true_random=False))
+def test_writers_hash_the_files_they_wrote_alone_in_order_and_only_those(specs, max_shard_bytes, n, rnd):
+    """Several writers, tensors dealt out at random and put in a random order: a file a writer reports hashed holds
+    exactly that sha256 and size on disk; with one writer putting in plan order, every file is reported."""
+    import tempfile
+
+    from falcon_bridge.formats.hf import ShardedSafetensorsWriter
+    from falcon_bridge.formats.manifest import sha256_file
+
+    plan = [(f"t{i}", (numel,), dtype) for i, (numel, dtype) in enumerate(specs)]
+    tensors = {name: torch.arange(shape[0]).to(dtype) for name, shape, dtype in plan}
+    names = [name for name, _, _ in plan]
+    owner = {name: rnd.randrange(n) for name in names}
+    order = rnd.sample(names, len(names)) if rnd.random() < 0.5 else names
+    for dealt in ([{name: 0 for name in names}, 1, names], [owner, n, order]):
+        owners, count, sequence = dealt
+        with tempfile.TemporaryDirectory() as out:
+            writers = [ShardedSafetensorsWriter(Path(out), plan, max_shard_bytes, leader=r == 0, hash_as_written=True,
+                                                names={k for k, v in owners.items() if v == r}) for r in range(count)]
+            for name in sequence:
+                writers[owners[name]].put(name, tensors[name])
+            for w in writers:
+                w.close()
+            on_disk = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                       for p in Path(out).glob("*.safetensors")}
+            reported = {}
+            for w in writers:
+                assert not set(reported) & set(w.hashed)  # a file is hashed by one writer at most
+                reported.update(w.hashed)
+            assert all(on_disk[f] == h for f, h in reported.items())
+            if count == 1 and sequence == names:
+                assert set(reported) == set(on_disk)
+
+
+def test_export_with_one_worker_does_not_read_its_shards_back_for_the_manifest(src, tmp_path, monkeypatch):
+    """The shards are hashed as they are written (overlapping the reads of the next tensors), not afterwards."""
+    from falcon_bridge.converters.export_hf import ExportOptions, export_hf
+    from falcon_bridge.converters.import_hf import ImportOptions, import_hf
+    from falcon_bridge.formats import manifest
+
+    import_hf(ImportOptions(str(src), tmp_path / "mg"))
+    read_back = []
+    real = manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda path, *a, **k: (read_back.append(Path(path)),
+                                                                          real(path, *a, **k))[1])
+    export_hf(ExportOptions(tmp_path / "mg", tmp_path / "hf", max_shard_bytes=100_000, workers=1))
+    shards = sorted((tmp_path / "hf").glob("*.safetensors"))
+    assert len(shards) > 1 and read_back and not [p for p in read_back if p.suffix == ".safetensors"]
+    assert check_manifest(tmp_path / "hf") == []

@@ -63,13 +63,16 @@ def create_random(options: CreateRandomOptions, run: Run = QUIET) -> CreateRando
                        f"{SEED_RANGE[1]:,}")
     check_max_shard_bytes(options.max_shard_bytes)
     parameters = num_parameters(arch)
-    with run.output(CreateRandomSummary.command, options, parameters * dtype.itemsize) as tmp:  # checks free space
+    hashed: dict[str, dict] = {}  # the shards, hashed as written: the manifest does not read them back
+    with run.output(CreateRandomSummary.command, options, parameters * dtype.itemsize, hashed=hashed) as tmp:
         shapes = hf_tensor_shapes(arch)  # first now: it loops over the layers
-        writer = ShardedSafetensorsWriter(tmp, [(n, s, dtype) for n, s in shapes.items()], options.max_shard_bytes)
+        writer = ShardedSafetensorsWriter(tmp, [(n, s, dtype) for n, s in shapes.items()], options.max_shard_bytes,
+                                          hash_as_written=True)
         for i, (name, shape) in enumerate(shapes.items()):
             writer.put(name, random_tensor(name, shape, arch, options.seed).to(dtype))
             run.step(i + 1, len(shapes), name)
         writer.close()
+        hashed.update(writer.hashed)
         write_config(tmp, arch, dtype)
         tokenizer = build_tokenizer(arch, tmp)
     return CreateRandomSummary(

@@ -72,14 +72,16 @@ def export_hf(options: ExportOptions, run: Run = QUIET) -> ExportSummary | None:
     def share(rank: int, tmp: Path, step) -> dict:
         mine = shares[rank]
         writer = ShardedSafetensorsWriter(tmp, layout, options.max_shard_bytes,
-                                          names={name for i in mine for name, _, _ in written[i]}, leader=rank == 0)
+                                          names={name for i in mine for name, _, _ in written[i]}, leader=rank == 0,
+                                          hash_as_written=True)
         for i in mine:
             for name, tensor in source.hf_tensors(plan[i], options.check_finite).items():
                 for item in policy.tensors(name, tensor):
                     writer.put(*item)
             step(plan[i].megatron)
         writer.close()
-        return {"divergence": source.divergence, "files": writer.file_names}  # the divergence of this rank's entries
+        # the divergence of this rank's entries; the output files it wrote alone, in order, hashed as written
+        return {"divergence": source.divergence, "files": writer.file_names, "hashed": writer.hashed}
 
     def finish(tmp: Path, sources, results: list[dict]) -> tuple[list[str], list[str]]:
         for result in results:

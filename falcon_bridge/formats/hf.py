@@ -10,12 +10,14 @@ them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
 import struct
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,11 +298,18 @@ class ShardedSafetensorsWriter:
 
     `plan` lists (name, shape, dtype) in shard order; the headers are laid out from it first, so tensors may arrive
     in any order. Several writers (processes) may write one checkpoint together: each is given the `names` it
-    writes, and the one with `leader` set writes every shard's header and the index. Memory: one tensor.
+    writes, and the one with `leader` set writes every shard's header and the index. Memory: one tensor (two while
+    hashing).
+
+    hash_as_written: a file whose tensors this writer puts in file order, all of them, is hashed from those bytes on
+    a thread while the next tensor is produced (its header is known to every writer), so the manifest need not read
+    it back after the conversion: `hashed` (file name → {sha256, bytes}) once closed. A file written out of order or
+    by several writers is left out of `hashed` (the manifest hashes it from disk). The writer hashes a tensor after
+    `put` returns: the caller must not change it in place.
     """
 
     def __init__(self, out_dir: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int,
-                 names: set[str] | None = None, leader: bool = True):
+                 names: set[str] | None = None, leader: bool = True, hash_as_written: bool = False):
         self.out_dir = Path(out_dir)
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
         size = 0
@@ -334,6 +343,15 @@ class ShardedSafetensorsWriter:
         if leader:
             for file_name, raw in headers:
                 self._write_at(file_name, 0, raw)
+        self.hashed: dict[str, dict] = {}
+        # file name → (its running sha256, the offset its next bytes must come from, its size), while in order
+        self._streams: dict[str, tuple] = {}
+        if hash_as_written:
+            for (file_name, raw), shard in zip(headers, shards):
+                size = len(raw) + sum(math.prod(s) * d.itemsize for _, s, d in shard)
+                self._streams[file_name] = (hashlib.sha256(raw), len(raw), size)
+        self._hashing = ThreadPoolExecutor(max_workers=1) if hash_as_written else None
+        self._hashing_now: Future | None = None
 
     def _write_at(self, file_name: str, offset: int, data) -> None:
         # no O_TRUNC: other writers' bytes may already be in the file
@@ -352,10 +370,28 @@ class ShardedSafetensorsWriter:
         file_name, offset, shape, dtype = self._where[name]
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise RuntimeError(f"writer expected {name} {shape} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
-        self._write_at(file_name, offset, tensor.detach().contiguous().cpu().view(torch.uint8).numpy())  # no copy
+        data = tensor.detach().contiguous().cpu().view(torch.uint8).numpy()  # no copy
+        self._write_at(file_name, offset, data)
         self._todo.discard(name)
+        self._hash_in_order(file_name, offset, data)
+
+    def _hash_in_order(self, file_name: str, offset: int, data) -> None:
+        stream = self._streams.pop(file_name, None)
+        if stream is None or stream[1] != offset:
+            return  # out of order (or not hashing): the manifest reads this file back
+        digest, _, size = stream
+        self._streams[file_name] = (digest, offset + data.nbytes, size)
+        if self._hashing_now is not None:
+            self._hashing_now.result()  # one tensor hashing at a time: memory stays bounded
+        self._hashing_now = self._hashing.submit(digest.update, data)  # hashlib releases the GIL on large blocks
 
     def close(self) -> None:
+        if self._hashing is not None:
+            self._hashing.shutdown(wait=True)
+            if self._hashing_now is not None:
+                self._hashing_now.result()
+            self.hashed = {name: {"sha256": digest.hexdigest(), "bytes": size}
+                           for name, (digest, written, size) in self._streams.items() if written == size}
         if self._todo:
             raise RuntimeError(f"writer closed with {len(self._todo)} tensors unwritten, e.g. {min(self._todo)}")
         if self._leader and len(self.file_names) > 1:
