@@ -9,6 +9,8 @@ label). Iteration 1's "lm loss" is then transformers' loss on it. The runs:
   (--exit-interval, as a job's time limit would), saved, then resumed from its save at TP=1 for iterations 4–5
   and at PP=2 for iteration 4: the losses and the trained weights are the reference's;
 - TP=4 (the card's one Mamba group replicated 4 times), 5 iterations: the reference's weights;
+- PP=2 with two virtual pipeline stages per rank (one layer per model chunk, megatron's interleaved schedule),
+  5 iterations: the reference's losses and weights;
 and every trained save exports to HF with the trained model's logits (verify, fp32).
 """
 
@@ -87,12 +89,14 @@ def runs(imported, tmp_path_factory):
                         "--sequence-parallel", "--recompute-granularity", "full", "--recompute-method", "uniform",
                         "--recompute-num-layers", "1", nproc=4),
         "tp4": train("tp4", "--train-iters", "5", "--save-interval", "5", "--tensor-model-parallel-size", "4", nproc=4),
+        "pp2vp2": train("pp2vp2", "--train-iters", "5", "--save-interval", "5", "--pipeline-model-parallel-size", "2",
+                        "--num-layers-per-virtual-pipeline-stage", "1", nproc=2),
     }}
     result["losses"]["resumed"] = train("resumed", "--train-iters", "5", "--save-interval", "5", load=tmp / "tp2pp2")
     result["losses"]["resumed_pp2"] = train("resumed_pp2", "--train-iters", "5", "--exit-interval", "4",
                                             "--save-interval", "4", "--pipeline-model-parallel-size", "2", nproc=2,
                                             load=tmp / "tp2pp2")
-    for name in ("tp1", "resumed", "tp4"):
+    for name in ("tp1", "resumed", "tp4", "pp2vp2"):
         ok("export-hf", tmp / name, tmp / f"{name}-hf")
     return result
 
@@ -111,15 +115,15 @@ def test_first_loss_is_transformers_loss_on_the_batch(runs, tiny_hf):
     with torch.no_grad():
         logits = hf_model(tiny_hf[CARD], torch.float32, "cpu")(tokens).logits
     expected = torch.nn.functional.cross_entropy(logits[0], labels[0]).item()
-    for name in ("tp1", "tp2pp2", "tp4"):
+    for name in ("tp1", "tp2pp2", "tp4", "pp2vp2"):
         assert runs["losses"][name][1] == pytest.approx(expected, rel=2e-6), name
 
 
 def test_layouts_and_resume_train_alike(runs):
-    """The same 5 iterations at TP=1, at TP=4, and at TP=2 × PP=2 (sequence parallel, recompute) for 3 then
-    resumed from its save at TP=1 (optimizer state, iteration count and data position carried over; and at PP=2
-    for iteration 4): the same losses, and the same trained weights (to the fp32 noise Adam amplifies:
-    tests/test_training_parity.py)."""
+    """The same 5 iterations at TP=1, at TP=4, at PP=2 with two virtual stages per rank (megatron's interleaved
+    schedule), and at TP=2 × PP=2 (sequence parallel, recompute) for 3 then resumed from its save at TP=1
+    (optimizer state, iteration count and data position carried over; and at PP=2 for iteration 4): the same
+    losses, and the same trained weights (to the fp32 noise Adam amplifies: tests/test_training_parity.py)."""
     got = runs["losses"]
     assert sorted(got["tp1"]) == [1, 2, 3, 4, 5] and sorted(got["resumed"]) == [4, 5]
     assert got["tp1"][5] < got["tp1"][1]  # it learns the document
@@ -127,12 +131,12 @@ def test_layouts_and_resume_train_alike(runs):
     # window after loading spans both; the trained state is the uninterrupted run's, bit for bit, at one layout)
     resumed_5 = (got["tp1"][4] + got["tp1"][5]) / 2
     assert sorted(got["resumed_pp2"]) == [4]
-    for name in ("tp2pp2", "resumed", "resumed_pp2", "tp4"):
+    for name in ("tp2pp2", "resumed", "resumed_pp2", "tp4", "pp2vp2"):
         for iteration, loss in got[name].items():
             expected = got["tp1"][iteration] if (name, iteration) != ("resumed", 5) else resumed_5
             assert loss == pytest.approx(expected, rel=1e-5), (name, iteration)
     reference = exported(runs["tmp"] / "tp1-hf")
-    for name in ("resumed", "tp4"):
+    for name in ("resumed", "tp4", "pp2vp2"):
         ours = exported(runs["tmp"] / f"{name}-hf")
         assert ours.keys() == reference.keys()
         errors = {n: relative_error(ours[n], reference[n]) for n in reference}
@@ -140,7 +144,7 @@ def test_layouts_and_resume_train_alike(runs):
         assert errors[worst] <= 2e-4, f"{name}: {worst} differs from TP=1 training by {errors[worst]:.2e}"
 
 
-@pytest.mark.parametrize("name,tp", [("tp1", 1), ("tp4", 4), ("resumed", 1)])
+@pytest.mark.parametrize("name,tp", [("tp1", 1), ("tp4", 4), ("resumed", 1), ("pp2vp2", 1)])
 def test_trained_save_exports_its_logits(runs, name, tp):
     """What the loop saved exports to an HF checkpoint whose transformers logits are the trained model's, the
     model run at the layout it trained in (verify, fp32)."""
@@ -199,6 +203,9 @@ BAD_FLAGS = [
     (["--cuda-graph-impl", "local"], "--cuda-graph-impl local"),
     (["--recompute-granularity", "selective", "--recompute-modules", "mlp"], "--recompute-modules mlp"),
     (["--sequence-parallel"], "--sequence-parallel: needs --tensor-model-parallel-size > 1"),
+    (["--nproc-per-node", "2", "--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "4"],
+     "--num-virtual-stages-per-pipeline-rank: 4 virtual pipeline stages per rank: the layers of each pipeline stage"),
+    (["--num-layers-per-virtual-pipeline-stage", "1"], "interleaved schedule is used, pipeline-model-parallel size"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--global-batch-size", "3"], "Megatron-LM refuses these flags"),
     (["--save-interval", "0"], "Megatron-LM refuses these flags: `assert args.save_interval"),

@@ -92,10 +92,6 @@ HONOURED_ELSEWHERE = {
 # Flags outside TransformerConfig that our model or this command cannot honour, with why.
 REFUSED_ARGS = {
     "context_parallel_size": ("> 1", lambda v: v > 1, "the Mamba mixer of our layer has no context parallelism"),
-    "virtual_pipeline_model_parallel_size": ("set", lambda v: v is not None,
-                                             "train builds one pipeline stage per rank (virtual: the live API only)"),
-    "num_layers_per_virtual_pipeline_stage": ("set", lambda v: v is not None,
-                                              "train builds one pipeline stage per rank (virtual: the live API only)"),
     "expert_model_parallel_size": ("> 1", lambda v: v > 1, "Falcon-H1 has no experts"),
     "num_experts": ("set", lambda v: v is not None, "Falcon-H1 has no experts"),
     "use_torch_fsdp2": ("set", bool, "use --use-distributed-optimizer (FSDP is not tried with our model)"),
@@ -223,7 +219,10 @@ def _model_config_fields(args: argparse.Namespace) -> dict:
     from megatron.core.transformer import TransformerConfig
 
     names = {f.name for f in dataclasses.fields(TransformerConfig)}
-    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+    fields = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    # derived, not a flag of its own (as core_transformer_config_from_args does): the interleaved schedule refuses both
+    fields["batch_p2p_comm"] = not args.overlap_p2p_comm
+    return fields
 
 
 def check_flags(argv: list[str], ckpt: TrainingCheckpoint, world_size: int) -> argparse.Namespace:
@@ -242,7 +241,8 @@ def check_flags(argv: list[str], ckpt: TrainingCheckpoint, world_size: int) -> a
     for name, (what, refused, why) in REFUSED_ARGS.items():
         if hasattr(args, name) and refused(getattr(args, name)):
             raise BadInput(f"{flag(name)} {what}: not supported by falcon-bridge's Falcon-H1 ({why})")
-    changed = {k for k, v in _model_config_fields(args).items() if v != getattr(baseline, k)}
+    unchanged = _model_config_fields(baseline)
+    changed = {k for k, v in _model_config_fields(args).items() if v != unchanged[k]}
     for name in sorted(changed - MODEL_RUN_SETTINGS - HONOURED_ELSEWHERE - set(fixed)):
         raise BadInput(f"{flag(name)}: not supported by falcon-bridge's Falcon-H1 model (it would be ignored)")
     if args.cuda_graph_impl not in CUDA_GRAPH_IMPLS:
@@ -255,10 +255,8 @@ def check_flags(argv: list[str], ckpt: TrainingCheckpoint, world_size: int) -> a
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         raise BadInput("--sequence-parallel: needs --tensor-model-parallel-size > 1")
 
-    layout = MegatronLayout(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-                            vocab_divisible_by=ckpt.run_config["layout"]["vocab_divisible_by"])
     try:
-        layout.validate(ckpt.arch)
+        training_layout(args, ckpt).validate(ckpt.arch)
     except BadInput as e:
         raise BadInput(f"--tensor-model-parallel-size/--pipeline-model-parallel-size: {e}") from e
     if args.tokenizer_type == "HuggingFaceTokenizer" and args.tokenizer_model:
@@ -272,8 +270,20 @@ def check_flags(argv: list[str], ckpt: TrainingCheckpoint, world_size: int) -> a
         _check_save(Path(args.save), ckpt)
     if args.lr is None:  # Megatron-LM has no default; its optimizer would fail on None on every rank
         raise BadInput("--lr: required (the learning rate; Megatron-LM has no default)")
-    _megatron_validation(args, world_size)
+    validated = _megatron_validation(args, world_size)
+    try:  # the virtual pipeline size, which Megatron-LM derives from --num-layers-per-virtual-pipeline-stage
+        training_layout(validated, ckpt).validate(ckpt.arch)
+    except BadInput as e:
+        raise BadInput(f"--num-layers-per-virtual-pipeline-stage/--num-virtual-stages-per-pipeline-rank: {e}") from e
     return args
+
+
+def training_layout(args: argparse.Namespace, ckpt: TrainingCheckpoint) -> MegatronLayout:
+    """The layout Megatron-LM's args train in: TP, PP and virtual pipeline stages (which Megatron-LM's validation
+    derives: before it, none)."""
+    return MegatronLayout(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                          vpp=getattr(args, "virtual_pipeline_model_parallel_size", None) or 1,
+                          vocab_divisible_by=ckpt.run_config["layout"]["vocab_divisible_by"])
 
 
 def _check_save(save: Path, ckpt: TrainingCheckpoint) -> None:
@@ -301,10 +311,11 @@ def _check_split(args: argparse.Namespace) -> None:
                        "evaluate on the missing validation set after training and fail)")
 
 
-def _megatron_validation(args: argparse.Namespace, world_size: int) -> None:
+def _megatron_validation(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Megatron-LM's validate_args on a copy, for this world size: its asserts (batch sizes that do not divide,
     a world size that is not a multiple of TP×PP, missing required flags) become one line here instead of a
-    traceback on every rank."""
+    traceback on every rank. Returns the validated copy (with what Megatron-LM derives, such as the virtual
+    pipeline size)."""
     import contextlib
     import copy
     import io
@@ -322,6 +333,7 @@ def _megatron_validation(args: argparse.Namespace, world_size: int) -> None:
         where = traceback.extract_tb(e.__traceback__)[-1]
         why = " ".join(str(e).split()) or f"`{where.line}` ({Path(where.filename).name}:{where.lineno})"
         raise BadInput(f"Megatron-LM refuses these flags: {why}") from e
+    return trial
 
 
 def _check_tokenizer(directory: Path, arch: FalconH1Arch) -> None:
@@ -357,7 +369,8 @@ def _check_indexed_dataset(path: str) -> None:
 # ---- the three callbacks pretrain() takes ---------------------------------------------------------------------
 def model_provider(ckpt: TrainingCheckpoint, pre_process=True, post_process=True, vp_stage=None, config=None,
                    pg_collection=None):
-    """Our model's stage for this rank, configured by Megatron-LM's args (layout, dtype, run-time settings)."""
+    """Our model's stage for this rank (with virtual pipeline stages, its chunk `vp_stage`: Megatron-LM asks for
+    each), configured by Megatron-LM's args (layout, dtype, run-time settings)."""
     from megatron.training import get_args
 
     from falcon_bridge.megatron.checkpoint import recorded_multipliers
@@ -365,14 +378,12 @@ def model_provider(ckpt: TrainingCheckpoint, pre_process=True, post_process=True
 
     args = get_args()
     rc = ckpt.run_config
-    layout = MegatronLayout(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-                            vocab_divisible_by=rc["layout"]["vocab_divisible_by"])
     settings = {name: value for name, value in _model_config_fields(args).items() if name in MODEL_RUN_SETTINGS}
+    multipliers = recorded_multipliers(rc, ckpt.arch, str(mg.run_config_path(ckpt.it_dir)))
     provider = provider_class(ckpt.arch)(
-        ckpt.arch, layout.validate(ckpt.arch), params_dtype=args.params_dtype, seq_length=args.seq_length,
-        multipliers=recorded_multipliers(rc, ckpt.arch, str(mg.run_config_path(ckpt.it_dir))),
-        bitnet=rc.get("bitnet", False), run_settings=settings)
-    model = provider.provide(pg_collection=pg_collection)
+        ckpt.arch, training_layout(args, ckpt).validate(ckpt.arch), params_dtype=args.params_dtype,
+        seq_length=args.seq_length, multipliers=multipliers, bitnet=rc.get("bitnet", False), run_settings=settings)
+    model = provider.provide(vp_stage=vp_stage, pg_collection=pg_collection)
     assert (model.pre_process, model.post_process) == (pre_process, post_process)
     return model
 
@@ -403,10 +414,12 @@ def batch_on_this_rank(data_iterator) -> dict[str, torch.Tensor]:
 
 def forward_step(data_iterator, model):
     """Megatron-LM's forward step for a GPT-style batch: the per-token next-token loss on the last stage (our model
-    masks the TP vocabulary padding out of its softmax), summed under loss_mask by loss_of_batch."""
-    from megatron.core import parallel_state
+    masks the TP vocabulary padding out of its softmax), summed under loss_mask by loss_of_batch. The chunk that
+    embeds reads the tokens, the chunk that computes the loss the labels (with virtual pipeline stages a rank holds
+    several chunks: which one runs is the model's own pre/post-process flags, not the rank's)."""
+    from megatron.core.utils import get_attr_wrapped_model
 
-    first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+    first, last = get_attr_wrapped_model(model, "pre_process"), get_attr_wrapped_model(model, "post_process")
     batch = batch_on_this_rank(data_iterator) if first or last else dict.fromkeys(BATCH_KEYS)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"] if last else None)
     return output, partial(loss_of_batch, batch["loss_mask"])
@@ -421,7 +434,8 @@ def loss_of_batch(loss_mask: torch.Tensor, per_token: torch.Tensor):
 
 
 def datasets_provider(train_valid_test_num_samples, vp_stage=None):
-    """Megatron-core's GPT datasets (indexed or mock) built on the ranks that read data."""
+    """Megatron-core's GPT datasets (indexed or mock) built on the ranks that read data (for a rank's virtual
+    pipeline chunk `vp_stage`: Megatron-LM asks once per chunk)."""
     from megatron.core import parallel_state
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
@@ -438,7 +452,8 @@ def datasets_provider(train_valid_test_num_samples, vp_stage=None):
         create_attention_mask=False)
 
     def built_on_this_rank():
-        stage = parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage()
+        stage = (parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+                 or parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
         return stage and parallel_state.get_tensor_model_parallel_rank() == 0
 
     kind = MockGPTDataset if args.mock_data else GPTDataset
@@ -455,8 +470,7 @@ def write_save_dir_files(ckpt: TrainingCheckpoint, args: argparse.Namespace) -> 
     save = Path(args.save)
     save.mkdir(parents=True, exist_ok=True)
     rc = dict(ckpt.run_config)
-    layout = MegatronLayout(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-                            vocab_divisible_by=rc["layout"]["vocab_divisible_by"]).validate(ckpt.arch)
+    layout = training_layout(args, ckpt).validate(ckpt.arch)
     rc["layout"] = {**rc["layout"], "tp": layout.tp, "pp": layout.pp,
                     "pp_layers": list(layout.stage_layers(ckpt.arch.num_layers))}
     rc["dtype"] = str(args.params_dtype).removeprefix("torch.")
