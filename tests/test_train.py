@@ -203,6 +203,11 @@ BAD_FLAGS = [
     (["--cuda-graph-impl", "local"], "--cuda-graph-impl local"),
     (["--recompute-granularity", "selective", "--recompute-modules", "mlp"], "--recompute-modules mlp"),
     (["--sequence-parallel"], "--sequence-parallel: needs --tensor-model-parallel-size > 1"),
+    (["--num-layers-per-virtual-pipeline-stage", "0"], "--num-layers-per-virtual-pipeline-stage 0: must be at least 1"),
+    (["--num-virtual-stages-per-pipeline-rank", "0"], "--num-virtual-stages-per-pipeline-rank 0: must be at least 1"),
+    (["--decoder-first-pipeline-num-layers", "1"], "--decoder-first-pipeline-num-layers set: not supported"),
+    (["--nproc-per-node", "2", "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+      "--global-batch-size", "6"], "3 micro-batches per step (of 2 on each of 1 data-parallel ranks); megatron's "),
     (["--nproc-per-node", "2", "--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "4"],
      "--num-virtual-stages-per-pipeline-rank: 4 virtual pipeline stages per rank: the layers of each pipeline stage"),
     (["--num-layers-per-virtual-pipeline-stage", "1"], "interleaved schedule is used, pipeline-model-parallel size"),
@@ -299,3 +304,24 @@ def test_full_recompute_spans_follow_megatron(method, k, spans):
     config = SimpleNamespace(recompute_granularity="full" if method else None, recompute_method=method,
                              recompute_num_layers=k)
     assert FalconH1Stack._layer_spans(SimpleNamespace(config=config, layers=[None] * 5)) == spans
+
+
+def test_an_optimizer_state_the_loop_cannot_load_is_refused_in_one_line(runs, tmp_path):
+    """Resuming with the other optimizer kind than the one that saved the state, or a distributed-optimizer state
+    without Transformer Engine/Apex (megatron-core 0.19.2's loader fails then): one line, exit 2, before any rank
+    starts; --no-load-optim (weights only) is the way out the line names."""
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+    tmp = runs["tmp"]
+    data = ["--mock-data", "--seq-length", "32", "--train-iters", "1", *COMMON]
+    ok("train", "--load", tmp / "tp1", "--save", tmp_path / "distributed", "--use-distributed-optimizer",
+       "--finetune", "--save-interval", "1", *data)
+    cases = [(tmp / "tp1", ["--use-distributed-optimizer"], "tp1/iter_0000005 was saved without it; resume without"),
+             (tmp_path / "distributed", [], "iter_0000001 was saved with it; resume with it, or pass --no-load-optim")]
+    if not HAVE_APEX_OR_TE:
+        cases.append((tmp_path / "distributed", ["--use-distributed-optimizer"], "needs Transformer Engine or Apex"))
+    for load, flags, message in cases:
+        done = cli("train", "--load", load, "--save", tmp_path / "resumed", "--save-interval", "1", *data, *flags)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr[-3000:]
+        assert not (tmp_path / "resumed").exists()

@@ -79,7 +79,7 @@ MODEL_RUN_SETTINGS = {
     "distribute_saved_activations", "cuda_graph_impl", "cuda_graph_warmup_steps",
     "deterministic_mode", "calculate_per_token_loss", "barrier_with_L1_time", "timers",
     "deallocate_pipeline_outputs", "batch_p2p_comm", "batch_p2p_sync", "overlap_p2p_comm", "variable_seq_lengths",
-    "disable_bf16_reduced_precision_matmul",
+    "disable_bf16_reduced_precision_matmul", "microbatch_group_size_per_vp_stage", "overlap_p2p_comm_warmup_flush",
 }
 # TransformerConfig fields a flag may change that are honoured elsewhere: the layout and dtype (the provider's own
 # arguments), initialisation (the checkpoint's weights replace it), what Megatron-LM's loop sets itself.
@@ -92,6 +92,10 @@ HONOURED_ELSEWHERE = {
 # Flags outside TransformerConfig that our model or this command cannot honour, with why.
 REFUSED_ARGS = {
     "context_parallel_size": ("> 1", lambda v: v > 1, "the Mamba mixer of our layer has no context parallelism"),
+    "decoder_first_pipeline_num_layers": ("set", lambda v: v is not None,
+                                          "pipeline stages hold equal numbers of layers in train"),
+    "decoder_last_pipeline_num_layers": ("set", lambda v: v is not None,
+                                         "pipeline stages hold equal numbers of layers in train"),
     "expert_model_parallel_size": ("> 1", lambda v: v > 1, "Falcon-H1 has no experts"),
     "num_experts": ("set", lambda v: v is not None, "Falcon-H1 has no experts"),
     "use_torch_fsdp2": ("set", bool, "use --use-distributed-optimizer (FSDP is not tried with our model)"),
@@ -139,6 +143,7 @@ class TrainingCheckpoint:
     arch: FalconH1Arch
     iteration: int
     has_optimizer_state: bool
+    distributed_optimizer_state: bool  # saved by --use-distributed-optimizer (its per-bucket state)
     tokenizer_dir: Path | None
 
     @classmethod
@@ -150,9 +155,10 @@ class TrainingCheckpoint:
         refuse_more_layers_than_stored(arch, metadata.state_dict_metadata, MEGATRON_LAYER_PREFIX,
                                        f"{mg.run_config_path(it_dir)}: field architecture.num_layers")
         has_optimizer = any(k.startswith("optimizer.") for k in metadata.state_dict_metadata)
+        distributed = any(k.startswith("optimizer.distributed.") for k in metadata.state_dict_metadata)
         iteration = 0 if it_dir.name == "release" else int(it_dir.name.removeprefix("iter_"))
         tok = next((d for d in (it_dir, root / mg.TOKENIZER_DIR) if existing_tokenizer_files(d)), None)
-        return cls(root, it_dir, rc, arch, iteration, has_optimizer, tok)
+        return cls(root, it_dir, rc, arch, iteration, has_optimizer, distributed, tok)
 
 
 def parser_defaults(ckpt: TrainingCheckpoint) -> dict:
@@ -241,6 +247,10 @@ def check_flags(argv: list[str], ckpt: TrainingCheckpoint, world_size: int) -> a
     for name, (what, refused, why) in REFUSED_ARGS.items():
         if hasattr(args, name) and refused(getattr(args, name)):
             raise BadInput(f"{flag(name)} {what}: not supported by falcon-bridge's Falcon-H1 ({why})")
+    for name in ("num_layers_per_virtual_pipeline_stage", "num_virtual_stages_per_pipeline_rank"):
+        value = getattr(args, name)
+        if value is not None and value < 1:  # Megatron-LM's validation would divide by it, or build no model chunk
+            raise BadInput(f"{flag(name)} {value}: must be at least 1")
     unchanged = _model_config_fields(baseline)
     changed = {k for k, v in _model_config_fields(args).items() if v != unchanged[k]}
     for name in sorted(changed - MODEL_RUN_SETTINGS - HONOURED_ELSEWHERE - set(fixed)):
@@ -268,21 +278,39 @@ def check_flags(argv: list[str], ckpt: TrainingCheckpoint, world_size: int) -> a
     _check_split(args)
     if args.save:
         _check_save(Path(args.save), ckpt)
+    if ckpt.has_optimizer_state and not (args.no_load_optim or args.finetune):
+        _check_resumed_optimizer(args, ckpt)
     if args.lr is None:  # Megatron-LM has no default; its optimizer would fail on None on every rank
         raise BadInput("--lr: required (the learning rate; Megatron-LM has no default)")
     validated = _megatron_validation(args, world_size)
     try:  # the virtual pipeline size, which Megatron-LM derives from --num-layers-per-virtual-pipeline-stage
-        training_layout(validated, ckpt).validate(ckpt.arch)
+        layout = training_layout(validated, ckpt).validate(ckpt.arch)
     except BadInput as e:
         raise BadInput(f"--num-layers-per-virtual-pipeline-stage/--num-virtual-stages-per-pipeline-rank: {e}") from e
+    if layout.vpp > 1:
+        _check_interleaved_microbatches(validated, layout.pp)
     return args
+
+
+def _check_interleaved_microbatches(args: argparse.Namespace, pp: int) -> None:
+    """megatron-core's interleaved schedule runs the micro-batches in groups of N (default: PP) and raises in the
+    first step, on every rank, unless PP ≤ N ≤ M and the last group is whole or at least PP long; Megatron-LM's
+    validation does not check it."""
+    micro = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+    group = args.microbatch_group_size_per_vp_stage or pp
+    if not pp <= group <= micro or 0 < micro % group < pp:
+        raise BadInput(f"--global-batch-size {args.global_batch_size}: {micro} micro-batches per step (of "
+                       f"{args.micro_batch_size} on each of {args.data_parallel_size} data-parallel ranks); "
+                       f"megatron's interleaved schedule runs them in groups of {group} (from the pipeline size "
+                       f"{pp} up to the micro-batch count), the last group whole or at least {pp} long")
 
 
 def training_layout(args: argparse.Namespace, ckpt: TrainingCheckpoint) -> MegatronLayout:
     """The layout Megatron-LM's args train in: TP, PP and virtual pipeline stages (which Megatron-LM's validation
     derives: before it, none)."""
     return MegatronLayout(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-                          vpp=getattr(args, "virtual_pipeline_model_parallel_size", None) or 1,
+                          vpp=1 if getattr(args, "virtual_pipeline_model_parallel_size", None) is None
+                          else args.virtual_pipeline_model_parallel_size,
                           vocab_divisible_by=ckpt.run_config["layout"]["vocab_divisible_by"])
 
 
@@ -296,6 +324,30 @@ def _check_save(save: Path, ckpt: TrainingCheckpoint) -> None:
     if not ckpt.has_optimizer_state and (resolved == source or source in resolved.parents):
         raise BadInput(f"--save {save}: inside the checkpoint this run fine-tunes from ({ckpt.root}), which must "
                        "stay as import-hf wrote it; save elsewhere")
+
+
+def _check_resumed_optimizer(args: argparse.Namespace, ckpt: TrainingCheckpoint) -> None:
+    """Resuming an optimizer state the loop would fail to load, on every rank, after start-up: one saved with the
+    distributed optimizer into a run without it or the other way round (megatron-core looks up keys the other kind
+    never wrote); and, without Transformer Engine or Apex, any distributed-optimizer state (megatron-core 0.19.2's
+    DistributedOptimizer.state_dict asserts one `step` over a state that is still empty while it loads)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    fresh = "or pass --no-load-optim to resume the weights with a fresh optimizer"
+    if ckpt.distributed_optimizer_state != bool(args.use_distributed_optimizer):
+        saved = "with" if ckpt.distributed_optimizer_state else "without"
+        raise BadInput(f"--use-distributed-optimizer: the optimizer state in {ckpt.it_dir} was saved {saved} it; "
+                       f"resume {saved} it, {fresh}")
+    if args.use_distributed_optimizer and not distrib_optimizer.HAVE_APEX_OR_TE:
+        raise BadInput(f"--use-distributed-optimizer: resuming its state ({ckpt.it_dir}) needs Transformer Engine or "
+                       f"Apex in megatron-core {_megatron_core_version()} (without them its loader fails); install "
+                       f"one, {fresh}")
+
+
+def _megatron_core_version() -> str:
+    from importlib.metadata import version
+
+    return version("megatron-core")
 
 
 def _check_split(args: argparse.Namespace) -> None:
