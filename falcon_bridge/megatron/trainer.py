@@ -331,6 +331,8 @@ def _check_resumed_optimizer(args: argparse.Namespace, ckpt: TrainingCheckpoint)
     distributed optimizer into a run without it or the other way round (megatron-core looks up keys the other kind
     never wrote); and, without Transformer Engine or Apex, any distributed-optimizer state (megatron-core 0.19.2's
     DistributedOptimizer.state_dict asserts one `step` over a state that is still empty while it loads)."""
+    from importlib.metadata import version
+
     from megatron.core.optimizer import distrib_optimizer
 
     fresh = "or pass --no-load-optim to resume the weights with a fresh optimizer"
@@ -340,14 +342,8 @@ def _check_resumed_optimizer(args: argparse.Namespace, ckpt: TrainingCheckpoint)
                        f"resume {saved} it, {fresh}")
     if args.use_distributed_optimizer and not distrib_optimizer.HAVE_APEX_OR_TE:
         raise BadInput(f"--use-distributed-optimizer: resuming its state ({ckpt.it_dir}) needs Transformer Engine or "
-                       f"Apex in megatron-core {_megatron_core_version()} (without them its loader fails); install "
+                       f"Apex in megatron-core {version('megatron-core')} (without them its loader fails); install "
                        f"one, {fresh}")
-
-
-def _megatron_core_version() -> str:
-    from importlib.metadata import version
-
-    return version("megatron-core")
 
 
 def _check_split(args: argparse.Namespace) -> None:
